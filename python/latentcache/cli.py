@@ -1,0 +1,114 @@
+"""The ``latentcache`` command line: one subcommand per job, exit status 0 ok, 1 problems found, 2 bad use."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import latentcache
+from latentcache.errors import LatentCacheError
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+
+
+def _report_to_dict(report: latentcache.ScanReport) -> dict[str, Any]:
+    def cache(c: latentcache.CacheFile) -> dict[str, Any]:
+        return {"path": c.path, "size": list(c.size)}
+
+    return {
+        "directories": report.directories,
+        "files": report.files,
+        "clean": report.is_clean,
+        "images": [{"path": i.path, "caches": [cache(c) for c in i.caches]} for i in report.images],
+        "images_without_cache": report.images_without_cache,
+        "orphan_caches": [cache(c) for c in report.orphan_caches],
+        "doubled_caches": [
+            {"path": d.path, "size": list(d.size), "image": d.image} for d in report.doubled_caches
+        ],
+        "multi_size": [
+            {"image": i.path, "caches": [cache(c) for c in i.caches]} for i in report.multi_size
+        ],
+        "shared_stems": [{"stem": g.stem, "images": g.images} for g in report.shared_stems],
+    }
+
+
+def _print_list(title: str, lines: list[str], limit: int = 10) -> None:
+    if not lines:
+        return
+    print(f"{title}:")
+    for line in lines[:limit]:
+        print(f"  {line}")
+    if len(lines) > limit:
+        print(f"  ... and {len(lines) - limit} more (use --json for the full list)")
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    report = latentcache.scan_directory(args.dir, suffix=args.suffix, recursive=args.recursive)
+    if args.json:
+        json.dump(_report_to_dict(report), sys.stdout, indent=1)
+        print()
+        return EXIT_OK if report.is_clean else EXIT_PROBLEMS
+    cached = len(report.images) - len(report.images_without_cache)
+    print(f"{args.dir}: {report.files} files in {report.directories} folder(s)")
+    print(f"  images:                {len(report.images)}")
+    print(f"  images with a cache:   {cached}")
+    print(f"  images without cache:  {len(report.images_without_cache)}")
+    print(f"  orphan caches:         {len(report.orphan_caches)}")
+    print(f"  doubled-suffix caches: {len(report.doubled_caches)}")
+    print(f"  multi-size stems:      {len(report.multi_size)}")
+    print(f"  shared stems:          {len(report.shared_stems)}")
+    _print_list("orphan caches (no image with exactly this stem)", [c.path for c in report.orphan_caches])
+    _print_list(
+        "doubled-suffix caches (sd-scripts #2362 leftovers)",
+        [f"{d.path} (image: {d.image or 'none found'})" for d in report.doubled_caches],
+    )
+    _print_list(
+        "caches for several image sizes (stale caches of a replaced image)",
+        [f"{i.path}: " + ", ".join(f"{c.size[0]}x{c.size[1]}" for c in i.caches) for i in report.multi_size],
+    )
+    _print_list(
+        "images sharing one stem (they would share cache files)",
+        [", ".join(g.images) for g in report.shared_stems],
+    )
+    print("no problems found" if report.is_clean else "problems found")
+    return EXIT_OK if report.is_clean else EXIT_PROBLEMS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="latentcache", description="Correct, crash-safe and fast latent caches for sd-scripts."
+    )
+    parser.add_argument("--version", action="version", version=f"latentcache {latentcache.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    scan = sub.add_parser("scan", help="pair images and caches exactly by stem and report problems")
+    scan.add_argument("dir", help="the image folder")
+    scan.add_argument("--recursive", "-r", action="store_true", help="also scan subfolders")
+    scan.add_argument("--json", action="store_true", help="print the full report as JSON")
+    scan.add_argument("--suffix", default=latentcache.DEFAULT_SUFFIX, help="cache suffix (default %(default)s)")
+    scan.set_defaults(func=_cmd_scan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (OSError, ValueError, LatentCacheError) as exc:
+        print(f"latentcache {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

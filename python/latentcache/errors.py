@@ -1,0 +1,21 @@
+"""The latentcache exception classes; they live here so that they pickle back from DataLoader workers.
+
+OS errors are not wrapped: a missing file is still ``FileNotFoundError`` and an unreadable one
+``PermissionError``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LatentCacheError", "CachePathError", "NpzFormatError"]
+
+
+class LatentCacheError(Exception):
+    """Root of every error latentcache raises for a bad cache or a bad path."""
+
+
+class CachePathError(LatentCacheError, ValueError):
+    """A path is not what the call needs, for example not a cache name for the suffix."""
+
+
+class NpzFormatError(LatentCacheError):
+    """An npz file is malformed, truncated or does not hold what the cache needs."""

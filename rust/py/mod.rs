@@ -1,0 +1,39 @@
+//! The thin PyO3 binding: argument extraction, one detach per call, error mapping. No logic lives here.
+use pyo3::prelude::*;
+
+mod errors;
+mod paths;
+mod scan;
+
+#[pymodule]
+mod _core {
+    #[pymodule_export]
+    use super::paths::{cache_path, find_source_image, parse_cache_path, path_key};
+    #[pymodule_export]
+    use super::scan::{
+        scan_directory, PyCacheFile, PyDoubledCache, PyImageEntry, PyScanReport, PySharedStem,
+    };
+
+    use pyo3::prelude::*;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add("DEFAULT_SUFFIX", crate::core::cache_path::DEFAULT_SUFFIX)?;
+        m.add(
+            "IMAGE_EXTENSIONS",
+            crate::core::cache_path::IMAGE_EXTENSIONS.to_vec(),
+        )?;
+        Ok(())
+    }
+}
+
+/// Run core work with the interpreter lock released and map its error: every binding that touches a
+/// file goes through here.
+pub(crate) fn detached<T, F>(py: Python<'_>, f: F) -> PyResult<T>
+where
+    T: Send,
+    F: FnOnce() -> crate::core::error::Result<T> + Send,
+{
+    py.detach(f).map_err(PyErr::from)
+}

@@ -1,0 +1,97 @@
+//! Bindings for `core::cache_path`.
+use std::path::PathBuf;
+
+use pyo3::prelude::*;
+
+use crate::core::cache_path as cp;
+use crate::core::error::Error;
+
+/// Accept `str` or `os.PathLike`; the core works on UTF-8 text.
+pub(crate) fn path_str(p: PathBuf) -> PyResult<String> {
+    p.into_os_string().into_string().map_err(|raw| {
+        Error::CachePath {
+            path: raw.to_string_lossy().into_owned(),
+            message: "path is not valid UTF-8".into(),
+        }
+        .into()
+    })
+}
+
+/// The cache file name for an image at its original size.
+///
+/// Args:
+///     image_path: the image (or an existing cache name: exactly one `_<W>x<H><suffix>` layer is
+///         stripped first, so the suffix is never doubled).
+///     image_size: the original image size `(W, H)` in pixels.
+///     suffix: the strategy's cache suffix.
+///
+/// Returns:
+///     `splitext(image_path)[0] + f"_{W:04d}x{H:04d}" + suffix`.
+#[pyfunction]
+#[pyo3(signature = (image_path, image_size, suffix = "_anima.npz"))]
+pub fn cache_path(image_path: PathBuf, image_size: (u32, u32), suffix: &str) -> PyResult<String> {
+    Ok(cp::cache_path(&path_str(image_path)?, image_size, suffix)?)
+}
+
+/// Split a cache name into its image stem path and the original image size.
+///
+/// Args:
+///     path: a cache file name such as `d/cat_0640x0480_anima.npz`.
+///     suffix: the strategy's cache suffix.
+///
+/// Returns:
+///     `(stem_path, (W, H))`, e.g. `("d/cat", (640, 480))`.
+///
+/// Raises:
+///     CachePathError: the name is not a cache name for `suffix`.
+#[pyfunction]
+#[pyo3(signature = (path, suffix = "_anima.npz"))]
+pub fn parse_cache_path(path: PathBuf, suffix: &str) -> PyResult<(String, (u32, u32))> {
+    Ok(cp::parse_cache_path(&path_str(path)?, suffix)?)
+}
+
+/// The image whose stem is exactly the cache's stem, or None.
+///
+/// Tries sd-scripts' image extensions in its order, in both cases. Never a prefix match:
+/// `cat.png` is never the image of `cat_and_dog_0640x0480_anima.npz`.
+///
+/// Raises:
+///     CachePathError: `cache_path` is not a cache name for `suffix`.
+#[pyfunction]
+#[pyo3(signature = (cache_path, suffix = "_anima.npz"))]
+pub fn find_source_image(
+    py: Python<'_>,
+    cache_path: PathBuf,
+    suffix: &str,
+) -> PyResult<Option<String>> {
+    let cache = path_str(cache_path)?;
+    let suffix = suffix.to_owned();
+    super::detached(py, move || cp::find_source_image(&cache, &suffix))
+}
+
+/// The normal form used to match a path from metadata against a path from the disk.
+///
+/// Rules, in order:
+///
+/// 1. A Windows path (a drive letter such as `C:`, a UNC path `\\server\share`, or any path when
+///    running on Windows) treats `\` and `/` alike and is written with `/`. On other systems `\`
+///    in a POSIX path is an ordinary file-name character.
+/// 2. Repeated separators collapse (the leading `//` of a UNC path stays), `.` components go, and
+///    `..` removes the component before it; `..` at the root is dropped and leading `..` of a
+///    relative path is kept. This is purely lexical: symlinks are not resolved. A trailing separator
+///    is dropped, and an empty relative path becomes `.`.
+/// 3. Unicode NFC: a precomposed `é` and `e` + combining accent give the same key.
+/// 4. Case folding (Unicode lowercase) when `casefold` is True. When it is None (the default), case
+///    is folded on Windows and macOS and for Windows paths, whose usual file systems ignore case.
+///
+/// Args:
+///     path: a `str` or `os.PathLike`.
+///     casefold: force case folding on or off.
+///
+/// Returns:
+///     The key, a `str`. Equal keys mean the same file on that kind of file system.
+#[pyfunction]
+#[pyo3(signature = (path, *, casefold = None))]
+pub fn path_key(path: PathBuf, casefold: Option<bool>) -> PyResult<String> {
+    Ok(cp::path_key(&path_str(path)?, casefold))
+}
