@@ -36,12 +36,8 @@ fn is_sep(c: char, windows: bool) -> bool {
 /// Byte index where the final path component (the file name) starts.
 fn basename_start(path: &str) -> usize {
     let windows = is_windows_path(path);
-    let mut start = path
-        .char_indices()
-        .filter(|&(_, c)| is_sep(c, windows))
-        .map(|(i, c)| i + c.len_utf8())
-        .last()
-        .unwrap_or(0);
+    // Separators are ASCII, so the name starts one byte after the last one.
+    let mut start = path.rfind(|c| is_sep(c, windows)).map_or(0, |i| i + 1);
     // `C:name` is drive-relative: the name starts after the colon.
     if windows && start == 0 && path.len() >= 2 && path.as_bytes()[1] == b':' {
         start = 2;
