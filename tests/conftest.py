@@ -18,4 +18,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     sd = os.environ.get("SD_SCRIPTS_DIR")
     for item in items:
         if "sd_scripts" in item.keywords and not sd:
-            item.add_marker(pytest.mark.skip(reason="set SD_SCRIPTS_DIR to an sd-scripts checkout to run this"))
+            item.add_marker(
+                pytest.mark.skip(reason="set SD_SCRIPTS_DIR to an sd-scripts checkout to run this")
+            )

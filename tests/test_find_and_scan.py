@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import latentcache as lc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-import latentcache as lc
 from latentcache.cli import main
+
 
 def touch(d: Path, *names: str) -> None:
     for n in names:
@@ -24,7 +24,9 @@ def test_find_source_image_never_prefix(tmp_path: Path) -> None:
     assert lc.find_source_image(tmp_path / "cat_and_dog_0640x0480_anima.npz") is None
     assert lc.find_source_image(tmp_path / "12345_0512x0512_anima.npz") is None
     touch(tmp_path, "cat_and_dog.JPG")
-    assert lc.find_source_image(tmp_path / "cat_and_dog_0640x0480_anima.npz") == str(tmp_path / "cat_and_dog.JPG")
+    assert lc.find_source_image(tmp_path / "cat_and_dog_0640x0480_anima.npz") == str(
+        tmp_path / "cat_and_dog.JPG"
+    )
     assert lc.find_source_image(str(tmp_path / "missing_0001x0001_anima.npz")) is None
     with pytest.raises(lc.CachePathError, match="notes.npz"):
         lc.find_source_image(tmp_path / "notes.npz")
@@ -42,7 +44,9 @@ name_part = st.text(st.sampled_from(list("ab0_9x.é")), min_size=1, max_size=8).
 
 
 @given(short=name_part, tail=name_part, size=st.tuples(st.integers(1, 5000), st.integers(1, 5000)))
-def test_no_prefix_confusion(tmp_path_factory: pytest.TempPathFactory, short: str, tail: str, size: tuple[int, int]) -> None:
+def test_no_prefix_confusion(
+    tmp_path_factory: pytest.TempPathFactory, short: str, tail: str, size: tuple[int, int]
+) -> None:
     d = tmp_path_factory.mktemp("pfx")
     long = short + tail  # `short` is a prefix of `long`
     (d / f"{short}.png").write_bytes(b"")

@@ -9,11 +9,10 @@ import posixpath
 import unicodedata
 from pathlib import Path
 
+import latentcache as lc
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-
-import latentcache as lc
 from latentcache.errors import CachePathError, LatentCacheError
 
 SUFFIX = "_anima.npz"

@@ -32,9 +32,7 @@ def _report_to_dict(report: latentcache.ScanReport) -> dict[str, Any]:
         "doubled_caches": [
             {"path": d.path, "size": list(d.size), "image": d.image} for d in report.doubled_caches
         ],
-        "multi_size": [
-            {"image": i.path, "caches": [cache(c) for c in i.caches]} for i in report.multi_size
-        ],
+        "multi_size": [{"image": i.path, "caches": [cache(c) for c in i.caches]} for i in report.multi_size],
         "shared_stems": [{"stem": g.stem, "images": g.images} for g in report.shared_stems],
     }
 
@@ -92,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("dir", help="the image folder")
     scan.add_argument("--recursive", "-r", action="store_true", help="also scan subfolders")
     scan.add_argument("--json", action="store_true", help="print the full report as JSON")
-    scan.add_argument("--suffix", default=latentcache.DEFAULT_SUFFIX, help="cache suffix (default %(default)s)")
+    scan.add_argument(
+        "--suffix", default=latentcache.DEFAULT_SUFFIX, help="cache suffix (default %(default)s)"
+    )
     scan.set_defaults(func=_cmd_scan)
     return parser
 
