@@ -6,6 +6,7 @@ from latentcache._core import (
     DEFAULT_SUFFIX,
     IMAGE_EXTENSIONS,
     CacheFile,
+    CacheStatus,
     DoubledCache,
     ImageEntry,
     ScanReport,
@@ -16,13 +17,18 @@ from latentcache._core import (
     parse_cache_path,
     path_key,
     scan_directory,
+    status_codes,
+    validate,
 )
 from latentcache.errors import CachePathError, LatentCacheError, NpzFormatError
+from latentcache.loader import CachedLatents, load, load_batch
 
 __all__ = [
     "DEFAULT_SUFFIX",
     "IMAGE_EXTENSIONS",
     "CacheFile",
+    "CacheStatus",
+    "CachedLatents",
     "CachePathError",
     "DoubledCache",
     "ImageEntry",
@@ -33,7 +39,11 @@ __all__ = [
     "__version__",
     "cache_path",
     "find_source_image",
+    "load",
+    "load_batch",
     "parse_cache_path",
     "path_key",
     "scan_directory",
+    "status_codes",
+    "validate",
 ]

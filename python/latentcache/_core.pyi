@@ -1,6 +1,30 @@
 # Hand-written stub for the Rust extension; kept true by `python -m mypy.stubtest latentcache._core`.
 import os
+from collections.abc import Sequence
 from typing import final
+
+__all__ = [
+    "ArraySpec",
+    "CacheFile",
+    "CacheStatus",
+    "DEFAULT_SUFFIX",
+    "DoubledCache",
+    "IMAGE_EXTENSIONS",
+    "ImageEntry",
+    "ScanReport",
+    "SharedStem",
+    "__version__",
+    "cache_path",
+    "find_source_image",
+    "load_batch_into",
+    "load_plan",
+    "parse_cache_path",
+    "path_key",
+    "read_array_into",
+    "scan_directory",
+    "status_codes",
+    "validate",
+]
 
 __version__: str
 DEFAULT_SUFFIX: str
@@ -12,6 +36,7 @@ def cache_path(image_path: _Path, image_size: tuple[int, int], suffix: str = "_a
 def parse_cache_path(path: _Path, suffix: str = "_anima.npz") -> tuple[str, tuple[int, int]]: ...
 def find_source_image(cache_path: _Path, suffix: str = "_anima.npz") -> str | None: ...
 def path_key(path: _Path, *, casefold: bool | None = None) -> str: ...
+
 @final
 class CacheFile:
     @property
@@ -64,3 +89,55 @@ class ScanReport:
     def is_clean(self) -> bool: ...
 
 def scan_directory(path: _Path, suffix: str = "_anima.npz", recursive: bool = False) -> ScanReport: ...
+
+@final
+class ArraySpec:
+    @property
+    def key(self) -> str: ...
+    @property
+    def descr(self) -> str: ...
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def fortran_order(self) -> bool: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def offset(self) -> int | None: ...
+
+def load_plan(
+    fd: int, path: _Path, bucket_reso: tuple[int, int]
+) -> tuple[ArraySpec, ArraySpec | None, ArraySpec | None, list[int | float], list[int | float]]: ...
+def read_array_into(fd: int, path: _Path, spec: ArraySpec, address: int, nbytes: int) -> None: ...
+def load_batch_into(
+    paths: list[_Path],
+    bucket_reso: tuple[int, int],
+    flipped: list[bool],
+    address: int,
+    nbytes: int,
+    workers: int | None = None,
+) -> None: ...
+
+@final
+class CacheStatus:
+    @property
+    def path(self) -> str: ...
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def code(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+    def __bool__(self) -> bool: ...
+
+def status_codes() -> list[str]: ...
+def validate(
+    paths: Sequence[_Path],
+    bucket_resos: tuple[int, int] | Sequence[tuple[int, int]],
+    *,
+    flip_aug: bool | Sequence[bool] | None = None,
+    alpha_mask: bool | Sequence[bool] | None = None,
+    verify_crc: bool = False,
+    check_finite: bool = False,
+    workers: int | None = None,
+) -> list[CacheStatus]: ...

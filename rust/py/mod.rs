@@ -2,17 +2,24 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod load;
 mod paths;
 mod scan;
+mod validate;
 
 #[pymodule]
 mod _core {
+    #[pymodule_export]
+    use super::load::{load_batch_into, load_plan, read_array_into, PyArraySpec};
     #[pymodule_export]
     use super::paths::{cache_path, find_source_image, parse_cache_path, path_key};
     #[pymodule_export]
     use super::scan::{
         scan_directory, PyCacheFile, PyDoubledCache, PyImageEntry, PyScanReport, PySharedStem,
     };
+
+    #[pymodule_export]
+    use super::validate::{status_codes, validate, PyCacheStatus};
 
     use pyo3::prelude::*;
 

@@ -1,0 +1,136 @@
+"""Loading cached latents: zero-copy maps of aligned stored arrays, one read otherwise, and batches."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from latentcache import _core
+
+__all__ = ["CachedLatents", "load", "load_batch"]
+
+_PathLike = str | os.PathLike[str]
+
+
+class CachedLatents(NamedTuple):
+    """One bucket's cached arrays, in the order of sd-scripts' ``load_latents_from_disk``."""
+
+    latents: np.ndarray
+    original_size: list[Any]
+    crop_ltrb: list[Any]
+    latents_flipped: np.ndarray | None
+    alpha_mask: np.ndarray | None
+
+
+def _os_handle(f: Any) -> int:
+    fd = f.fileno()
+    if sys.platform == "win32":
+        import msvcrt
+
+        return int(msvcrt.get_osfhandle(fd))
+    return int(fd)
+
+
+def _array(spec: _core.ArraySpec, f: Any, handle: int, path: str, mm: list[mmap.mmap | None]) -> np.ndarray:
+    dtype = np.dtype(spec.descr)
+    shape = tuple(spec.shape)
+    order = "F" if spec.fortran_order else "C"
+    count = spec.nbytes // dtype.itemsize if dtype.itemsize else 0
+    offset = spec.offset
+    if offset is not None and count:
+        if mm[0] is None:
+            # A private copy-on-write mapping: the arrays are writable (torch takes them without a
+            # warning) and a write never reaches the file. The mapping lives as long as an array
+            # that uses it (numpy keeps it as the base).
+            mm[0] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = np.frombuffer(mm[0], dtype=dtype, count=count, offset=offset)
+    else:
+        # Unaligned (stock sd-scripts files put float32 data at offset 196 or 197) or deflated:
+        # one read into an aligned, owned buffer.
+        flat = np.empty(count, dtype=dtype)
+        _core.read_array_into(handle, path, spec, flat.ctypes.data, flat.nbytes)
+    return flat.reshape(shape, order=order)
+
+
+def load(path: _PathLike, bucket_reso: tuple[int, int]) -> CachedLatents:
+    """Load one bucket's arrays from a cache file.
+
+    Stored arrays whose data is aligned (every latentcache-written file) are views of a private
+    memory mapping: nothing is read until touched, so unused flipped latents and alpha masks cost
+    nothing, and writing to an array never writes to the file. Other arrays are read once into
+    aligned memory. Values equal ``np.load``'s bit for bit.
+
+    Args:
+        path: the ``.npz`` cache file.
+        bucket_reso: the bucket ``(W, H)`` in pixels; keys carry ``_{H//8}x{W//8}``.
+
+    Returns:
+        ``CachedLatents(latents, original_size, crop_ltrb, latents_flipped, alpha_mask)``.
+
+    Raises:
+        NpzFormatError: the file is not a valid npz or lacks this bucket's keys.
+        FileNotFoundError: the file does not exist.
+    """
+    p = os.fspath(path)
+    with open(p, "rb") as f:
+        handle = _os_handle(f)
+        latents, flipped, alpha, original_size, crop_ltrb = _core.load_plan(handle, p, bucket_reso)
+        mm: list[mmap.mmap | None] = [None]
+        return CachedLatents(
+            _array(latents, f, handle, p, mm),
+            original_size,
+            crop_ltrb,
+            None if flipped is None else _array(flipped, f, handle, p, mm),
+            None if alpha is None else _array(alpha, f, handle, p, mm),
+        )
+
+
+def load_batch(
+    paths: Sequence[_PathLike],
+    bucket_reso: tuple[int, int],
+    *,
+    flipped: Sequence[bool] | None = None,
+    out: np.ndarray | None = None,
+    workers: int | None = None,
+) -> np.ndarray:
+    """Load the latents of a batch of cache files of one bucket into one ``(B, 16, h, w)`` array.
+
+    Files are read in parallel with the interpreter lock released, each with one copy from the page
+    cache into its slot. The older ``(16, 1, h, w)`` layout is squeezed to ``(16, h, w)``.
+
+    Args:
+        paths: the B cache files.
+        bucket_reso: the bucket ``(W, H)`` in pixels; h, w = H // 8, W // 8.
+        flipped: B booleans; item i comes from ``latents_flipped`` when true. Default: none flipped.
+        out: a C-contiguous, writable float32 ``(B, 16, h, w)`` array to fill (for example the numpy
+            view of a pinned torch tensor). Default: a new array.
+        workers: threads for this call (default: ``LATENTCACHE_NUM_THREADS``, else the CPU count).
+
+    Returns:
+        ``out`` (or the new array), filled.
+
+    Raises:
+        NpzFormatError: a file is invalid or its latents are not float32 ``(16, h, w)``; the message
+            names the file and the entry.
+        ValueError: ``out`` or ``flipped`` does not fit the batch.
+    """
+    strs = [os.fspath(p) for p in paths]
+    w, h = bucket_reso
+    shape = (len(strs), 16, h // 8, w // 8)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {shape}, got {out.dtype} {out.shape}")
+    elif not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out must be C-contiguous and writable")
+    flags = [False] * len(strs) if flipped is None else [bool(x) for x in flipped]
+    if len(flags) != len(strs):
+        raise ValueError(f"flipped has {len(flags)} entries for {len(strs)} paths")
+    if strs:
+        _core.load_batch_into(strs, bucket_reso, flags, out.ctypes.data, out.nbytes, workers)
+    return out

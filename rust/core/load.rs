@@ -1,0 +1,292 @@
+//! Loading cached latents: a header-only plan per file (where each array lies), reads straight into
+//! caller-owned memory, and parallel batch loading of one bucket.
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::core::error::{Error, Result};
+use crate::core::npy::{read_array_bytes, read_npz_index_from, ArrayEntry, ScalarKind};
+use crate::core::zip::{read_at, Compression};
+
+/// One array to hand to Python: where it lies and what it holds.
+#[derive(Debug, Clone)]
+pub struct ArraySpec {
+    pub entry: ArrayEntry,
+}
+
+impl ArraySpec {
+    /// The numpy descr (`<f4`).
+    pub fn descr(&self) -> String {
+        self.entry.header.dtype.descr()
+    }
+    pub fn shape(&self) -> &[u64] {
+        &self.entry.header.shape
+    }
+    pub fn fortran_order(&self) -> bool {
+        self.entry.header.fortran_order
+    }
+    pub fn nbytes(&self) -> u64 {
+        self.entry.array_len
+    }
+    /// The file offset of the array data when it can be mapped in place: a stored member whose
+    /// data is aligned to its element size (numpy's requirement for an aligned array).
+    pub fn mappable_offset(&self) -> Option<u64> {
+        let off = self.entry.array_offset?;
+        (self.entry.member.compression == Compression::Stored
+            && off % self.entry.header.dtype.itemsize().max(1) == 0)
+            .then_some(off)
+    }
+}
+
+/// A small numeric value from `original_size` / `crop_ltrb`, typed as `ndarray.tolist()` types it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scalar {
+    Int(i64),
+    Float(f64),
+}
+
+/// What `load` needs from one cache file for one bucket.
+#[derive(Debug, Clone)]
+pub struct LoadPlan {
+    pub latents: ArraySpec,
+    pub flipped: Option<ArraySpec>,
+    pub alpha_mask: Option<ArraySpec>,
+    pub original_size: Vec<Scalar>,
+    pub crop_ltrb: Vec<Scalar>,
+}
+
+/// The key suffix `_{h}x{w}` for a bucket `(W, H)` in pixels.
+pub fn key_suffix(bucket_reso: (u32, u32)) -> String {
+    format!("_{}x{}", bucket_reso.1 / 8, bucket_reso.0 / 8)
+}
+
+fn open(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| Error::io(path, e))
+}
+
+fn decode_small(file: &File, path: &Path, entry: &ArrayEntry) -> Result<Vec<Scalar>> {
+    let h = &entry.header;
+    if h.shape.len() != 1 || h.shape[0] > 64 {
+        return Err(Error::npz(
+            path,
+            Some(&entry.key),
+            format!("expected a short 1-D array, found shape {:?}", h.shape),
+        ));
+    }
+    let bytes = read_array_bytes(file, path, entry)?;
+    let size = h.dtype.itemsize() as usize;
+    let little = h.dtype.endian != crate::core::npy::Endian::Big;
+    let mut out = Vec::with_capacity(h.shape[0] as usize);
+    for chunk in bytes.chunks_exact(size.max(1)) {
+        let mut b = [0u8; 8];
+        b[..size].copy_from_slice(chunk);
+        if !little {
+            b[..size].reverse();
+        }
+        let v = match h.dtype.kind {
+            ScalarKind::I1 => Scalar::Int(b[0] as i8 as i64),
+            ScalarKind::I2 => Scalar::Int(i16::from_le_bytes([b[0], b[1]]) as i64),
+            ScalarKind::I4 => Scalar::Int(i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64),
+            ScalarKind::I8 => Scalar::Int(i64::from_le_bytes(b)),
+            ScalarKind::U1 | ScalarKind::Bool => Scalar::Int(b[0] as i64),
+            ScalarKind::U2 => Scalar::Int(u16::from_le_bytes([b[0], b[1]]) as i64),
+            ScalarKind::U4 => Scalar::Int(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64),
+            ScalarKind::U8 => Scalar::Int(u64::from_le_bytes(b) as i64),
+            ScalarKind::F4 => Scalar::Float(f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
+            ScalarKind::F8 => Scalar::Float(f64::from_le_bytes(b)),
+            ScalarKind::F2 => Scalar::Float(f16_to_f64(u16::from_le_bytes([b[0], b[1]]))),
+            ScalarKind::C8 | ScalarKind::C16 => {
+                return Err(Error::npz(
+                    path,
+                    Some(&entry.key),
+                    format!("expected integers or floats, found {}", h.dtype.name()),
+                ))
+            }
+        };
+        out.push(v);
+    }
+    Ok(out)
+}
+
+fn f16_to_f64(bits: u16) -> f64 {
+    let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = ((bits >> 10) & 0x1f) as i32;
+    let frac = (bits & 0x3ff) as f64;
+    sign * match exp {
+        0 => frac * 2f64.powi(-24),
+        31 if frac == 0.0 => f64::INFINITY,
+        31 => f64::NAN,
+        e => (1.0 + frac / 1024.0) * 2f64.powi(e - 15),
+    }
+}
+
+/// Read the index of `path` and locate this bucket's arrays. Reads only headers, plus the few bytes
+/// of `original_size` and `crop_ltrb`.
+pub fn plan(path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
+    let file = open(path)?;
+    plan_from(&file, path, bucket_reso)
+}
+
+/// [`plan`] on an already open file, so that the caller can map the very file it planned.
+pub fn plan_from(file: &File, path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
+    let index = read_npz_index_from(file, path)?;
+    let sfx = key_suffix(bucket_reso);
+    let find = |name: &str| index.get(&format!("{name}{sfx}")).cloned();
+    let required = |name: &str| {
+        find(name).ok_or_else(|| {
+            let mut present: Vec<&str> = index.arrays.iter().map(|a| a.key.as_str()).collect();
+            present.sort_unstable();
+            Error::npz(
+                path,
+                Some(&format!("{name}{sfx}")),
+                format!(
+                    "not found for bucket {}x{} (the file holds: {})",
+                    bucket_reso.0,
+                    bucket_reso.1,
+                    present.join(", ")
+                ),
+            )
+        })
+    };
+    let latents = required("latents")?;
+    let original_size = required("original_size")?;
+    let crop_ltrb = required("crop_ltrb")?;
+    Ok(LoadPlan {
+        latents: ArraySpec { entry: latents },
+        flipped: find("latents_flipped").map(|entry| ArraySpec { entry }),
+        alpha_mask: find("alpha_mask").map(|entry| ArraySpec { entry }),
+        original_size: decode_small(file, path, &original_size)?,
+        crop_ltrb: decode_small(file, path, &crop_ltrb)?,
+    })
+}
+
+/// Copy one array's data into `dst` (exactly `nbytes` long): one positional read for a stored
+/// member, an inflate for a deflated one.
+pub fn read_into(path: &Path, entry: &ArrayEntry, dst: &mut [u8]) -> Result<()> {
+    let file = open(path)?;
+    read_into_from(&file, path, entry, dst)
+}
+
+/// [`read_into`] on an already open file.
+pub fn read_into_from(file: &File, path: &Path, entry: &ArrayEntry, dst: &mut [u8]) -> Result<()> {
+    if dst.len() as u64 != entry.array_len {
+        return Err(Error::Value(format!(
+            "{}: entry '{}': destination holds {} bytes, the array {}",
+            path.display(),
+            entry.key,
+            dst.len(),
+            entry.array_len
+        )));
+    }
+    match (entry.member.compression, entry.array_offset) {
+        (Compression::Stored, Some(off)) => read_at(file, dst, off).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::npz(
+                    path,
+                    Some(&entry.key),
+                    "the file ends inside the array data",
+                )
+            } else {
+                Error::io(path, e)
+            }
+        }),
+        _ => {
+            let bytes = read_array_bytes(file, path, entry)?;
+            dst.copy_from_slice(&bytes);
+            Ok(())
+        }
+    }
+}
+
+/// The per-call thread pool: `workers`, else `LATENTCACHE_NUM_THREADS`, else `default`.
+pub fn pool(workers: Option<usize>, default: usize) -> Result<rayon::ThreadPool> {
+    let n = workers
+        .or_else(|| {
+            std::env::var("LATENTCACHE_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(default)
+        .max(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(|e| Error::Value(format!("cannot start {n} worker threads: {e}")))
+}
+
+/// Fill `dst` (B items of `(16, h, w)` float32, C order) from `paths`, item `i` from
+/// `latents_flipped` when `flipped[i]`. The older `(16, 1, h, w)` layout has the same bytes.
+pub fn load_batch(
+    paths: &[PathBuf],
+    bucket_reso: (u32, u32),
+    flipped: &[bool],
+    dst: &mut [u8],
+    workers: Option<usize>,
+) -> Result<()> {
+    let (h, w) = ((bucket_reso.1 / 8) as u64, (bucket_reso.0 / 8) as u64);
+    let item = 16 * h * w * 4;
+    if item == 0 || dst.len() as u64 != item * paths.len() as u64 || flipped.len() != paths.len() {
+        return Err(Error::Value(format!(
+            "load_batch: output of {} bytes for {} paths and {} flip flags; expected {} bytes",
+            dst.len(),
+            paths.len(),
+            flipped.len(),
+            item * paths.len() as u64
+        )));
+    }
+    let default = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let pool = pool(workers, default)?;
+    let sfx = key_suffix(bucket_reso);
+    pool.install(|| {
+        dst.par_chunks_mut(item as usize)
+            .zip(paths.par_iter().zip(flipped.par_iter()))
+            .try_for_each(|(chunk, (path, &flip))| {
+                let file = open(path)?;
+                let index = read_npz_index_from(&file, path)?;
+                let key = if flip {
+                    format!("latents_flipped{sfx}")
+                } else {
+                    format!("latents{sfx}")
+                };
+                let entry = index.get(&key).ok_or_else(|| {
+                    Error::npz(path, Some(&key), "not found for this bucket".to_string())
+                })?;
+                let hd = &entry.header;
+                let shape_ok = hd.shape == [16, h, w] || hd.shape == [16, 1, h, w];
+                let dtype_ok = hd.dtype.kind == ScalarKind::F4
+                    && hd.dtype.endian != crate::core::npy::Endian::Big;
+                if !shape_ok || !dtype_ok || hd.fortran_order {
+                    return Err(Error::npz(
+                        path,
+                        Some(&key),
+                        format!(
+                            "expected float32 (16, {h}, {w}) or (16, 1, {h}, {w}) in C order, found {} {:?}{}",
+                            hd.dtype.name(),
+                            hd.shape,
+                            if hd.fortran_order { " in Fortran order" } else { "" }
+                        ),
+                    ));
+                }
+                read_into_from(&file, path, entry, chunk)
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_floats() {
+        assert_eq!(f16_to_f64(0x3c00), 1.0);
+        assert_eq!(f16_to_f64(0xc000), -2.0);
+        assert_eq!(f16_to_f64(0x0001), 2f64.powi(-24));
+        assert!(f16_to_f64(0x7e00).is_nan());
+    }
+
+    #[test]
+    fn suffix_is_latent_h_by_w() {
+        assert_eq!(key_suffix((1024, 768)), "_96x128");
+    }
+}

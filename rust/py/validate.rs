@@ -1,0 +1,143 @@
+//! Bindings for `core::validate`: `validate` and the `CacheStatus` it returns.
+use std::path::PathBuf;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::core::validate as core_validate;
+
+/// The verdict on one cache file.
+///
+/// `code` is one of: `ok`, `missing`, `empty`, `not_npz`, `truncated`, `missing_key`, `bad_shape`,
+/// `bad_dtype`, `malformed`, `io_error`, and with the opt-in checks `crc_mismatch` and `non_finite`.
+/// `message` names the file, the entry, what was expected and what was found (empty when ok).
+#[pyclass(frozen, get_all, name = "CacheStatus", module = "latentcache._core")]
+pub struct PyCacheStatus {
+    path: String,
+    ok: bool,
+    code: &'static str,
+    message: String,
+}
+
+#[pymethods]
+impl PyCacheStatus {
+    fn __repr__(&self) -> String {
+        format!(
+            "CacheStatus(path={:?}, code={:?}, message={:?})",
+            self.path, self.code, self.message
+        )
+    }
+    fn __bool__(&self) -> bool {
+        self.ok
+    }
+}
+
+/// One value for all paths, or one per path.
+fn per_path<'py, T: FromPyObjectOwned<'py>>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    n: usize,
+) -> PyResult<Vec<T>> {
+    if let Ok(one) = obj.extract::<T>() {
+        return Ok(vec![one]);
+    }
+    let many: Vec<T> = obj.extract().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{name} must be one value for all paths or a sequence of one per path"
+        ))
+    })?;
+    if many.len() != n {
+        return Err(PyValueError::new_err(format!(
+            "{name} has {} entries for {n} paths",
+            many.len()
+        )));
+    }
+    Ok(many)
+}
+
+/// Index into a per-path list that may hold one shared value.
+fn pick(len: usize, i: usize) -> usize {
+    if len == 1 {
+        0
+    } else {
+        i
+    }
+}
+
+/// The code names, in a fixed order.
+#[pyfunction]
+pub fn status_codes() -> Vec<&'static str> {
+    core_validate::Code::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect()
+}
+
+/// Check sd-scripts Anima caches from their zip directory and npy headers, in parallel.
+///
+/// Expected per file, with h, w = H // 8, W // 8: `latents_{h}x{w}` float32 `(16, h, w)` or
+/// `(16, 1, h, w)`, `original_size_{h}x{w}` 2 integers, `crop_ltrb_{h}x{w}` 4 numbers, plus
+/// `latents_flipped_{h}x{w}` when `flip_aug` and `alpha_mask_{h}x{w}` float32 `(H, W)` when
+/// `alpha_mask`; all in C order. No payload is read unless `verify_crc` or `check_finite`.
+///
+/// Args:
+///     paths: the cache files.
+///     bucket_resos: one `(W, H)` for all paths, or one per path.
+///     flip_aug: one bool for all, or one per path.
+///     alpha_mask: one bool for all, or one per path.
+///     verify_crc: also read every member and check its CRC-32 (`crc_mismatch`).
+///     check_finite: also read the latents and report NaN or Inf (`non_finite`).
+///     workers: threads for this call (default: `LATENTCACHE_NUM_THREADS`, else
+///         `clamp(2 * cores, 4, 32)`: the work is I/O bound).
+///
+/// Returns:
+///     One `CacheStatus` per path, in input order. A broken file is a status, never an exception.
+#[pyfunction]
+#[pyo3(signature = (paths, bucket_resos, *, flip_aug = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn validate(
+    py: Python<'_>,
+    paths: Vec<PathBuf>,
+    bucket_resos: &Bound<'_, PyAny>,
+    flip_aug: Option<&Bound<'_, PyAny>>,
+    alpha_mask: Option<&Bound<'_, PyAny>>,
+    verify_crc: bool,
+    check_finite: bool,
+    workers: Option<usize>,
+) -> PyResult<Vec<PyCacheStatus>> {
+    let n = paths.len();
+    let resos: Vec<(u32, u32)> = per_path(bucket_resos, "bucket_resos", n)?;
+    let flips: Vec<bool> = match flip_aug {
+        Some(o) => per_path(o, "flip_aug", n)?,
+        None => vec![false],
+    };
+    let alphas: Vec<bool> = match alpha_mask {
+        Some(o) => per_path(o, "alpha_mask", n)?,
+        None => vec![false],
+    };
+    let len = resos.len().max(flips.len()).max(alphas.len());
+    let exps: Vec<core_validate::Expectation> = (0..len)
+        .map(|i| core_validate::Expectation {
+            bucket_reso: resos[pick(resos.len(), i)],
+            flip_aug: flips[pick(flips.len(), i)],
+            alpha_mask: alphas[pick(alphas.len(), i)],
+        })
+        .collect();
+    let opts = core_validate::Options {
+        verify_crc,
+        check_finite,
+    };
+    let statuses = super::detached(py, || {
+        core_validate::validate_many(&paths, &exps, &opts, workers)
+    })?;
+    Ok(paths
+        .iter()
+        .zip(statuses)
+        .map(|(p, s)| PyCacheStatus {
+            path: p.to_string_lossy().into_owned(),
+            ok: s.code == core_validate::Code::Ok,
+            code: s.code.as_str(),
+            message: s.message,
+        })
+        .collect())
+}
