@@ -79,6 +79,13 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     return EXIT_OK if report.is_clean else EXIT_PROBLEMS
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from latentcache.bench import run_bench
+
+    run_bench(args.dir, args.files, as_json=args.json, workers=args.workers)
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentcache", description="Correct, crash-safe and fast latent caches for sd-scripts."
@@ -94,6 +101,15 @@ def _parser() -> argparse.ArgumentParser:
         "--suffix", default=latentcache.DEFAULT_SUFFIX, help="cache suffix (default %(default)s)"
     )
     scan.set_defaults(func=_cmd_scan)
+
+    bench = sub.add_parser(
+        "bench", help="validation and loading throughput against sd-scripts, np.load, safetensors, raw read"
+    )
+    bench.add_argument("dir", nargs="?", help="measure the caches in this folder instead of generated ones")
+    bench.add_argument("--files", type=int, default=2000, help="files to generate (or at most to use)")
+    bench.add_argument("--workers", type=int, default=2, help="threads for load_batch (default %(default)s)")
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -71,7 +71,10 @@ fn decode_small(file: &File, path: &Path, entry: &ArrayEntry) -> Result<Vec<Scal
         return Err(Error::npz(
             path,
             Some(&entry.key),
-            format!("expected a short 1-D array, found shape {:?}", h.shape),
+            format!(
+                "expected a short 1-D array, found shape {}",
+                crate::core::npy::shape_repr(&h.shape)
+            ),
         ));
     }
     let bytes = read_array_bytes(file, path, entry)?;
@@ -261,9 +264,9 @@ pub fn load_batch(
                         path,
                         Some(&key),
                         format!(
-                            "expected float32 (16, {h}, {w}) or (16, 1, {h}, {w}) in C order, found {} {:?}{}",
+                            "expected float32 (16, {h}, {w}) or (16, 1, {h}, {w}) in C order, found {} {}{}",
                             hd.dtype.name(),
-                            hd.shape,
+                            crate::core::npy::shape_repr(&hd.shape),
                             if hd.fortran_order { " in Fortran order" } else { "" }
                         ),
                     ));

@@ -10,8 +10,8 @@ use std::path::Path;
 
 use crate::core::error::Result;
 use crate::core::zip::{
-    read_at, read_member_prefix, read_zip_index_classified, stream_member, Compression, Member,
-    ReadError, ReadErrorKind, ReadResult,
+    read_at, read_member_prefix_with, read_zip_index_with, stream_member, Compression, Member,
+    ReadError, ReadErrorKind, ReadResult, Src,
 };
 
 /// `\x93NUMPY`.
@@ -666,7 +666,8 @@ pub fn read_npz_index(path: &Path) -> Result<NpzIndex> {
 
 /// [`read_npz_index`] on an open file, with the error kept classified.
 pub fn read_npz_index_from(file: &File, path: &Path) -> ReadResult<NpzIndex> {
-    let zip = read_zip_index_classified(file, path)?;
+    let src = Src::new(file, path)?;
+    let zip = read_zip_index_with(&src)?;
     let mut index = NpzIndex {
         file_len: zip.file_len,
         arrays: Vec::new(),
@@ -679,7 +680,7 @@ pub fn read_npz_index_from(file: &File, path: &Path) -> ReadResult<NpzIndex> {
             continue;
         };
         let bad = |msg: String| ReadError::new(ReadErrorKind::Malformed, path, Some(&key), msg);
-        let mut prefix = read_member_prefix(file, path, &member, FIRST_READ)?;
+        let mut prefix = read_member_prefix_with(&src, &member, FIRST_READ)?;
         let parsed = loop {
             match parse_npy_header(&prefix) {
                 Err(NpyHeaderError::Incomplete { needed }) => {
@@ -689,7 +690,7 @@ pub fn read_npz_index_from(file: &File, path: &Path) -> ReadResult<NpzIndex> {
                             member.uncompressed_size
                         )));
                     }
-                    prefix = read_member_prefix(file, path, &member, needed)?;
+                    prefix = read_member_prefix_with(&src, &member, needed)?;
                     if prefix.len() < needed {
                         break Err(NpyHeaderError::Malformed(format!(
                             "the npy header ({needed} bytes) could not be read from the member"
@@ -769,7 +770,7 @@ pub fn read_array_bytes_classified(
             .len();
         if off
             .checked_add(entry.array_len)
-            .map_or(true, |end| end > file_len)
+            .is_none_or(|end| end > file_len)
         {
             return Err(ReadError::new(
                 ReadErrorKind::Truncated,
@@ -1068,7 +1069,7 @@ mod tests {
     ];
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(2000)))]
 
         #[test]
         fn header_round_trips(

@@ -196,14 +196,41 @@ pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// A file being read, with its length, for bounds-checked reads and uniform errors.
-struct Src<'a> {
+/// Bytes read around a small request, so that the local header, its name and extra field and the
+/// npy header that follows (and neighbouring small members) come from one positional read.
+const WINDOW: u64 = 8 << 10;
+/// Blocks kept per file; a cache holds a handful of windows while one file's index is read.
+const MAX_BLOCKS: usize = 6;
+
+/// A file being read, with its length, for bounds-checked reads and uniform errors. Small reads go
+/// through a few cached windows: a header-only index then costs a read or two per region of the
+/// file instead of three or four per member.
+pub struct Src<'a> {
     file: &'a File,
     path: &'a Path,
     len: u64,
+    blocks: std::cell::RefCell<Vec<(u64, Vec<u8>)>>,
 }
 
-impl Src<'_> {
+impl<'a> Src<'a> {
+    /// Open a reader over `file` (one `fstat` for its length).
+    pub fn new(file: &'a File, path: &'a Path) -> ReadResult<Self> {
+        let len = file
+            .metadata()
+            .map_err(|e| ReadError::io(path, None, e))?
+            .len();
+        Ok(Self::with_len(file, path, len))
+    }
+
+    fn with_len(file: &'a File, path: &'a Path, len: u64) -> Self {
+        Src {
+            file,
+            path,
+            len,
+            blocks: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
     fn err(&self, kind: ReadErrorKind, entry: Option<&str>, msg: impl Into<String>) -> ReadError {
         ReadError::new(kind, self.path, entry, msg)
     }
@@ -224,12 +251,32 @@ impl Src<'_> {
                 ),
             )
         })?;
-        debug_assert!(end <= self.len);
         let n = usize::try_from(len)
             .map_err(|_| self.malformed(entry, format!("{what} is too large ({len} bytes)")))?;
-        let mut buf = vec![0u8; n];
-        read_at(self.file, &mut buf, offset).map_err(|e| ReadError::io(self.path, entry, e))?;
-        Ok(buf)
+        {
+            let blocks = self.blocks.borrow();
+            for (start, data) in blocks.iter() {
+                if *start <= offset && end <= start + data.len() as u64 {
+                    let at = (offset - start) as usize;
+                    return Ok(data[at..at + n].to_vec());
+                }
+            }
+        }
+        if len > WINDOW {
+            let mut buf = vec![0u8; n];
+            read_at(self.file, &mut buf, offset).map_err(|e| ReadError::io(self.path, entry, e))?;
+            return Ok(buf);
+        }
+        let wend = offset.saturating_add(WINDOW).min(self.len);
+        let mut block = vec![0u8; (wend - offset) as usize];
+        read_at(self.file, &mut block, offset).map_err(|e| ReadError::io(self.path, entry, e))?;
+        let out = block[..n].to_vec();
+        let mut blocks = self.blocks.borrow_mut();
+        if blocks.len() >= MAX_BLOCKS {
+            blocks.remove(0);
+        }
+        blocks.push((offset, block));
+        Ok(out)
     }
 }
 
@@ -297,26 +344,40 @@ fn find_eocd(src: &Src<'_>) -> ReadResult<Eocd> {
         ));
     }
 
-    let tail_len = src.len.min((EOCD_LEN + MAX_COMMENT_LEN) as u64);
-    let tail_start = src.len - tail_len;
-    let tail = src.read(tail_start, tail_len, None, "end of file")?;
     // Prefer a record whose comment ends exactly at EOF; else the last one that fits (trailing junk).
-    let mut exact = None;
-    let mut lenient = None;
-    if tail.len() >= EOCD_LEN {
-        for i in (0..=tail.len() - EOCD_LEN).rev() {
-            if &tail[i..i + 4] != EOCD_SIG {
-                continue;
-            }
-            let end = i + EOCD_LEN + usize::from(u16_at(&tail, i + 20));
-            if end == tail.len() {
-                exact = Some(i);
-                break;
-            }
-            if end < tail.len() && lenient.is_none() {
-                lenient = Some(i);
+    let search = |tail: &[u8]| {
+        let mut exact = None;
+        let mut lenient = None;
+        if tail.len() >= EOCD_LEN {
+            for i in (0..=tail.len() - EOCD_LEN).rev() {
+                if &tail[i..i + 4] != EOCD_SIG {
+                    continue;
+                }
+                let end = i + EOCD_LEN + usize::from(u16_at(tail, i + 20));
+                if end == tail.len() {
+                    exact = Some(i);
+                    break;
+                }
+                if end < tail.len() && lenient.is_none() {
+                    lenient = Some(i);
+                }
             }
         }
+        (exact, lenient)
+    };
+    // First the last window only: it holds the EOCD (and usually the whole central directory) of
+    // any file without a long comment. The first exact record from the end is the same in either
+    // window, so only a miss needs the full 64 KiB search.
+    let mut tail_len = src.len.min(WINDOW);
+    let mut tail_start = src.len - tail_len;
+    let mut tail = src.read(tail_start, tail_len, None, "end of file")?;
+    let (mut exact, mut lenient) = search(&tail);
+    let full_len = src.len.min((EOCD_LEN + MAX_COMMENT_LEN) as u64);
+    if exact.is_none() && full_len > tail_len {
+        tail_len = full_len;
+        tail_start = src.len - tail_len;
+        tail = src.read(tail_start, tail_len, None, "end of file")?;
+        (exact, lenient) = search(&tail);
     }
     let Some(i) = exact.or(lenient) else {
         return Err(src.err(
@@ -518,12 +579,13 @@ pub fn read_zip_index(file: &File, path: &Path) -> Result<ZipIndex> {
 
 /// [`read_zip_index`] with the error kept classified (see [`ReadErrorKind`]).
 pub fn read_zip_index_classified(file: &File, path: &Path) -> ReadResult<ZipIndex> {
-    let len = file
-        .metadata()
-        .map_err(|e| ReadError::io(path, None, e))?
-        .len();
-    let src = Src { file, path, len };
-    let eocd = find_eocd(&src)?;
+    read_zip_index_with(&Src::new(file, path)?)
+}
+
+/// [`read_zip_index_classified`] through a reader whose cached windows later reads can reuse.
+pub fn read_zip_index_with(src: &Src<'_>) -> ReadResult<ZipIndex> {
+    let len = src.len;
+    let eocd = find_eocd(src)?;
 
     let cd_end = eocd.cd_offset.checked_add(eocd.cd_size);
     match cd_end {
@@ -655,14 +717,9 @@ pub fn read_zip_index_classified(file: &File, path: &Path) -> ReadResult<ZipInde
 
     let mut members = Vec::with_capacity(entries.len());
     for e in entries {
-        members.push(read_local(&src, &e)?);
+        members.push(read_local(src, &e)?);
     }
-    check_layout(
-        &src,
-        &members,
-        eocd.cd_offset,
-        eocd.cd_offset + eocd.cd_size,
-    )?;
+    check_layout(src, &members, eocd.cd_offset, eocd.cd_offset + eocd.cd_size)?;
     Ok(ZipIndex {
         file_len: len,
         members,
@@ -905,14 +962,31 @@ pub fn read_member_prefix(
     member: &Member,
     max_len: usize,
 ) -> ReadResult<Vec<u8>> {
-    let src = src_for(file, path)?;
+    read_member_prefix_with(&src_for(file, path)?, member, max_len)
+}
+
+/// [`read_member_prefix`] through a shared reader. A stored member's prefix is one (cached) read of
+/// exactly the bytes wanted.
+pub fn read_member_prefix_with(
+    src: &Src<'_>,
+    member: &Member,
+    max_len: usize,
+) -> ReadResult<Vec<u8>> {
     let want = (max_len as u64).min(member.uncompressed_size) as usize;
-    let mut out = Vec::with_capacity(want);
     if want == 0 {
-        return Ok(out);
+        return Ok(Vec::new());
     }
+    if member.compression == Compression::Stored {
+        return src.read(
+            member.data_offset,
+            want as u64,
+            Some(member.name.as_str()),
+            "array header",
+        );
+    }
+    let mut out = Vec::with_capacity(want);
     let max_input = (want as u64).saturating_add(1 << 20);
-    for_each_chunk(&src, member, max_input, want, &mut |chunk| {
+    for_each_chunk(src, member, max_input, want, &mut |chunk| {
         let take = (want - out.len()).min(chunk.len());
         out.extend_from_slice(&chunk[..take]);
         Ok(out.len() < want)
@@ -956,7 +1030,7 @@ fn src_for<'a>(file: &'a File, path: &'a Path) -> ReadResult<Src<'a>> {
         .metadata()
         .map_err(|e| ReadError::io(path, None, e))?
         .len();
-    Ok(Src { file, path, len })
+    Ok(Src::with_len(file, path, len))
 }
 
 /// Test helpers shared by the core's tests: a minimal zip writer shaped like Python's zipfile.
@@ -1303,7 +1377,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(2000)))]
 
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {

@@ -1,0 +1,336 @@
+"""``latentcache bench``: validation and loading throughput against sd-scripts' way, np.load, safetensors and
+the raw-read limit, measured in one run on the same files, warm and (where allowed) cold."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import latentcache as lc
+
+__all__ = ["CacheItem", "drop_caches", "generate", "run_bench"]
+
+# Buckets around 1024x1024 (W, H), weighted like an anime dataset: mostly square and portrait.
+BUCKETS = [(1024, 1024)] * 4 + [(896, 1152)] * 3 + [(1152, 896)] * 2 + [(832, 1216), (1216, 832)]
+
+
+@dataclass
+class CacheItem:
+    path: str
+    bucket: tuple[int, int]
+    flip: bool = False
+    alpha: bool = False
+    extra_buckets: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _progress(it: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        yield from tqdm(it, total=total, desc=desc, file=sys.stderr, leave=False)
+        return
+    for i, x in enumerate(it):
+        if i % max(1, total // 20) == 0:
+            print(f"\r{desc}: {i}/{total}", end="", file=sys.stderr, flush=True)
+        yield x
+    print(f"\r{desc}: {total}/{total}", file=sys.stderr)
+
+
+def _arrays(
+    bucket: tuple[int, int], rng: np.random.Generator, flip: bool, alpha: bool
+) -> dict[str, np.ndarray]:
+    w, h = bucket
+    s = f"_{h // 8}x{w // 8}"
+    out = {
+        "latents" + s: rng.standard_normal((16, h // 8, w // 8), dtype=np.float32),
+        "original_size" + s: np.array([w + 37, h + 11], dtype=np.int64),
+        "crop_ltrb" + s: np.array([12.0, 0.0, w - 12.5, float(h)], dtype=np.float64),
+    }
+    if flip:
+        out["latents_flipped" + s] = rng.standard_normal((16, h // 8, w // 8), dtype=np.float32)
+    if alpha:
+        out["alpha_mask" + s] = rng.random((h, w), dtype=np.float32)
+    return out
+
+
+def generate(directory: Path, n: int, seed: int = 0) -> list[CacheItem]:
+    """Write ``n`` sd-scripts-style caches: a bucket mix around 1024x1024, 20% with flip, 10% with an
+    alpha mask, 10% holding a second resolution; half stock ``np.savez`` files (unaligned), half written
+    by latentcache's writer when it is available (aligned)."""
+    rng = np.random.default_rng(seed)
+    writer = getattr(lc, "write_latents", None)
+    items = []
+    for i in _progress(range(n), n, "generating caches"):
+        bucket = BUCKETS[i % len(BUCKETS)]
+        item = CacheItem(
+            path=str(directory / f"img{i:07d}_{bucket[0] + 37:04d}x{bucket[1] + 11:04d}_anima.npz"),
+            bucket=bucket,
+            flip=i % 5 == 1,
+            alpha=i % 10 == 3,
+            extra_buckets=[(512, 512)] if i % 10 == 7 else [],
+        )
+        arrays = _arrays(bucket, rng, item.flip, item.alpha)
+        for b in item.extra_buckets:
+            arrays.update(_arrays(b, rng, False, False))
+        if writer is not None and i % 2 == 1:
+            for b in [bucket, *item.extra_buckets]:
+                s = f"_{b[1] // 8}x{b[0] // 8}"
+                writer(
+                    item.path,
+                    latents=arrays["latents" + s],
+                    original_size=arrays["original_size" + s],
+                    crop_ltrb=arrays["crop_ltrb" + s],
+                    latents_flipped=arrays.get("latents_flipped" + s),
+                    alpha_mask=arrays.get("alpha_mask" + s),
+                    durable=False,
+                )
+        else:
+            with open(item.path, "wb") as f:
+                np.savez(f, **arrays)
+        items.append(item)
+    return items
+
+
+def discover(directory: Path, limit: int | None) -> list[CacheItem]:
+    """Caches already in a folder, with the bucket of their first latents key."""
+    items = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if not entry.name.endswith(lc.DEFAULT_SUFFIX):
+            continue
+        try:
+            with zipfile.ZipFile(entry.path) as z:
+                names = z.namelist()
+        except (OSError, zipfile.BadZipFile):
+            continue
+        keys = [
+            n[len("latents_") : -4]
+            for n in names
+            if n.startswith("latents_") and not n.startswith("latents_f")
+        ]
+        if not keys:
+            continue
+        h, w = (int(x) for x in keys[0].split("x"))
+        sfx = keys[0]
+        items.append(
+            CacheItem(
+                entry.path,
+                (w * 8, h * 8),
+                flip=f"latents_flipped_{sfx}.npy" in names,
+                alpha=f"alpha_mask_{sfx}.npy" in names,
+            )
+        )
+        if limit and len(items) >= limit:
+            break
+    return items
+
+
+def drop_caches() -> bool:
+    """Drop the OS page cache (Linux, as root). Returns False when not allowed."""
+    if sys.platform != "linux":
+        return False
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _sfx(bucket: tuple[int, int]) -> str:
+    return f"_{bucket[1] // 8}x{bucket[0] // 8}"
+
+
+def sd_scripts_check(item: CacheItem) -> bool:
+    """sd-scripts' check: exists, np.load, key names (one thread, file closed as upstream now does)."""
+    if not os.path.exists(item.path):
+        return False
+    s = _sfx(item.bucket)
+    with np.load(item.path) as npz:
+        if "latents" + s not in npz:
+            return False
+        if item.flip and "latents_flipped" + s not in npz:
+            return False
+        if item.alpha and "alpha_mask" + s not in npz:
+            return False
+    return True
+
+
+def _time(fn: Callable[[], Any], cold: bool, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(1 if cold else repeat):
+        if cold:
+            drop_caches()
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_bench(
+    directory: Path | None, n_files: int, as_json: bool = False, workers: int = 2
+) -> dict[str, Any]:
+    """Generate (or discover) caches, measure, and print one table. Returns the figures."""
+    tmp = None
+    if directory is None:
+        tmp = Path(tempfile.mkdtemp(prefix="latentcache-bench-"))
+        items = generate(tmp, n_files)
+    else:
+        items = discover(Path(directory), n_files or None)
+        if not items:
+            raise ValueError(f"{directory}: no readable *{lc.DEFAULT_SUFFIX} caches found")
+    try:
+        return _measure(items, as_json, workers)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, Any]:
+    can_drop = drop_caches()
+    paths = [i.path for i in items]
+    buckets = [i.bucket for i in items]
+    flips = [i.flip for i in items]
+    alphas = [i.alpha for i in items]
+    n = len(items)
+    file_bytes = sum(os.path.getsize(p) for p in paths)
+    lat_bytes = sum(16 * (b[0] // 8) * (b[1] // 8) * 4 for b in buckets)
+
+    # safetensors copies of the same arrays, for the comparison (outside any timing).
+    st_dir = Path(tempfile.mkdtemp(prefix="latentcache-bench-st-"))
+    st_paths: list[str] = []
+    try:
+        from safetensors.numpy import load_file, save_file
+    except ImportError:
+        load_file = save_file = None
+    if save_file is not None:
+        for k, item in enumerate(_progress(items, n, "writing safetensors copies")):
+            with np.load(item.path) as z:
+                arrays = {name: z[name] for name in z.files}
+            st = str(st_dir / f"{k}.safetensors")
+            save_file(arrays, st)
+            st_paths.append(st)
+
+    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for k, b in enumerate(buckets):
+        by_bucket[b].append(k)
+    dst = {b: np.empty((16, b[1] // 8, b[0] // 8), np.float32) for b in by_bucket}
+    raw_buf = bytearray(max(os.path.getsize(p) for p in paths))
+    raw_view = memoryview(raw_buf)
+
+    def ours_validate() -> None:
+        st = lc.validate(paths, buckets, flip_aug=flips, alpha_mask=alphas)
+        bad = [s for s in st if not s.ok]
+        if bad:
+            raise RuntimeError(f"validation failed: {bad[0].message}")
+
+    def sd_validate() -> None:
+        if not all(sd_scripts_check(i) for i in items):
+            raise RuntimeError("sd-scripts check failed")
+
+    def ours_load() -> None:
+        for p, b in zip(paths, buckets, strict=True):
+            np.copyto(dst[b], lc.load(p, b).latents.reshape(dst[b].shape))
+
+    def ours_batch() -> None:
+        for b, idx in by_bucket.items():
+            for s in range(0, len(idx), 16):
+                chunk = idx[s : s + 16]
+                lc.load_batch([paths[k] for k in chunk], b, workers=workers)
+
+    def np_load() -> None:
+        for p, b in zip(paths, buckets, strict=True):
+            with np.load(p) as z:
+                np.copyto(dst[b], z["latents" + _sfx(b)].reshape(dst[b].shape))
+
+    def st_load() -> None:
+        for p, b in zip(st_paths, buckets, strict=True):
+            np.copyto(dst[b], load_file(p)["latents" + _sfx(b)].reshape(dst[b].shape))
+
+    def raw_read() -> None:
+        for p in paths:
+            with open(p, "rb", buffering=0) as f:
+                f.readinto(raw_view)
+
+    results: dict[str, Any] = {
+        "files": n,
+        "file_bytes": file_bytes,
+        "latent_bytes": lat_bytes,
+        "cold": can_drop,
+    }
+    modes = ["warm", "cold"] if can_drop else ["warm"]
+    table: list[tuple[str, str, float, float]] = []
+    for mode in modes:
+        cold = mode == "cold"
+        rep = 3
+        t_ours_v = _time(ours_validate, cold, rep)
+        t_sd_v = _time(sd_validate, cold, rep)
+        table.append((mode, "validate: latentcache.validate", n / t_ours_v, 0.0))
+        table.append((mode, "validate: sd-scripts (exists+np.load+keys)", n / t_sd_v, 0.0))
+        results[f"validate_{mode}"] = {
+            "ours_fps": n / t_ours_v,
+            "sd_scripts_fps": n / t_sd_v,
+            "ratio": t_sd_v / t_ours_v,
+        }
+        loads = [
+            ("load: latentcache.load + touch", ours_load, lat_bytes),
+            (f"load: latentcache.load_batch ({workers} workers)", ours_batch, lat_bytes),
+            ("load: np.load + touch", np_load, lat_bytes),
+        ]
+        if st_paths:
+            loads.append(("load: safetensors load_file + touch", st_load, lat_bytes))
+        loads.append(("load: raw file read (limit)", raw_read, file_bytes))
+        times = {}
+        for name, fn, nbytes in loads:
+            t = _time(fn, cold, rep)
+            times[name] = t
+            table.append((mode, name, n / t, nbytes / t / 1e9))
+        results[f"load_{mode}"] = {name: {"fps": n / t, "seconds": t} for name, t in times.items()}
+
+    shutil.rmtree(st_dir, ignore_errors=True)
+    if as_json:
+        json.dump(results, sys.stdout, indent=1)
+        print()
+        return results
+    mb = file_bytes / n / 2**20
+    print(f"\nlatentcache bench: {n} cache files, {mb:.2f} MiB average, {file_bytes / 2**30:.2f} GiB in all")
+    if not can_drop:
+        print("cold page cache: not measured (dropping caches needs Linux and root)")
+    header = f"{'cache':<6}{'what':<48}{'files/s':>12}{'GB/s':>8}{'ratio':>9}"
+    print(header)
+    print("-" * len(header))
+    for mode in modes:
+        rows = [r for r in table if r[0] == mode]
+        base_v = next(r[2] for r in rows if "sd-scripts" in r[1])
+        base_l = next(r[2] for r in rows if r[1].startswith("load: np.load"))
+        for _, name, fps, gbs in rows:
+            if name.startswith("validate"):
+                ratio = f"{fps / base_v:.1f}x"
+                gb = ""
+            else:
+                ratio = f"{fps / base_l:.2f}x"
+                gb = f"{gbs:.2f}"
+            print(f"{mode:<6}{name:<48}{fps:>12,.0f}{gb:>8}{ratio:>9}")
+        raw = next(r for r in rows if "raw" in r[1])
+        ours = next(r for r in rows if r[1].startswith("load: latentcache.load "))
+        batch = next(r for r in rows if "load_batch" in r[1])
+        print(
+            f"{mode:<6}{'(load vs raw read, GB/s ratio)':<48}{'':>12}{'':>8}{ours[3] / raw[3]:>8.2f}x"
+            f"  load_batch {batch[3] / raw[3]:.2f}x"
+        )
+    print("validate ratios are against the sd-scripts check; load ratios against np.load (files/s).")
+    return results

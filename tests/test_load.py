@@ -1,0 +1,266 @@
+"""Zero-copy loading and parallel batch loading, checked against np.load."""
+
+from __future__ import annotations
+
+import gc
+import mmap
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import latentcache as lc
+import numpy as np
+import pytest
+from latentcache.errors import NpzFormatError
+from npzgen import arrays_for, write_aligned, write_stock
+
+BUCKET = (128, 96)  # (W, H) -> keys _12x16
+
+
+def np_reference(path: Path, bucket: tuple[int, int]) -> tuple:
+    w, h = bucket
+    s = f"_{h // 8}x{w // 8}"
+    with np.load(path) as z:
+        return (
+            z["latents" + s],
+            z["original_size" + s].tolist(),
+            z["crop_ltrb" + s].tolist(),
+            z["latents_flipped" + s] if "latents_flipped" + s in z.files else None,
+            z["alpha_mask" + s] if "alpha_mask" + s in z.files else None,
+        )
+
+
+def assert_same(got: lc.CachedLatents, ref: tuple) -> None:
+    for g, r in zip(got, ref, strict=True):
+        if r is None:
+            assert g is None
+        elif isinstance(r, list):
+            assert g == r and [type(x) for x in g] == [type(x) for x in r]
+        else:
+            assert g.dtype == r.dtype and g.shape == r.shape
+            assert g.tobytes() == r.tobytes()  # bit for bit, NaN payloads included
+
+
+def mapping_of(a: np.ndarray) -> mmap.mmap | None:
+    base = a
+    while base is not None:
+        if isinstance(base, mmap.mmap):
+            return base
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+    return None
+
+
+@pytest.mark.parametrize("writer", ["stock", "aligned", "compressed"])
+@pytest.mark.parametrize(
+    ("flip", "alpha", "legacy"), [(False, False, False), (True, True, False), (True, False, True)]
+)
+def test_load_equals_np_load(tmp_path: Path, writer: str, flip: bool, alpha: bool, legacy: bool) -> None:
+    arrays = arrays_for(BUCKET, flip=flip, alpha=alpha, legacy=legacy)
+    # A second resolution in the same file (the multi-resolution layout).
+    arrays.update(arrays_for((64, 64), flip=True, seed=1))
+    p = tmp_path / "a_0131x0101_anima.npz"
+    if writer == "aligned":
+        write_aligned(p, arrays)
+    else:
+        write_stock(p, arrays, compressed=writer == "compressed")
+    for bucket in (BUCKET, (64, 64)):
+        got = lc.load(p, bucket)
+        assert_same(got, np_reference(p, bucket))
+        assert got.latents.flags.aligned and got.latents.flags.writeable
+
+
+def test_other_dtypes_and_orders(tmp_path: Path) -> None:
+    arrays = arrays_for(BUCKET)
+    arrays["latents_12x16"] = np.asfortranarray(arrays["latents_12x16"].astype(np.float16))
+    arrays["original_size_12x16"] = arrays["original_size_12x16"].astype(np.int32)
+    arrays["crop_ltrb_12x16"] = np.array([0, 0, 128, 96], dtype=np.int64)
+    for write in (write_stock, write_aligned):
+        p = write(tmp_path / f"{write.__name__}.npz", arrays)
+        got = lc.load(p, BUCKET)
+        assert_same(got, np_reference(p, BUCKET))
+        assert got.latents.flags.f_contiguous
+    nan = arrays_for(BUCKET)
+    nan["latents_12x16"][0, 0, :3] = [np.nan, np.inf, -0.0]
+    p = write_stock(tmp_path / "nan.npz", nan)
+    assert_same(lc.load(p, BUCKET), np_reference(p, BUCKET))
+
+
+def test_zero_copy_and_private(tmp_path: Path) -> None:
+    p = write_aligned(tmp_path / "a.npz", arrays_for(BUCKET, flip=True, alpha=True))
+    before = p.read_bytes()
+    got = lc.load(p, BUCKET)
+    mm = mapping_of(got.latents)
+    assert mm is not None, "aligned arrays must be views of the file mapping"
+    assert mapping_of(got.latents_flipped) is mm and mapping_of(got.alpha_mask) is mm
+    assert np.shares_memory(got.latents, np.frombuffer(mm, dtype=np.uint8))
+    got.latents[:] = 7.0  # a private copy-on-write page: the file must not change
+    got.alpha_mask[0, 0] = -1.0
+    assert p.read_bytes() == before
+    assert lc.load(p, BUCKET).latents[0, 0, 0] != 7.0
+
+
+def test_stock_files_get_aligned_copies(tmp_path: Path) -> None:
+    p = write_stock(tmp_path / "a.npz", arrays_for(BUCKET))
+    got = lc.load(p, BUCKET)
+    assert mapping_of(got.latents) is None  # offset 196/197: read once into aligned memory
+    assert got.latents.ctypes.data % 16 == 0 and got.latents.flags.aligned
+
+
+def test_mapping_lives_as_long_as_arrays(tmp_path: Path) -> None:
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc/self/maps")
+    p = write_aligned(tmp_path / "lifetime_probe.npz", arrays_for(BUCKET))
+
+    def mapped() -> bool:
+        return str(p) in Path("/proc/self/maps").read_text()
+
+    got = lc.load(p, BUCKET)
+    lat = got.latents
+    del got
+    gc.collect()
+    assert mapped()
+    assert float(lat.sum()) == pytest.approx(float(np.load(p)["latents_12x16"].sum()), rel=1e-5)
+    del lat
+    gc.collect()
+    assert not mapped()
+
+
+def test_torch_usage_without_warnings(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    for write in (write_stock, write_aligned):
+        p = write(tmp_path / f"{write.__name__}.npz", arrays_for(BUCKET, flip=True, alpha=True))
+        got = lc.load(p, BUCKET)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            t = torch.FloatTensor(got.latents)
+            u = torch.from_numpy(got.latents_flipped)
+            m = torch.from_numpy(got.alpha_mask[:, ::-1].copy())
+        assert t.shape == (16, 12, 16) and u.dtype == torch.float32 and m.shape == (96, 128)
+        assert torch.equal(t, torch.from_numpy(np.load(p)["latents_12x16"]))
+
+
+def test_load_errors_name_file_and_entry(tmp_path: Path) -> None:
+    p = write_stock(tmp_path / "a.npz", arrays_for(BUCKET))
+    with pytest.raises(NpzFormatError, match=r"a\.npz.*latents_8x8"):
+        lc.load(p, (64, 64))
+    partial = arrays_for(BUCKET)
+    del partial["crop_ltrb_12x16"]
+    q = write_stock(tmp_path / "b.npz", partial)
+    with pytest.raises(NpzFormatError, match=r"b\.npz.*crop_ltrb_12x16"):
+        lc.load(q, BUCKET)
+    t = tmp_path / "t.npz"
+    t.write_bytes(p.read_bytes()[:3000])
+    with pytest.raises(NpzFormatError, match=r"t\.npz"):
+        lc.load(t, BUCKET)
+    with pytest.raises(FileNotFoundError):
+        lc.load(tmp_path / "missing.npz", BUCKET)
+
+
+def make_batch(tmp_path: Path, n: int, bucket: tuple[int, int] = BUCKET) -> list[Path]:
+    paths = []
+    for i in range(n):
+        arrays = arrays_for(bucket, flip=True, seed=i, legacy=i % 3 == 2)
+        write = write_aligned if i % 2 else write_stock
+        paths.append(write(tmp_path / f"{i}.npz", arrays))
+    return paths
+
+
+def test_load_batch(tmp_path: Path) -> None:
+    paths = make_batch(tmp_path, 7)
+    flips = [i % 2 == 0 for i in range(7)]
+    ref = []
+    for p, f in zip(paths, flips, strict=True):
+        r = np_reference(p, BUCKET)
+        ref.append((r[3] if f else r[0]).reshape(16, 12, 16))
+    got = lc.load_batch(paths, BUCKET, flipped=flips, workers=2)
+    assert got.shape == (7, 16, 12, 16) and got.dtype == np.float32
+    assert np.array_equal(got, np.stack(ref))
+    out = np.full((7, 16, 12, 16), np.nan, dtype=np.float32)
+    assert lc.load_batch(paths, BUCKET, flipped=flips, out=out) is out
+    assert np.array_equal(out, np.stack(ref))
+    assert np.array_equal(
+        lc.load_batch([str(p) for p in paths], BUCKET)[1], np_reference(paths[1], BUCKET)[0]
+    )
+    assert lc.load_batch([], BUCKET).shape == (0, 16, 12, 16)
+
+
+def test_load_batch_errors(tmp_path: Path) -> None:
+    paths = make_batch(tmp_path, 3)
+    bad = write_stock(
+        tmp_path / "bad.npz", {**arrays_for(BUCKET), "latents_12x16": np.zeros((4, 12, 16), np.float32)}
+    )
+    with pytest.raises(NpzFormatError, match=r"bad\.npz.*latents_12x16.*\(4, 12, 16\)"):
+        lc.load_batch([*paths, bad], BUCKET)
+    with pytest.raises(NpzFormatError, match=r"0\.npz.*latents_8x8"):
+        lc.load_batch(paths, (64, 64))
+    with pytest.raises(ValueError, match="out must be"):
+        lc.load_batch(paths, BUCKET, out=np.empty((3, 16, 12, 15), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        lc.load_batch(paths, BUCKET, out=np.empty((3, 16, 16, 12), np.float32).transpose(0, 1, 3, 2))
+    with pytest.raises(ValueError, match="flipped"):
+        lc.load_batch(paths, BUCKET, flipped=[True])
+    with pytest.raises(FileNotFoundError):
+        lc.load_batch([tmp_path / "nope.npz"], BUCKET)
+
+
+def test_load_batch_releases_the_gil(tmp_path: Path) -> None:
+    paths = make_batch(tmp_path, 8, bucket=(1024, 1024)) * 40  # 320 x 1 MiB
+    out = np.empty((len(paths), 16, 128, 128), np.float32)
+    lc.load_batch(paths, (1024, 1024), out=out)  # warm the page cache
+    ticks = 0
+    stop = threading.Event()
+
+    def spin() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    time.sleep(0.01)
+    start_ticks = ticks
+    t0 = time.perf_counter()
+    lc.load_batch(paths, (1024, 1024), out=out, workers=1)
+    elapsed = time.perf_counter() - t0
+    during = ticks - start_ticks
+    stop.set()
+    t.join()
+    # With the lock held for the whole call the spinner would get at most a switch interval or two.
+    assert elapsed > 0.02, "batch too small to measure"
+    assert during > 1000, f"the other thread made no progress ({during} ticks in {elapsed:.3f}s)"
+
+
+class CacheDataset:
+    """A minimal map-style dataset like sd-scripts' __getitem__ path (picklable, top-level)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        import torch
+
+        got = lc.load(self.paths[i], BUCKET)
+        flipped = got.latents_flipped.reshape(16, 12, 16)[:, :, ::-1].copy()
+        return torch.FloatTensor(got.latents.reshape(16, 12, 16)), torch.from_numpy(flipped)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_dataloader_workers(tmp_path: Path, method: str) -> None:
+    torch = pytest.importorskip("torch")
+    import multiprocessing as mp
+
+    if method not in mp.get_all_start_methods():
+        pytest.skip(f"{method} is not available here")
+    paths = [str(p) for p in make_batch(tmp_path, 6)]
+    loader = torch.utils.data.DataLoader(
+        CacheDataset(paths), batch_size=3, num_workers=2, multiprocessing_context=method
+    )
+    batches = list(loader)
+    got = torch.cat([b[0] for b in batches])
+    ref = torch.stack([torch.from_numpy(np_reference(Path(p), BUCKET)[0].reshape(16, 12, 16)) for p in paths])
+    assert torch.equal(got, ref)
