@@ -20,16 +20,24 @@ from latentcache._core import (
     status_codes,
     validate,
 )
-from latentcache.errors import CachePathError, LatentCacheError, NpzFormatError
+from latentcache.errors import CachePathError, CorruptCacheWarning, LatentCacheError, NpzFormatError
 from latentcache.loader import CachedLatents, load, load_batch
+from latentcache.writer import (
+    find_temp_files,
+    read_meta,
+    remove_stale_temp,
+    source_fingerprint,
+    write_latents,
+)
 
 __all__ = [
     "DEFAULT_SUFFIX",
     "IMAGE_EXTENSIONS",
-    "CacheFile",
-    "CacheStatus",
     "CachedLatents",
+    "CacheFile",
     "CachePathError",
+    "CacheStatus",
+    "CorruptCacheWarning",
     "DoubledCache",
     "ImageEntry",
     "LatentCacheError",
@@ -39,11 +47,16 @@ __all__ = [
     "__version__",
     "cache_path",
     "find_source_image",
+    "find_temp_files",
     "load",
     "load_batch",
     "parse_cache_path",
     "path_key",
+    "read_meta",
+    "remove_stale_temp",
     "scan_directory",
+    "source_fingerprint",
     "status_codes",
     "validate",
+    "write_latents",
 ]

@@ -24,6 +24,11 @@ __all__ = [
     "scan_directory",
     "status_codes",
     "validate",
+    "find_temp_files",
+    "read_meta_bytes",
+    "remove_stale_temp",
+    "source_fingerprint",
+    "write_npz",
 ]
 
 __version__: str
@@ -141,3 +146,15 @@ def validate(
     check_finite: bool = False,
     workers: int | None = None,
 ) -> list[CacheStatus]: ...
+
+# the npz writer (rust/py/write.rs)
+def write_npz(
+    path: _Path,
+    arrays: list[tuple[str, str, tuple[int, ...], bytes]],
+    drop_keys: list[str] = ...,
+    durable: bool = True,
+) -> list[str]: ...
+def find_temp_files(directory: _Path) -> list[str]: ...
+def remove_stale_temp(path: _Path) -> bool: ...
+def source_fingerprint(image_path: _Path) -> dict[str, int | str]: ...
+def read_meta_bytes(path: _Path) -> bytes | None: ...

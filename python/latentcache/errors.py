@@ -6,7 +6,7 @@ OS errors are not wrapped: a missing file is still ``FileNotFoundError`` and an 
 
 from __future__ import annotations
 
-__all__ = ["LatentCacheError", "CachePathError", "NpzFormatError"]
+__all__ = ["LatentCacheError", "CachePathError", "NpzFormatError", "CorruptCacheWarning"]
 
 
 class LatentCacheError(Exception):
@@ -19,3 +19,7 @@ class CachePathError(LatentCacheError, ValueError):
 
 class NpzFormatError(LatentCacheError):
     """An npz file is malformed, truncated or does not hold what the cache needs."""
+
+
+class CorruptCacheWarning(RuntimeWarning):
+    """A writer replaced a corrupt cache file (or wrote without a lock); the message names the file."""

@@ -5,4 +5,5 @@ pub mod load;
 pub mod npy;
 pub mod scan;
 pub mod validate;
+pub mod write;
 pub mod zip;

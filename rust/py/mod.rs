@@ -6,6 +6,7 @@ mod load;
 mod paths;
 mod scan;
 mod validate;
+mod write;
 
 #[pymodule]
 mod _core {
@@ -20,6 +21,10 @@ mod _core {
 
     #[pymodule_export]
     use super::validate::{status_codes, validate, PyCacheStatus};
+    #[pymodule_export]
+    use super::write::{
+        find_temp_files, read_meta_bytes, remove_stale_temp, source_fingerprint, write_npz,
+    };
 
     use pyo3::prelude::*;
 

@@ -1,0 +1,177 @@
+"""The crash-safe cache writer: ``write_latents``, the ``latentcache_meta`` member and source fingerprints.
+
+The file work (merge, 64-byte alignment, temporary file, lock, rename, fsync) is done in Rust with the
+interpreter lock released; this module checks and converts the caller's arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from latentcache import _core
+from latentcache._core import find_temp_files, remove_stale_temp, source_fingerprint
+from latentcache.errors import CorruptCacheWarning, NpzFormatError
+
+__all__ = [
+    "META_KEY",
+    "META_FORMAT",
+    "find_temp_files",
+    "read_meta",
+    "remove_stale_temp",
+    "source_fingerprint",
+    "write_latents",
+]
+
+META_KEY = "latentcache_meta"
+"""The npz key of latentcache's metadata: a 1-D uint8 array holding UTF-8 JSON."""
+META_FORMAT = 1
+"""The metadata format version written as ``meta["format"]``."""
+
+_PathLike = str | os.PathLike[str]
+
+
+def _to_numpy(value: Any, path: str, arg: str) -> np.ndarray:
+    """A numpy view (or copy) of an array-like; torch tensors must be on the CPU."""
+    if isinstance(value, np.ndarray):
+        return value
+    mod = type(value).__module__
+    if mod == "torch" or mod.startswith("torch."):
+        if value.device.type != "cpu":
+            raise ValueError(f"{path}: {arg} is a torch tensor on {value.device}; move it to the CPU first")
+        value = value.detach()
+        if value.is_floating_point() and value.element_size() < 4:
+            # numpy has no bfloat16; float16 widens exactly too.
+            import torch  # type: ignore[import-not-found,unused-ignore]
+
+            value = value.to(torch.float32)
+        return value.resolve_conj().resolve_neg().numpy()
+    return np.asarray(value)
+
+
+def _float_array(value: Any, path: str, arg: str, dtype: str) -> np.ndarray:
+    arr = _to_numpy(value, path, arg)
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{path}: {arg} must be a floating-point array, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _check_latents(arr: np.ndarray, path: str, arg: str) -> None:
+    ok = arr.ndim == 3 or (arr.ndim == 4 and arr.shape[1] == 1)
+    if not ok or 0 in arr.shape:
+        raise ValueError(
+            f"{path}: {arg} must have shape (C, h, w) or (C, 1, h, w) with no zero dimension, got {arr.shape}"
+        )
+
+
+def write_latents(
+    path: _PathLike,
+    *,
+    latents: Any,
+    original_size: Any,
+    crop_ltrb: Any,
+    latents_flipped: Any = None,
+    alpha_mask: Any = None,
+    meta: Mapping[str, Any] | None = None,
+    durable: bool = True,
+) -> None:
+    """Store one resolution of an image's latents in its npz cache, crash-safely.
+
+    The keys are sd-scripts': ``latents_{h}x{w}``, ``original_size_{h}x{w}``, ``crop_ltrb_{h}x{w}``
+    and, when given, ``latents_flipped_{h}x{w}`` and ``alpha_mask_{h}x{w}``, with ``h, w`` the last two
+    dimensions of ``latents``. Other resolutions and unknown members of an existing file are kept byte
+    for byte; this resolution's members are replaced (a flipped latent or alpha mask not given now is
+    dropped). A corrupt existing file is replaced with a ``CorruptCacheWarning``.
+
+    The new file is written next to the target and renamed over it under a per-file lock, so readers
+    see the old file or the new one and concurrent writers of different resolutions all land. The
+    ``latentcache_meta`` member is replaced on every write: ``{"format": 1, "writer": "latentcache
+    <version>"}`` plus the caller's ``meta`` keys (e.g. ``source``: ``source_fingerprint(image)``,
+    ``vae``: an identity string).
+
+    Args:
+        path: the cache file (its folder must exist).
+        latents: float array or CPU torch tensor, ``(C, h, w)`` or legacy ``(C, 1, h, w)``; stored as
+            float32 in the layout given.
+        original_size: ``(W, H)`` of the source image; stored as int64 ``(2,)``.
+        crop_ltrb: ``(L, T, R, B)`` in bucket pixels; stored as float64 ``(4,)``.
+        latents_flipped: latents of the horizontally flipped image, the same shape as ``latents``.
+        alpha_mask: float ``(H, W)`` mask in [0, 1] at bucket pixel size; stored as float32.
+        meta: JSON-serialisable metadata; the keys ``format`` and ``writer`` are reserved.
+        durable: fsync the file and its folder, so the write survives a power loss.
+
+    Raises:
+        ValueError: an argument has the wrong shape or dtype (the message names file and argument).
+        OSError: the file could not be written (errno and filename set; the old file is untouched).
+    """
+    spath = os.fspath(path)
+    lat = _float_array(latents, spath, "latents", "<f4")
+    _check_latents(lat, spath, "latents")
+    h, w = lat.shape[-2:]
+    sfx = f"_{h}x{w}"
+
+    arrays: list[tuple[str, str, tuple[int, ...], bytes]] = []
+
+    def add(key: str, arr: np.ndarray) -> None:
+        arrays.append((key + sfx, arr.dtype.str, tuple(arr.shape), arr.tobytes()))
+
+    add("latents", lat)
+    if latents_flipped is not None:
+        flipped = _float_array(latents_flipped, spath, "latents_flipped", "<f4")
+        if flipped.shape != lat.shape:
+            raise ValueError(
+                f"{spath}: latents_flipped has shape {flipped.shape}, latents {lat.shape}; they must match"
+            )
+        add("latents_flipped", flipped)
+    if alpha_mask is not None:
+        mask = _float_array(alpha_mask, spath, "alpha_mask", "<f4")
+        if mask.ndim != 2 or 0 in mask.shape:
+            raise ValueError(f"{spath}: alpha_mask must have shape (H, W), got {mask.shape}")
+        add("alpha_mask", mask)
+
+    size = _to_numpy(original_size, spath, "original_size")
+    if size.shape != (2,) or size.dtype.kind not in "iuf" or not np.array_equal(size, np.round(size)):
+        raise ValueError(f"{spath}: original_size must be two integers (W, H), got {size!r}")
+    add("original_size", np.ascontiguousarray(size, dtype="<i8"))
+    crop = _to_numpy(crop_ltrb, spath, "crop_ltrb")
+    if crop.shape != (4,) or crop.dtype.kind not in "iuf":
+        raise ValueError(f"{spath}: crop_ltrb must be four numbers (L, T, R, B), got {crop!r}")
+    add("crop_ltrb", np.ascontiguousarray(crop, dtype="<f8"))
+
+    doc: dict[str, Any] = dict(meta or {})
+    doc["format"] = META_FORMAT
+    doc["writer"] = f"latentcache {_core.__version__}"
+    try:
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{spath}: meta is not JSON-serialisable: {e}") from e
+    blob = text.encode("utf-8")
+    arrays.append((META_KEY, "|u1", (len(blob),), blob))
+
+    drop = [k + sfx for k in ("latents", "latents_flipped", "alpha_mask", "original_size", "crop_ltrb")]
+    for message in _core.write_npz(spath, arrays, drop, durable):
+        warnings.warn(message, CorruptCacheWarning, stacklevel=2)
+
+
+def read_meta(path: _PathLike) -> dict[str, Any] | None:
+    """The ``latentcache_meta`` dict of a cache file, or None for a file without one (stock sd-scripts).
+
+    Raises:
+        NpzFormatError: the file is not a readable npz, or the member is not a JSON object.
+        OSError: the file cannot be read.
+    """
+    raw = _core.read_meta_bytes(path)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise NpzFormatError(f"{os.fspath(path)}: entry '{META_KEY}': not UTF-8 JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise NpzFormatError(f"{os.fspath(path)}: entry '{META_KEY}': not a JSON object")
+    return doc

@@ -1,0 +1,1124 @@
+//! The crash-safe npz writer: 64-byte aligned stored members, merge by byte copy, temp file + rename
+//! under a per-file advisory lock.
+//!
+//! A write builds the whole new archive in a temporary file next to the target, copying every member
+//! it keeps from the existing file (compressed bytes as they are, with their CRC and sizes, never
+//! decoded), then renames it over the target. A reader therefore sees the old file or the new one,
+//! never a partial one; a killed writer leaves at most a temporary file that the next writer of that
+//! target removes (see [`temp_path`]).
+//!
+//! Every member's payload starts at a 64-byte aligned file offset (the local header's extra field is
+//! padded with a zipalign-style record, id `0xD935`), and numpy's `.npy` header is itself padded to a
+//! multiple of 64 bytes, so the array data of every stored member is 64-byte aligned and can be mapped
+//! without a copy. The file stays a plain zip: `np.load` reads it and `zipfile` finds correct CRC-32s.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::core::error::{Error, Result};
+use crate::core::npy::{encode_npy_header, parse_npy_header, DType, ScalarKind};
+use crate::core::zip::{
+    read_at, read_zip_index, read_zip_index_classified, stream_member, Compression, Member,
+    ReadErrorKind,
+};
+
+/// Every member's payload (and so every stored array's data) starts at a multiple of this.
+pub const ALIGN: u64 = 64;
+/// The hidden folder, next to the caches, that holds the lock shard files.
+pub const LOCK_DIR: &str = ".latentcache-locks";
+/// How many lock files one folder can have (cache names are hashed onto them).
+pub const LOCK_SHARDS: usize = 64;
+/// Marks temporary files: `.{target name}.lctmp`, or `.{target name}.lctmp-{pid}-{hex}` when the
+/// file system refused the lock (see [`write_npz`]).
+pub const TEMP_MARKER: &str = ".lctmp";
+/// The member (key without `.npy`) that holds latentcache's JSON metadata as a 1-D uint8 array.
+pub const META_KEY: &str = "latentcache_meta";
+/// The largest metadata member [`read_meta_bytes`] accepts.
+pub const MAX_META_LEN: u64 = 1 << 20;
+/// How many bytes at each end of an image [`source_fingerprint`] hashes.
+pub const FINGERPRINT_WINDOW: u64 = 64 << 10;
+
+const LOCAL_SIG: u32 = 0x0403_4b50;
+const CENTRAL_SIG: u32 = 0x0201_4b50;
+const EOCD_SIG: u32 = 0x0605_4b50;
+const ZIP64_EOCD_SIG: u32 = 0x0606_4b50;
+const ZIP64_LOCATOR_SIG: u32 = 0x0706_4b50;
+const ZIP64_EXTRA_ID: u16 = 0x0001;
+/// The extra-field id Android's zipalign uses for alignment padding; zip readers skip unknown ids.
+const ALIGN_EXTRA_ID: u16 = 0xD935;
+const LIMIT32: u64 = 0xFFFF_FFFF;
+const FLAG_UTF8: u16 = 0x0800;
+/// 1980-01-01 00:00:00, the DOS epoch: fixed so that equal inputs give equal files.
+const DOS_DATE: u16 = (1 << 5) | 1;
+const DOS_TIME: u16 = 0;
+/// Unix host, zip spec 2.0 / 4.5 (zip64).
+const MADE_BY_UNIX: u16 = 3 << 8;
+/// A regular file, mode 0644.
+const EXTERNAL_ATTR: u32 = 0o100_644 << 16;
+const COPY_CHUNK: usize = 1 << 20;
+
+/// One array to store: its npz key (without `.npy`), numpy descr (`<f4`, `<i8`, `|u1`, ...), shape and
+/// C-order data bytes.
+#[derive(Debug, Clone)]
+pub struct NewArray<'a> {
+    pub key: String,
+    pub descr: String,
+    pub shape: Vec<u64>,
+    pub data: &'a [u8],
+}
+
+/// How to write.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    /// `fsync` the temporary file before the rename and the folder after it.
+    pub durable: bool,
+}
+
+/// What a write did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WriteReport {
+    /// Things the caller should warn about (a corrupt file replaced, no lock available).
+    pub warnings: Vec<String>,
+    /// Members copied from the existing file.
+    pub kept: usize,
+    /// Arrays written from the caller's data.
+    pub written: usize,
+    /// Size of the new file.
+    pub file_len: u64,
+}
+
+/// Write `arrays` into the npz at `path`, keeping every member of an existing file except those whose
+/// key is in `arrays` or in `drop_keys`.
+///
+/// The existing file is read, the new one written to a temporary file in the same folder and renamed
+/// over it, all under the target's lock (see [`WriteLock`]). A leftover temporary file of this target
+/// is a crashed writer's and is removed first. When the existing file is not a readable zip (empty,
+/// truncated, foreign, or a kept stored member fails its CRC), it is replaced and a warning says why.
+///
+/// Args: `path` the target, `arrays` the arrays to store, `drop_keys` keys to remove if present,
+/// `opts` durability.
+/// Returns: a [`WriteReport`]; every error names `path`, and on error the target is untouched and no
+/// temporary file is left.
+pub fn write_npz(
+    path: &Path,
+    arrays: &[NewArray<'_>],
+    drop_keys: &[String],
+    opts: WriteOptions,
+) -> Result<WriteReport> {
+    let headers = check_arrays(path, arrays)?;
+    let (dir, name) = split_target(path)?;
+    let mut report = WriteReport::default();
+    let lock = WriteLock::acquire(path, &mut report.warnings)?;
+    let temp = temp_path(&dir, name, lock.exclusive());
+    if lock.exclusive() {
+        // Under the lock no live writer can own this name: whatever is here was left by a crash.
+        remove_if_exists(&temp).map_err(|e| Error::io(path, e))?;
+    }
+
+    let existing = open_existing(path, &mut report.warnings)?;
+    let replaced = |name: &str| {
+        let key = name.strip_suffix(".npy").unwrap_or("\0");
+        arrays.iter().any(|a| a.key == key) || drop_keys.iter().any(|k| k == key)
+    };
+    let kept: Vec<Member> = match &existing {
+        Some((_, members)) => last_of_each_name(members)
+            .into_iter()
+            .filter(|m| !replaced(&m.name))
+            .collect(),
+        None => Vec::new(),
+    };
+
+    let mut guard = TempGuard::new(temp);
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&guard.path)
+        .map_err(|e| Error::io(path, e))?;
+    #[cfg(unix)]
+    if let Some((old, _)) = &existing {
+        // Keep the mode of the file we replace, as writing in place would.
+        if let Ok(meta) = old.metadata() {
+            file.set_permissions(meta.permissions())
+                .map_err(|e| Error::io(path, e))?;
+        }
+    }
+
+    let old_file = existing.as_ref().map(|(f, _)| f);
+    let file_len = match write_archive(&file, old_file, &kept, arrays, &headers, false) {
+        Ok(len) => {
+            report.kept = kept.len();
+            len
+        }
+        Err(ArchiveError::Corrupt(message)) => {
+            report.warnings.push(format!(
+                "{}: replacing a corrupt cache file ({message}); its other members are dropped",
+                path.display()
+            ));
+            (&file)
+                .seek(SeekFrom::Start(0))
+                .and_then(|_| file.set_len(0))
+                .map_err(|e| Error::io(path, e))?;
+            write_archive(&file, None, &[], arrays, &headers, false)
+                .map_err(|e| e.into_error(path))?
+        }
+        Err(e) => return Err(e.into_error(path)),
+    };
+    report.written = arrays.len();
+    report.file_len = file_len;
+    if opts.durable {
+        file.sync_all().map_err(|e| Error::io(path, e))?;
+    }
+    drop(file);
+    drop(existing);
+    replace_file(&guard.path, path).map_err(|e| Error::io(path, e))?;
+    guard.disarm();
+    if opts.durable {
+        sync_dir(&dir).map_err(|e| Error::io(path, e))?;
+    }
+    drop(lock);
+    Ok(report)
+}
+
+/// The keys sd-scripts stores for one resolution suffix (`_{h}x{w}`, or `""` for legacy files).
+pub fn resolution_keys(suffix: &str) -> [String; 5] {
+    [
+        format!("latents{suffix}"),
+        format!("latents_flipped{suffix}"),
+        format!("alpha_mask{suffix}"),
+        format!("original_size{suffix}"),
+        format!("crop_ltrb{suffix}"),
+    ]
+}
+
+fn check_arrays(path: &Path, arrays: &[NewArray<'_>]) -> Result<Vec<Vec<u8>>> {
+    let bad =
+        |key: &str, msg: String| Error::Value(format!("{}: array '{key}': {msg}", path.display()));
+    let mut headers = Vec::with_capacity(arrays.len());
+    for (i, a) in arrays.iter().enumerate() {
+        if a.key.is_empty() || a.key.contains('\0') {
+            return Err(bad(
+                &a.key,
+                "the key must be non-empty text without NUL".into(),
+            ));
+        }
+        if arrays[..i].iter().any(|b| b.key == a.key) {
+            return Err(bad(&a.key, "the key is given twice".into()));
+        }
+        let dtype = DType::from_descr(&a.descr)
+            .ok_or_else(|| bad(&a.key, format!("unsupported dtype descr '{}'", a.descr)))?;
+        let want = a
+            .shape
+            .iter()
+            .try_fold(dtype.itemsize(), |acc, &d| acc.checked_mul(d));
+        if want != Some(a.data.len() as u64) {
+            return Err(bad(
+                &a.key,
+                format!(
+                    "{} bytes of data do not match shape {:?} of {}",
+                    a.data.len(),
+                    a.shape,
+                    a.descr
+                ),
+            ));
+        }
+        headers.push(encode_npy_header(&a.descr, false, &a.shape));
+    }
+    Ok(headers)
+}
+
+/// The folder and file name of a target path (`x.npz` lives in `.`).
+fn split_target(path: &Path) -> Result<(PathBuf, &OsStr)> {
+    let name = path.file_name().ok_or_else(|| {
+        Error::Value(format!(
+            "{}: the target must be a file path",
+            path.display()
+        ))
+    })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((dir, name))
+}
+
+/// The temporary file of `name` in `dir`: `.{name}.lctmp` when the writer holds the target's lock
+/// (only one can exist, and the next writer removes a crashed one's), else
+/// `.{name}.lctmp-{pid}-{hex}`, unique, so that writers that could not lock never share one.
+pub fn temp_path(dir: &Path, name: &OsStr, locked: bool) -> PathBuf {
+    let mut s = OsString::from(".");
+    s.push(name);
+    s.push(TEMP_MARKER);
+    if !locked {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        s.push(format!("-{}-{nanos:x}", std::process::id()));
+    }
+    dir.join(s)
+}
+
+/// The target file name a temporary file belongs to, or `None` if `name` is not a temporary name.
+pub fn temp_target(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix('.')?;
+    if let Some(target) = rest.strip_suffix(TEMP_MARKER) {
+        return (!target.is_empty()).then_some(target);
+    }
+    let at = rest.rfind(&format!("{TEMP_MARKER}-"))?;
+    let (target, tail) = (&rest[..at], &rest[at + TEMP_MARKER.len() + 1..]);
+    let (pid, hex) = tail.split_once('-')?;
+    let ok = !target.is_empty()
+        && !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && !hex.is_empty()
+        && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    ok.then_some(target)
+}
+
+/// Temporary files of this writer in `dir` (left behind by killed writers, or in flight), sorted.
+///
+/// Args: `dir` the folder to list (not recursive).
+/// Returns: the temporary files' paths; the name pattern is `.{target}.lctmp` or
+/// `.{target}.lctmp-{pid}-{hex}`, see [`temp_target`].
+pub fn find_temp_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        if name.to_str().and_then(temp_target).is_some() {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Remove a leftover temporary file safely: under its target's lock, so a live writer's file is never
+/// removed. Only the locked form (`.{target}.lctmp`) is removed; the unique form of lockless writers
+/// cannot be told from a live one and is left alone.
+///
+/// Returns: whether a file was removed.
+pub fn remove_stale_temp(temp: &Path) -> Result<bool> {
+    let Some(name) = temp.file_name().and_then(OsStr::to_str) else {
+        return Ok(false);
+    };
+    let Some(target) = temp_target(name) else {
+        return Ok(false);
+    };
+    if !name.ends_with(TEMP_MARKER) {
+        return Ok(false);
+    }
+    let (dir, _) = split_target(temp)?;
+    let mut warnings = Vec::new();
+    let lock = WriteLock::acquire(&dir.join(target), &mut warnings)?;
+    if !lock.exclusive() {
+        return Ok(false);
+    }
+    match fs::remove_file(temp) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(temp, e)),
+    }
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Removes the temporary file on drop unless the write committed it.
+struct TempGuard {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl TempGuard {
+    fn new(path: PathBuf) -> Self {
+        TempGuard { path, armed: true }
+    }
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The per-cache-file write lock: an in-process mutex and an OS advisory lock (`flock` on Unix,
+/// `LockFileEx` on Windows) on one of [`LOCK_SHARDS`] files in `.latentcache-locks/` next to the cache.
+///
+/// Why shards in a hidden folder: a sidecar lock per cache would double the file count of a 100k-image
+/// folder and could never be deleted safely (deleting a lock file races with a writer that just opened
+/// it); one lock per folder would serialise every GPU writing into it. 64 shard files, chosen by a hash
+/// of the lower-cased file name, bound the extra files to 64 per folder while two unrelated writes wait
+/// on each other only 1 time in 64 and for one file write. The files are never deleted by latentcache.
+///
+/// The OS releases the lock when its holder dies, so a killed writer never blocks the next one. The
+/// in-process mutex (keyed by the same hash) makes threads of one process exclude each other even
+/// where the OS lock is per process (NFS emulates `flock` with POSIX byte-range locks, which do not
+/// conflict within a process). The mutex is taken first and both are held for one file write only, so
+/// no two locks are ever waited on in a cycle.
+pub struct WriteLock {
+    file: Option<File>,
+    _process: MutexGuard<'static, ()>,
+}
+
+static PROCESS_LOCKS: [Mutex<()>; LOCK_SHARDS] = [const { Mutex::new(()) }; LOCK_SHARDS];
+
+impl WriteLock {
+    /// Take the lock of the cache file `target`, blocking until it is free. Where the file system
+    /// has no locks (`ENOLCK`, unsupported), go on without the OS lock and push a warning.
+    pub fn acquire(target: &Path, warnings: &mut Vec<String>) -> Result<WriteLock> {
+        let (dir, name) = split_target(target)?;
+        let shard = lock_shard(name);
+        let process = PROCESS_LOCKS[shard]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let lock_dir = dir.join(LOCK_DIR);
+        match fs::create_dir(&lock_dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(Error::io(target, e));
+            }
+            _ => {}
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(lock_dir.join(format!("{shard:02}.lock")))
+            .map_err(|e| Error::io(target, e))?;
+        loop {
+            match file.lock() {
+                Ok(()) => {
+                    return Ok(WriteLock {
+                        file: Some(file),
+                        _process: process,
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if no_locks(&e) => {
+                    warnings.push(format!(
+                        "{}: the file system does not support locks ({e}); writing without one, so \
+                         concurrent writers of this file may lose each other's resolutions",
+                        target.display()
+                    ));
+                    return Ok(WriteLock {
+                        file: None,
+                        _process: process,
+                    });
+                }
+                Err(e) => return Err(Error::io(target, e)),
+            }
+        }
+    }
+
+    /// Whether the OS lock is held (not only the in-process one).
+    pub fn exclusive(&self) -> bool {
+        self.file.is_some()
+    }
+}
+
+fn no_locks(e: &io::Error) -> bool {
+    // ENOLCK is 37 on Linux, 77 on macOS and the BSDs.
+    #[cfg(target_os = "linux")]
+    const ENOLCK: i32 = 37;
+    #[cfg(not(target_os = "linux"))]
+    const ENOLCK: i32 = 77;
+    e.kind() == io::ErrorKind::Unsupported || (cfg!(unix) && e.raw_os_error() == Some(ENOLCK))
+}
+
+/// The lock shard of a cache file name: FNV-1a of its lower-cased name (lower-cased so that names
+/// that are one file on a case-insensitive file system share a lock).
+pub fn lock_shard(name: &OsStr) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.to_string_lossy().to_lowercase().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % LOCK_SHARDS as u64) as usize
+}
+
+/// Open and index the existing target. `None` when there is none or it is corrupt (with a warning);
+/// an error when it exists but cannot be read (replacing it would lose data we could not look at).
+fn open_existing(path: &Path, warnings: &mut Vec<String>) -> Result<Option<(File, Vec<Member>)>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    match read_zip_index_classified(&file, path) {
+        Ok(index) => Ok(Some((file, index.members))),
+        Err(e) if e.kind == ReadErrorKind::Io => Err(e.into()),
+        Err(e) => {
+            let what = match e.kind {
+                ReadErrorKind::Empty => "empty",
+                ReadErrorKind::NotZip => "not a zip file",
+                ReadErrorKind::Truncated => "truncated",
+                _ => "malformed",
+            };
+            let entry = e
+                .entry
+                .as_deref()
+                .map(|n| format!("entry '{n}': "))
+                .unwrap_or_default();
+            warnings.push(format!(
+                "{}: replacing a corrupt cache file ({what}: {entry}{})",
+                path.display(),
+                e.message
+            ));
+            Ok(None)
+        }
+    }
+}
+
+/// Keep only the last member of each name (zipfile and np.load see the last one).
+fn last_of_each_name(members: &[Member]) -> Vec<Member> {
+    members
+        .iter()
+        .enumerate()
+        .filter(|(i, m)| !members[i + 1..].iter().any(|n| n.name == m.name))
+        .map(|(_, m)| m.clone())
+        .collect()
+}
+
+enum ArchiveError {
+    /// Writing the temporary file failed.
+    Write(io::Error),
+    /// Reading the existing file failed.
+    Read(io::Error),
+    /// The existing file turned out corrupt while copying (a stored member's CRC).
+    Corrupt(String),
+}
+
+impl ArchiveError {
+    fn into_error(self, path: &Path) -> Error {
+        match self {
+            ArchiveError::Write(e) => Error::io(path, e),
+            ArchiveError::Read(e) => Error::io(path, e),
+            ArchiveError::Corrupt(m) => Error::npz(path, None, m),
+        }
+    }
+}
+
+impl From<io::Error> for ArchiveError {
+    fn from(e: io::Error) -> Self {
+        ArchiveError::Write(e)
+    }
+}
+
+/// A central-directory record to write.
+struct Entry {
+    name: String,
+    method: u16,
+    crc32: u32,
+    csize: u64,
+    usize: u64,
+    lho: u64,
+}
+
+/// A zip being written sequentially: aligned local headers, then the central directory.
+struct ZipOut<W: Write> {
+    w: W,
+    pos: u64,
+    entries: Vec<Entry>,
+    force_zip64: bool,
+}
+
+fn put16(v: &mut Vec<u8>, x: u16) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+fn put32(v: &mut Vec<u8>, x: u32) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+fn put64(v: &mut Vec<u8>, x: u64) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+fn clamp32(x: u64) -> u32 {
+    x.min(LIMIT32) as u32
+}
+fn name_flags(name: &str) -> u16 {
+    if name.is_ascii() {
+        0
+    } else {
+        FLAG_UTF8
+    }
+}
+
+impl<W: Write> ZipOut<W> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.w.write_all(bytes)?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Write a local header whose payload starts at a multiple of [`ALIGN`]; the caller writes exactly
+    /// `csize` payload bytes next.
+    fn local_header(
+        &mut self,
+        name: &str,
+        method: u16,
+        crc32: u32,
+        csize: u64,
+        usize: u64,
+    ) -> io::Result<()> {
+        let lho = self.pos;
+        let zip64 = self.force_zip64 || csize >= LIMIT32 || usize >= LIMIT32;
+        let mut extra = Vec::new();
+        if zip64 {
+            put16(&mut extra, ZIP64_EXTRA_ID);
+            put16(&mut extra, 16);
+            put64(&mut extra, usize);
+            put64(&mut extra, csize);
+        }
+        let base = lho + 30 + name.len() as u64 + extra.len() as u64;
+        if !base.is_multiple_of(ALIGN) {
+            // The smallest alignment record (4-byte header + u16 alignment) that lands on ALIGN.
+            let mut pad = 6 + (ALIGN - (base + 6) % ALIGN) % ALIGN;
+            if pad > u64::from(u16::MAX) {
+                pad = 6; // unreachable with ALIGN = 64; keeps the cast below honest
+            }
+            put16(&mut extra, ALIGN_EXTRA_ID);
+            put16(&mut extra, (pad - 4) as u16);
+            put16(&mut extra, ALIGN as u16);
+            extra.resize(extra.len() + (pad - 6) as usize, 0);
+        }
+        let mut h = Vec::with_capacity(30 + name.len() + extra.len());
+        put32(&mut h, LOCAL_SIG);
+        put16(&mut h, if zip64 { 45 } else { 20 });
+        put16(&mut h, name_flags(name));
+        put16(&mut h, method);
+        put16(&mut h, DOS_TIME);
+        put16(&mut h, DOS_DATE);
+        put32(&mut h, crc32);
+        put32(&mut h, if zip64 { u32::MAX } else { csize as u32 });
+        put32(&mut h, if zip64 { u32::MAX } else { usize as u32 });
+        put16(&mut h, name.len() as u16);
+        put16(&mut h, extra.len() as u16);
+        h.extend_from_slice(name.as_bytes());
+        h.extend_from_slice(&extra);
+        self.write(&h)?;
+        debug_assert_eq!(self.pos % ALIGN, 0);
+        self.entries.push(Entry {
+            name: name.to_owned(),
+            method,
+            crc32,
+            csize,
+            usize,
+            lho,
+        });
+        Ok(())
+    }
+
+    /// Write the central directory and end records; returns the file length.
+    fn finish(mut self) -> io::Result<(W, u64)> {
+        let cd_offset = self.pos;
+        let mut cd = Vec::new();
+        for e in &self.entries {
+            let big_size = self.force_zip64 || e.csize >= LIMIT32 || e.usize >= LIMIT32;
+            let big_off = self.force_zip64 || e.lho >= LIMIT32;
+            let mut extra = Vec::new();
+            if big_size || big_off {
+                let n = if big_size { 16 } else { 0 } + if big_off { 8 } else { 0 };
+                put16(&mut extra, ZIP64_EXTRA_ID);
+                put16(&mut extra, n);
+                if big_size {
+                    put64(&mut extra, e.usize);
+                    put64(&mut extra, e.csize);
+                }
+                if big_off {
+                    put64(&mut extra, e.lho);
+                }
+            }
+            let version = if extra.is_empty() { 20 } else { 45 };
+            put32(&mut cd, CENTRAL_SIG);
+            put16(&mut cd, MADE_BY_UNIX | version);
+            put16(&mut cd, version);
+            put16(&mut cd, name_flags(&e.name));
+            put16(&mut cd, e.method);
+            put16(&mut cd, DOS_TIME);
+            put16(&mut cd, DOS_DATE);
+            put32(&mut cd, e.crc32);
+            put32(&mut cd, if big_size { u32::MAX } else { e.csize as u32 });
+            put32(&mut cd, if big_size { u32::MAX } else { e.usize as u32 });
+            put16(&mut cd, e.name.len() as u16);
+            put16(&mut cd, extra.len() as u16);
+            put16(&mut cd, 0); // comment
+            put16(&mut cd, 0); // disk
+            put16(&mut cd, 0); // internal attributes
+            put32(&mut cd, EXTERNAL_ATTR);
+            put32(&mut cd, if big_off { u32::MAX } else { e.lho as u32 });
+            cd.extend_from_slice(e.name.as_bytes());
+            cd.extend_from_slice(&extra);
+        }
+        let cd_size = cd.len() as u64;
+        let n = self.entries.len() as u64;
+        let zip64 = self.force_zip64 || n >= 0xFFFF || cd_size >= LIMIT32 || cd_offset >= LIMIT32;
+        if zip64 {
+            let eocd64_offset = cd_offset + cd_size;
+            put32(&mut cd, ZIP64_EOCD_SIG);
+            put64(&mut cd, 44);
+            put16(&mut cd, MADE_BY_UNIX | 45);
+            put16(&mut cd, 45);
+            put32(&mut cd, 0);
+            put32(&mut cd, 0);
+            put64(&mut cd, n);
+            put64(&mut cd, n);
+            put64(&mut cd, cd_size);
+            put64(&mut cd, cd_offset);
+            put32(&mut cd, ZIP64_LOCATOR_SIG);
+            put32(&mut cd, 0);
+            put64(&mut cd, eocd64_offset);
+            put32(&mut cd, 1);
+        }
+        put32(&mut cd, EOCD_SIG);
+        put16(&mut cd, 0);
+        put16(&mut cd, 0);
+        let n16 = if zip64 { 0xFFFF } else { n as u16 };
+        put16(&mut cd, n16);
+        put16(&mut cd, n16);
+        put32(&mut cd, if zip64 { u32::MAX } else { clamp32(cd_size) });
+        put32(&mut cd, if zip64 { u32::MAX } else { clamp32(cd_offset) });
+        put16(&mut cd, 0);
+        self.write(&cd)?;
+        let len = self.pos;
+        Ok((self.w, len))
+    }
+}
+
+/// Write the whole archive into `out` (from its start): the kept members copied from `old`, then the
+/// new arrays. Returns the file length.
+fn write_archive(
+    out: &File,
+    old: Option<&File>,
+    kept: &[Member],
+    arrays: &[NewArray<'_>],
+    headers: &[Vec<u8>],
+    force_zip64: bool,
+) -> std::result::Result<u64, ArchiveError> {
+    let mut z = ZipOut {
+        w: BufWriter::with_capacity(256 << 10, out),
+        pos: 0,
+        entries: Vec::with_capacity(kept.len() + arrays.len()),
+        force_zip64,
+    };
+    if let Some(old) = old {
+        let mut buf = vec![0u8; COPY_CHUNK.min(max_csize(kept))];
+        for m in kept {
+            copy_member(&mut z, old, m, &mut buf)?;
+        }
+    }
+    for (a, header) in arrays.iter().zip(headers) {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(header);
+        crc.update(a.data);
+        let len = (header.len() + a.data.len()) as u64;
+        z.local_header(&format!("{}.npy", a.key), 0, crc.finalize(), len, len)?;
+        z.write(header)?;
+        z.write(a.data)?;
+    }
+    let (w, len) = z.finish()?;
+    w.into_inner().map_err(|e| e.into_error())?;
+    Ok(len)
+}
+
+fn max_csize(kept: &[Member]) -> usize {
+    kept.iter()
+        .map(|m| m.compressed_size)
+        .max()
+        .unwrap_or(0)
+        .min(usize::MAX as u64) as usize
+}
+
+/// Copy one member's stored bytes verbatim (compressed as they are), checking a stored member's CRC.
+fn copy_member<W: Write>(
+    z: &mut ZipOut<W>,
+    old: &File,
+    m: &Member,
+    buf: &mut [u8],
+) -> std::result::Result<(), ArchiveError> {
+    let method = match m.compression {
+        Compression::Stored => 0,
+        Compression::Deflated => 8,
+    };
+    z.local_header(
+        &m.name,
+        method,
+        m.crc32,
+        m.compressed_size,
+        m.uncompressed_size,
+    )?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut done = 0u64;
+    while done < m.compressed_size {
+        let n = (m.compressed_size - done).min(buf.len() as u64) as usize;
+        let chunk = &mut buf[..n];
+        read_at(old, chunk, m.data_offset + done).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                ArchiveError::Corrupt(format!("member '{}' is cut short", m.name))
+            } else {
+                ArchiveError::Read(e)
+            }
+        })?;
+        if m.compression == Compression::Stored {
+            crc.update(chunk);
+        }
+        z.write(chunk)?;
+        done += n as u64;
+    }
+    if m.compression == Compression::Stored && crc.finalize() != m.crc32 {
+        return Err(ArchiveError::Corrupt(format!(
+            "member '{}' fails its CRC-32 check",
+            m.name
+        )));
+    }
+    Ok(())
+}
+
+/// Rename `from` over `to`. On Windows a reader holding the target open (without delete sharing)
+/// makes the rename fail for a moment, so it is retried for about a second.
+fn replace_file(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(windows)]
+    {
+        let mut wait = std::time::Duration::from_millis(5);
+        for _ in 0..8 {
+            match fs::rename(from, to) {
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    std::thread::sleep(wait);
+                    wait *= 2;
+                }
+                other => return other,
+            }
+        }
+    }
+    fs::rename(from, to)
+}
+
+/// Make a rename in `dir` durable. Windows has no directory handle to flush; NTFS journals the rename.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
+/// A source image's identity as recorded in the cache's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFingerprint {
+    pub size: u64,
+    /// Modification time in nanoseconds since the Unix epoch (Python's `os.stat().st_mtime_ns`).
+    pub mtime_ns: i64,
+    /// `"crc32-64k:HHHHHHHHTTTTTTTT"`: the CRC-32 (zlib's) of the first and of the last
+    /// [`FINGERPRINT_WINDOW`] bytes (the whole file, twice, when it is smaller), in hex.
+    pub hash: String,
+}
+
+/// Size, mtime and a fast content hash of an image: two 64 KiB reads whatever the file size.
+///
+/// The hash confirms a size or mtime change (a copied dataset keeps its bytes but not its mtimes); it
+/// does not see an edit that keeps the size and touches neither end of the file.
+pub fn source_fingerprint(path: &Path) -> Result<SourceFingerprint> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    let size = meta.len();
+    let window = size.min(FINGERPRINT_WINDOW) as usize;
+    let mut buf = vec![0u8; window];
+    read_at(&file, &mut buf, 0).map_err(|e| Error::io(path, e))?;
+    let head = crc32fast::hash(&buf);
+    read_at(&file, &mut buf, size - window as u64).map_err(|e| Error::io(path, e))?;
+    let tail = crc32fast::hash(&buf);
+    Ok(SourceFingerprint {
+        size,
+        mtime_ns: mtime_ns(&meta),
+        hash: format!("crc32-64k:{head:08x}{tail:08x}"),
+    })
+}
+
+#[cfg(unix)]
+fn mtime_ns(meta: &fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
+}
+
+#[cfg(not(unix))]
+fn mtime_ns(meta: &fs::Metadata) -> i64 {
+    use std::time::UNIX_EPOCH;
+    match meta.modified() {
+        Ok(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+            Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+        },
+        Err(_) => 0,
+    }
+}
+
+/// The UTF-8 JSON bytes of an npz's `latentcache_meta` member, or `None` when it has none.
+///
+/// Returns: the array's data bytes (a 1-D `|u1` array); `NpzFormatError` when the file is not a
+/// readable zip or the member is not such an array.
+pub fn read_meta_bytes(path: &Path) -> Result<Option<Vec<u8>>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let index = read_zip_index(&file, path)?;
+    let name = format!("{META_KEY}.npy");
+    let Some(member) = index.members.iter().rev().find(|m| m.name == name) else {
+        return Ok(None);
+    };
+    let bad = |msg: String| Error::npz(path, Some(META_KEY), msg);
+    if member.uncompressed_size > MAX_META_LEN {
+        return Err(bad(format!(
+            "the metadata member is too large ({} bytes)",
+            member.uncompressed_size
+        )));
+    }
+    let mut bytes = Vec::with_capacity(member.uncompressed_size as usize);
+    stream_member(&file, path, member, |c| {
+        bytes.extend_from_slice(c);
+        Ok(())
+    })?;
+    let header = parse_npy_header(&bytes).map_err(|e| bad(e.to_string()))?;
+    if header.dtype.kind != ScalarKind::U1 || header.shape.len() != 1 || header.fortran_order {
+        return Err(bad(format!(
+            "expected a 1-D uint8 array, found {} of shape {:?}",
+            header.descr, header.shape
+        )));
+    }
+    let start = header.header_len as usize;
+    if Some(bytes.len() as u64 - header.header_len) != header.data_len() {
+        return Err(bad("the array's size does not match its header".into()));
+    }
+    Ok(Some(bytes.split_off(start)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::npy::read_npz_index;
+
+    fn arr<'a>(key: &str, descr: &str, shape: &[u64], data: &'a [u8]) -> NewArray<'a> {
+        NewArray {
+            key: key.into(),
+            descr: descr.into(),
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+
+    const DURABLE: WriteOptions = WriteOptions { durable: true };
+
+    #[test]
+    fn aligned_and_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a_0008x0008_anima.npz");
+        let lat = vec![7u8; 16 * 3 * 5 * 4];
+        let size = vec![1u8; 16];
+        let r = write_npz(
+            &p,
+            &[
+                arr("latents_3x5", "<f4", &[16, 3, 5], &lat),
+                arr("original_size_3x5", "<i8", &[2], &size),
+            ],
+            &[],
+            DURABLE,
+        )
+        .unwrap();
+        assert_eq!((r.kept, r.written), (0, 2));
+        let idx = read_npz_index(&p).unwrap();
+        assert_eq!(idx.arrays.len(), 2);
+        for a in &idx.arrays {
+            assert_eq!(a.member.data_offset % ALIGN, 0, "{}", a.key);
+            assert_eq!(a.array_offset.unwrap() % ALIGN, 0, "{}", a.key);
+        }
+        let f = File::open(&p).unwrap();
+        let zi = read_zip_index(&f, &p).unwrap();
+        for m in &zi.members {
+            assert_eq!(crate::core::zip::member_crc32(&f, &p, m).unwrap(), m.crc32);
+        }
+        assert!(find_temp_files(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn merge_keeps_and_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.npz");
+        let a = vec![1u8; 64];
+        let b = vec![2u8; 128];
+        let c = vec![3u8; 4];
+        write_npz(&p, &[arr("latents_1x1", "<f4", &[16], &a)], &[], DURABLE).unwrap();
+        write_npz(&p, &[arr("latents_2x2", "<f4", &[32], &b)], &[], DURABLE).unwrap();
+        let r = write_npz(
+            &p,
+            &[arr("latents_1x1", "<f4", &[1], &c)],
+            &["alpha_mask_1x1".into()],
+            WriteOptions { durable: false },
+        )
+        .unwrap();
+        assert_eq!(r.kept, 1);
+        let idx = read_npz_index(&p).unwrap();
+        let f = File::open(&p).unwrap();
+        let l1 = idx.get("latents_1x1").unwrap();
+        assert_eq!(l1.header.shape, vec![1]);
+        assert_eq!(
+            crate::core::npy::read_array_bytes(&f, &p, idx.get("latents_2x2").unwrap()).unwrap(),
+            b
+        );
+    }
+
+    #[test]
+    fn corrupt_existing_is_replaced_with_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.npz");
+        fs::write(&p, b"PK\x03\x04 truncated").unwrap();
+        let d = vec![0u8; 4];
+        let r = write_npz(&p, &[arr("x", "<f4", &[1], &d)], &[], DURABLE).unwrap();
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(read_npz_index(&p).unwrap().get("x").is_some());
+        // A kept stored member with a bad CRC: flip one payload byte of `x`.
+        let mut bytes = fs::read(&p).unwrap();
+        let off = read_npz_index(&p)
+            .unwrap()
+            .get("x")
+            .unwrap()
+            .array_offset
+            .unwrap() as usize;
+        bytes[off] ^= 0xFF;
+        fs::write(&p, &bytes).unwrap();
+        let r = write_npz(&p, &[arr("y", "<f4", &[1], &d)], &[], DURABLE).unwrap();
+        assert!(r.warnings[0].contains("CRC"), "{:?}", r.warnings);
+        let idx = read_npz_index(&p).unwrap();
+        assert!(idx.get("x").is_none() && idx.get("y").is_some());
+    }
+
+    #[test]
+    fn zip64_records_are_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("z.npz");
+        let d = vec![5u8; 40];
+        let header = encode_npy_header("<f4", false, &[10]);
+        let f = File::create(&p).unwrap();
+        let arrays = [arr("k", "<f4", &[10], &d)];
+        write_archive(&f, None, &[], &arrays, &[header], true)
+            .ok()
+            .unwrap();
+        drop(f);
+        let idx = read_npz_index(&p).unwrap();
+        let a = idx.get("k").unwrap();
+        assert_eq!(a.array_offset.unwrap() % ALIGN, 0);
+        let f = File::open(&p).unwrap();
+        assert_eq!(crate::core::npy::read_array_bytes(&f, &p, a).unwrap(), d);
+        // And merging from a zip64 file into a plain one keeps the member.
+        let e = vec![6u8; 4];
+        write_npz(&p, &[arr("j", "|u1", &[4], &e)], &[], DURABLE).unwrap();
+        let idx = read_npz_index(&p).unwrap();
+        assert!(idx.get("k").is_some() && idx.get("j").is_some());
+    }
+
+    #[test]
+    fn bad_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.npz");
+        let d = vec![0u8; 3];
+        let e = write_npz(&p, &[arr("x", "<f4", &[1], &d)], &[], DURABLE).unwrap_err();
+        assert!(matches!(e, Error::Value(_)), "{e}");
+        let e = write_npz(&p, &[arr("x", "O", &[1], &d)], &[], DURABLE).unwrap_err();
+        assert!(e.to_string().contains("descr"), "{e}");
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn temp_names() {
+        let dir = Path::new("/d");
+        let t = temp_path(dir, OsStr::new("a_anima.npz"), true);
+        assert_eq!(t, Path::new("/d/.a_anima.npz.lctmp"));
+        assert_eq!(temp_target(".a_anima.npz.lctmp"), Some("a_anima.npz"));
+        let u = temp_path(dir, OsStr::new("a.npz"), false);
+        let un = u.file_name().unwrap().to_str().unwrap();
+        assert_eq!(temp_target(un), Some("a.npz"), "{un}");
+        assert_eq!(temp_target("a.npz"), None);
+        assert_eq!(temp_target(".lctmp"), None);
+        assert_eq!(temp_target(".a.lctmp-x-1"), None);
+    }
+
+    #[test]
+    fn leftover_temp_is_removed_by_next_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.npz");
+        let t = temp_path(dir.path(), OsStr::new("t.npz"), true);
+        fs::write(&t, b"half").unwrap();
+        assert_eq!(find_temp_files(dir.path()).unwrap(), vec![t.clone()]);
+        let d = vec![0u8; 4];
+        write_npz(&p, &[arr("x", "<f4", &[1], &d)], &[], DURABLE).unwrap();
+        assert!(!t.exists());
+        fs::write(&t, b"half").unwrap();
+        assert!(remove_stale_temp(&t).unwrap());
+        assert!(!t.exists());
+    }
+
+    #[test]
+    fn fingerprint_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img.png");
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(&p, &data).unwrap();
+        let fp = source_fingerprint(&p).unwrap();
+        assert_eq!(fp.size, 200_000);
+        let w = FINGERPRINT_WINDOW as usize;
+        let want = format!(
+            "crc32-64k:{:08x}{:08x}",
+            crc32fast::hash(&data[..w]),
+            crc32fast::hash(&data[data.len() - w..])
+        );
+        assert_eq!(fp.hash, want);
+        fs::write(&p, b"").unwrap();
+        assert_eq!(source_fingerprint(&p).unwrap().size, 0);
+    }
+
+    #[test]
+    fn meta_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meta.npz");
+        let json = br#"{"format":1}"#;
+        write_npz(
+            &p,
+            &[arr(META_KEY, "|u1", &[json.len() as u64], json)],
+            &[],
+            DURABLE,
+        )
+        .unwrap();
+        assert_eq!(read_meta_bytes(&p).unwrap().unwrap(), json);
+        let d = vec![0u8; 4];
+        write_npz(
+            &p,
+            &[arr("x", "<f4", &[1], &d)],
+            &[META_KEY.into()],
+            DURABLE,
+        )
+        .unwrap();
+        assert_eq!(read_meta_bytes(&p).unwrap(), None);
+    }
+
+    #[test]
+    fn shards_are_stable() {
+        assert_eq!(
+            lock_shard(OsStr::new("A.npz")),
+            lock_shard(OsStr::new("a.npz"))
+        );
+        assert!(lock_shard(OsStr::new("x")) < LOCK_SHARDS);
+    }
+}
