@@ -18,10 +18,10 @@ from latentcache._core import (
     path_key,
     scan_directory,
     status_codes,
-    validate,
 )
 from latentcache.errors import CachePathError, CorruptCacheWarning, LatentCacheError, NpzFormatError
 from latentcache.loader import CachedLatents, load, load_batch
+from latentcache.validation import stale_reason, validate
 from latentcache.writer import (
     find_temp_files,
     read_meta,
@@ -57,6 +57,7 @@ __all__ = [
     "scan_directory",
     "source_fingerprint",
     "status_codes",
+    "stale_reason",
     "validate",
     "write_latents",
 ]

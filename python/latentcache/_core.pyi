@@ -125,6 +125,7 @@ def load_batch_into(
 
 @final
 class CacheStatus:
+    def __new__(cls, path: str, code: str, message: str = "") -> CacheStatus: ...
     @property
     def path(self) -> str: ...
     @property

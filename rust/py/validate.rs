@@ -15,12 +15,24 @@ use crate::core::validate as core_validate;
 pub struct PyCacheStatus {
     path: String,
     ok: bool,
-    code: &'static str,
+    code: String,
     message: String,
 }
 
 #[pymethods]
 impl PyCacheStatus {
+    /// A status made by the Python layer (for example `stale` from `check_source`).
+    #[new]
+    #[pyo3(signature = (path, code, message = ""))]
+    fn new(path: String, code: String, message: &str) -> Self {
+        PyCacheStatus {
+            path,
+            ok: code == "ok",
+            code,
+            message: message.to_owned(),
+        }
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "CacheStatus(path={:?}, code={:?}, message={:?})",
@@ -136,7 +148,7 @@ pub fn validate(
         .map(|(p, s)| PyCacheStatus {
             path: p.to_string_lossy().into_owned(),
             ok: s.code == core_validate::Code::Ok,
-            code: s.code.as_str(),
+            code: s.code.as_str().to_owned(),
             message: s.message,
         })
         .collect())

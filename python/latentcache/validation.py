@@ -1,0 +1,74 @@
+"""``validate``: the Rust header-only check, plus the opt-in source-image staleness check."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from latentcache import _core
+from latentcache.writer import read_meta, source_fingerprint
+
+__all__ = ["stale_reason", "validate"]
+
+_PathLike = str | os.PathLike[str]
+
+
+def stale_reason(cache: _PathLike, suffix: str = _core.DEFAULT_SUFFIX) -> str | None:
+    """Why a cache no longer matches its source image, or None when it matches or cannot be told.
+
+    Only caches whose ``latentcache_meta`` records a ``source`` fingerprint can be stale; stock
+    caches never are. Size and mtime are compared first; when they differ, the content hash decides,
+    so a copied dataset (new mtimes, same bytes) is not stale, while an edit that keeps the size is.
+    """
+    meta = read_meta(cache)
+    if not meta or not isinstance(meta.get("source"), dict):
+        return None
+    image = _core.find_source_image(cache, suffix)
+    if image is None:
+        return None
+    recorded = meta["source"]
+    st = os.stat(image)
+    if st.st_size == recorded.get("size") and st.st_mtime_ns == recorded.get("mtime_ns"):
+        return None
+    now = source_fingerprint(image)
+    if now["size"] != recorded.get("size"):
+        return f"{image} is now {now['size']} bytes, the cache was made from {recorded.get('size')} bytes"
+    if now["hash"] != recorded.get("hash"):
+        return (
+            f"{image} changed since the cache was made (content hash {now['hash']} != {recorded.get('hash')})"
+        )
+    return None
+
+
+def validate(
+    paths: Sequence[_PathLike],
+    bucket_resos: tuple[int, int] | Sequence[tuple[int, int]],
+    *,
+    flip_aug: bool | Sequence[bool] | None = None,
+    alpha_mask: bool | Sequence[bool] | None = None,
+    verify_crc: bool = False,
+    check_finite: bool = False,
+    check_source: bool = False,
+    workers: int | None = None,
+) -> list[_core.CacheStatus]:
+    """Check sd-scripts Anima caches; see ``latentcache._core.validate`` for the rules and codes.
+
+    With ``check_source=True``, a cache that is otherwise ``ok`` but whose recorded source
+    fingerprint no longer matches its image gets the code ``stale`` (see ``stale_reason``).
+    """
+    statuses = _core.validate(
+        paths,
+        bucket_resos,
+        flip_aug=flip_aug,
+        alpha_mask=alpha_mask,
+        verify_crc=verify_crc,
+        check_finite=check_finite,
+        workers=workers,
+    )
+    if not check_source:
+        return statuses
+    out = []
+    for s in statuses:
+        reason = stale_reason(s.path) if s.ok else None
+        out.append(_core.CacheStatus(s.path, "stale", f"{s.path}: stale: {reason}") if reason else s)
+    return out

@@ -1,0 +1,70 @@
+"""validate(check_source=True): recorded source fingerprints and the `stale` code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import latentcache as lc
+import numpy as np
+from npzgen import arrays_for, write_stock
+
+BUCKET = (64, 64)
+
+
+def make(tmp_path: Path) -> tuple[Path, Path]:
+    img = tmp_path / "a.png"
+    img.write_bytes(os.urandom(200_000))
+    cache = Path(lc.cache_path(img, (64, 64)))
+    a = arrays_for(BUCKET)
+    lc.write_latents(
+        cache,
+        latents=a["latents_8x8"],
+        original_size=a["original_size_8x8"],
+        crop_ltrb=a["crop_ltrb_8x8"],
+        meta={"source": lc.source_fingerprint(img)},
+    )
+    return img, cache
+
+
+def code(cache: Path) -> str:
+    return lc.validate([cache], BUCKET, check_source=True)[0].code
+
+
+def test_fresh_and_copied_are_not_stale(tmp_path: Path) -> None:
+    img, cache = make(tmp_path)
+    assert code(cache) == "ok"
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a copy: new mtime, same bytes
+    assert code(cache) == "ok"
+    assert lc.validate([cache], BUCKET)[0].code == "ok"
+
+
+def test_edited_image_is_stale(tmp_path: Path) -> None:
+    img, cache = make(tmp_path)
+    data = bytearray(img.read_bytes())
+    data[10] ^= 0xFF  # same size, first 64 KiB changed
+    img.write_bytes(bytes(data))
+    st = lc.validate([cache], BUCKET, check_source=True)[0]
+    assert st.code == "stale" and not st.ok and "a.png" in st.message and str(cache) in st.message
+    # Without the opt-in the cache is ok, as before.
+    assert lc.validate([cache], BUCKET)[0].ok
+
+
+def test_resized_image_is_stale(tmp_path: Path) -> None:
+    img, cache = make(tmp_path)
+    img.write_bytes(img.read_bytes() + b"more")
+    assert code(cache) == "stale"
+
+
+def test_stock_caches_are_never_stale(tmp_path: Path) -> None:
+    img = tmp_path / "b.png"
+    img.write_bytes(b"x" * 1000)
+    cache = write_stock(Path(lc.cache_path(img, (64, 64))), arrays_for(BUCKET))
+    img.write_bytes(b"y" * 2000)
+    assert code(cache) == "ok"
+    # A broken file keeps its own code.
+    bad = tmp_path / "c_0064x0064_anima.npz"
+    bad.write_bytes(b"")
+    assert lc.validate([bad], BUCKET, check_source=True)[0].code == "empty"
+    assert np.array_equal(lc.load(cache, BUCKET).latents, arrays_for(BUCKET)["latents_8x8"])
