@@ -174,3 +174,25 @@ def test_cli_entry_points(tmp_path: Path) -> None:
         assert "no problems found" in done.stdout
     done = subprocess.run([sys.executable, "-m", "latentcache", "scan"], capture_output=True, text=True)
     assert done.returncode == 2
+
+
+def test_scan_reports_and_removes_writer_temp_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    touch(tmp_path, "a.png")
+    target = lc.cache_path(tmp_path / "a.png", (64, 64))
+    z = np.zeros((16, 8, 8), np.float32)
+    lc.write_latents(target, latents=z, original_size=np.array([64, 64]), crop_ltrb=np.zeros(4))
+    leftover = tmp_path / f".{Path(target).name}.lctmp"
+    leftover.write_bytes(b"PK\x03\x04 half a zip")
+    (tmp_path / ".latentcache-locks" / "x.png").parent.mkdir(exist_ok=True)
+    (tmp_path / ".latentcache-locks" / "x.png").write_bytes(b"")  # the lock folder is never scanned
+    r = lc.scan_directory(tmp_path, recursive=True)
+    assert r.temp_files == [str(leftover)] and not r.is_clean
+    assert [Path(i.path).name for i in r.images] == ["a.png"]
+    assert main(["scan", str(tmp_path)]) == 1
+    assert "writer temp files:     1" in capsys.readouterr().out
+    assert main(["scan", str(tmp_path), "--remove-temp"]) == 0
+    assert not leftover.exists() and Path(target).exists()

@@ -34,6 +34,7 @@ def _report_to_dict(report: latentcache.ScanReport) -> dict[str, Any]:
         ],
         "multi_size": [{"image": i.path, "caches": [cache(c) for c in i.caches]} for i in report.multi_size],
         "shared_stems": [{"stem": g.stem, "images": g.images} for g in report.shared_stems],
+        "temp_files": report.temp_files,
     }
 
 
@@ -49,6 +50,11 @@ def _print_list(title: str, lines: list[str], limit: int = 10) -> None:
 
 def _cmd_scan(args: argparse.Namespace) -> int:
     report = latentcache.scan_directory(args.dir, suffix=args.suffix, recursive=args.recursive)
+    if args.remove_temp and report.temp_files:
+        # Each removal takes the target's write lock, so a live writer's file is never removed.
+        removed = sum(latentcache.remove_stale_temp(p) for p in report.temp_files)
+        print(f"removed {removed} leftover temporary file(s)", file=sys.stderr)
+        report = latentcache.scan_directory(args.dir, suffix=args.suffix, recursive=args.recursive)
     if args.json:
         json.dump(_report_to_dict(report), sys.stdout, indent=1)
         print()
@@ -62,6 +68,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     print(f"  doubled-suffix caches: {len(report.doubled_caches)}")
     print(f"  multi-size stems:      {len(report.multi_size)}")
     print(f"  shared stems:          {len(report.shared_stems)}")
+    print(f"  writer temp files:     {len(report.temp_files)}")
     _print_list("orphan caches (no image with exactly this stem)", [c.path for c in report.orphan_caches])
     _print_list(
         "doubled-suffix caches (sd-scripts #2362 leftovers)",
@@ -75,6 +82,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         "images sharing one stem (they would share cache files)",
         [", ".join(g.images) for g in report.shared_stems],
     )
+    _print_list("temporary files of killed writers (--remove-temp removes them)", report.temp_files)
     print("no problems found" if report.is_clean else "problems found")
     return EXIT_OK if report.is_clean else EXIT_PROBLEMS
 
@@ -97,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("dir", help="the image folder")
     scan.add_argument("--recursive", "-r", action="store_true", help="also scan subfolders")
     scan.add_argument("--json", action="store_true", help="print the full report as JSON")
+    scan.add_argument(
+        "--remove-temp",
+        action="store_true",
+        help="remove temporary files left by killed writers (under lock)",
+    )
     scan.add_argument(
         "--suffix", default=latentcache.DEFAULT_SUFFIX, help="cache suffix (default %(default)s)"
     )

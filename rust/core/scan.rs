@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::core::cache_path::{split_ext, strip_cache_layer, IMAGE_EXTENSIONS};
 use crate::core::error::{Error, Result};
+use crate::core::write::{temp_target, LOCK_DIR};
 
 /// A cache file and the original image size `(W, H)` its name carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +46,9 @@ pub struct ScanReport {
     pub doubled_caches: Vec<DoubledCache>,
     /// Images that share a stem with another image.
     pub shared_stems: Vec<SharedStem>,
+    /// Temporary files of the crash-safe writer (`.{name}.lctmp...`): left by a killed writer, or
+    /// in flight while a writer runs.
+    pub temp_files: Vec<PathBuf>,
     /// Number of directories listed.
     pub directories: usize,
     /// Number of files looked at (all names, images and caches or not).
@@ -66,6 +70,7 @@ impl ScanReport {
     /// Images without a cache are not wrong (they are simply not cached yet).
     pub fn is_clean(&self) -> bool {
         self.orphan_caches.is_empty()
+            && self.temp_files.is_empty()
             && self.doubled_caches.is_empty()
             && self.shared_stems.is_empty()
             && self.multi_size().next().is_none()
@@ -129,6 +134,9 @@ pub fn scan_directory(dir: &Path, suffix: &str, recursive: bool) -> Result<ScanR
     report
         .shared_stems
         .sort_unstable_by(|a, b| a.stem.as_os_str().cmp(b.stem.as_os_str()));
+    report
+        .temp_files
+        .sort_unstable_by(|a, b| a.as_os_str().cmp(b.as_os_str()));
     Ok(report)
 }
 
@@ -147,7 +155,8 @@ fn scan_one(
         // d_type from the listing: no stat on Linux, Windows and macOS.
         let ft = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
         if ft.is_dir() {
-            if recursive {
+            // The writer's lock folder holds only lock files.
+            if recursive && entry.file_name() != LOCK_DIR {
                 pending.push(entry.path());
             }
             continue;
@@ -164,7 +173,11 @@ fn scan_one(
                 .caches
                 .push(CacheFile { path, size }),
             Kind::Doubled(inner, size) => doubled.push((inner, CacheFile { path, size })),
-            Kind::Other => {}
+            Kind::Other => {
+                if temp_target(&name).is_some() {
+                    report.temp_files.push(path);
+                }
+            }
         }
     }
     for (inner, cache) in doubled {
@@ -227,6 +240,7 @@ mod tests {
                 "b_0100x0100_anima.npz",
                 "b_0200x0100_anima.npz",
                 "notes.txt",
+                ".a_0602x0429_anima.npz.lctmp",
             ],
         );
         let r = scan_directory(t.path(), DEFAULT_SUFFIX, false).unwrap();
@@ -248,6 +262,10 @@ mod tests {
             Some(t.path().join("a.png").as_path())
         );
         assert_eq!(r.multi_size().count(), 1);
-        assert_eq!(r.files, 12);
+        assert_eq!(r.files, 13);
+        assert_eq!(
+            r.temp_files,
+            vec![t.path().join(".a_0602x0429_anima.npz.lctmp")]
+        );
     }
 }

@@ -80,6 +80,8 @@ pub struct PyScanReport {
     doubled_caches: Vec<PyDoubledCache>,
     /// Images that share a stem with another image.
     shared_stems: Vec<PySharedStem>,
+    /// Temporary files of the crash-safe writer (left by a killed writer, or in flight).
+    temp_files: Vec<String>,
     /// Images with no cache.
     images_without_cache: Vec<String>,
     /// Images whose stem has caches for more than one image size.
@@ -139,6 +141,7 @@ impl From<core_scan::ScanReport> for PyScanReport {
                     images: g.images.iter().map(|p| s(p)).collect(),
                 })
                 .collect(),
+            temp_files: r.temp_files.iter().map(|p| s(p)).collect(),
             directories: r.directories,
             files: r.files,
         }
