@@ -22,8 +22,9 @@ pub const MAX_HEADER_LEN: usize = 64 << 10;
 const ARRAY_ALIGN: usize = 64;
 /// numpy pads the dict so the growth axis can reach this many digits in place.
 const GROWTH_AXIS_MAX_DIGITS: usize = 21;
-/// The first read of a member, enough for any header numpy writes for up to ~30 dimensions.
-const FIRST_READ: usize = 4096;
+/// The first read of a member: numpy writes 128-byte headers for the arrays of a cache; longer
+/// headers (many dimensions, long descr) take a second read of exactly their length.
+const FIRST_READ: usize = 512;
 
 /// Byte order of a dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -666,7 +667,16 @@ pub fn read_npz_index(path: &Path) -> Result<NpzIndex> {
 
 /// [`read_npz_index`] on an open file, with the error kept classified.
 pub fn read_npz_index_from(file: &File, path: &Path) -> ReadResult<NpzIndex> {
-    let src = Src::new(file, path)?;
+    read_npz_index_src(Src::new(file, path)?)
+}
+
+/// [`read_npz_index_from`] when the caller already knows the file's length (from its own `fstat`).
+pub fn read_npz_index_with_len(file: &File, path: &Path, len: u64) -> ReadResult<NpzIndex> {
+    read_npz_index_src(Src::with_len(file, path, len))
+}
+
+fn read_npz_index_src(src: Src<'_>) -> ReadResult<NpzIndex> {
+    let path = src.path;
     let zip = read_zip_index_with(&src)?;
     let mut index = NpzIndex {
         file_len: zip.file_len,

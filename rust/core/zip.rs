@@ -198,7 +198,13 @@ pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 
 /// Bytes read around a small request, so that the local header, its name and extra field and the
 /// npy header that follows (and neighbouring small members) come from one positional read.
-const WINDOW: u64 = 8 << 10;
+const WINDOW: u64 = 1 << 10;
+/// The first read at the end of the file: the EOCD, the central directory of an npz with a few
+/// dozen members and, in sd-scripts files, the small members written last.
+const TAIL_WINDOW: u64 = 4 << 10;
+const PAGE: u64 = 4 << 10;
+/// Reads up to this size are kept for reuse (the EOCD search window is the largest).
+const MAX_CACHED: u64 = (EOCD_LEN + MAX_COMMENT_LEN) as u64;
 /// Blocks kept per file; a cache holds a handful of windows while one file's index is read.
 const MAX_BLOCKS: usize = 6;
 
@@ -206,8 +212,8 @@ const MAX_BLOCKS: usize = 6;
 /// through a few cached windows: a header-only index then costs a read or two per region of the
 /// file instead of three or four per member.
 pub struct Src<'a> {
-    file: &'a File,
-    path: &'a Path,
+    pub(crate) file: &'a File,
+    pub(crate) path: &'a Path,
     len: u64,
     blocks: std::cell::RefCell<Vec<(u64, Vec<u8>)>>,
 }
@@ -222,7 +228,8 @@ impl<'a> Src<'a> {
         Ok(Self::with_len(file, path, len))
     }
 
-    fn with_len(file: &'a File, path: &'a Path, len: u64) -> Self {
+    /// A reader over a file whose length the caller already has.
+    pub fn with_len(file: &'a File, path: &'a Path, len: u64) -> Self {
         Src {
             file,
             path,
@@ -262,12 +269,12 @@ impl<'a> Src<'a> {
                 }
             }
         }
-        if len > WINDOW {
+        if len > MAX_CACHED {
             let mut buf = vec![0u8; n];
             read_at(self.file, &mut buf, offset).map_err(|e| ReadError::io(self.path, entry, e))?;
             return Ok(buf);
         }
-        let wend = offset.saturating_add(WINDOW).min(self.len);
+        let wend = offset.saturating_add(WINDOW.max(len)).min(self.len);
         let mut block = vec![0u8; (wend - offset) as usize];
         read_at(self.file, &mut block, offset).map_err(|e| ReadError::io(self.path, entry, e))?;
         let out = block[..n].to_vec();
@@ -368,7 +375,14 @@ fn find_eocd(src: &Src<'_>) -> ReadResult<Eocd> {
     // First the last window only: it holds the EOCD (and usually the whole central directory) of
     // any file without a long comment. The first exact record from the end is the same in either
     // window, so only a miss needs the full 64 KiB search.
-    let mut tail_len = src.len.min(WINDOW);
+    // Start on a page boundary when that still leaves at least half the window: one page-cache page
+    // to look up instead of two.
+    let page_start = (src.len.saturating_sub(TAIL_WINDOW / 2)) & !(PAGE - 1);
+    let mut tail_len = if src.len - page_start <= TAIL_WINDOW {
+        src.len - page_start
+    } else {
+        src.len.min(TAIL_WINDOW)
+    };
     let mut tail_start = src.len - tail_len;
     let mut tail = src.read(tail_start, tail_len, None, "end of file")?;
     let (mut exact, mut lenient) = search(&tail);
@@ -1212,6 +1226,38 @@ mod tests {
 
     fn kind_of(bytes: &[u8]) -> ReadErrorKind {
         index_of(bytes).unwrap_err().kind
+    }
+
+    /// Files larger than the read windows, with members of every size around them: the cached
+    /// windows must serve reads longer than a window and reads that end at EOF.
+    #[test]
+    fn large_files_and_long_reads() {
+        for big in [900usize, 1500, 5000, 9000, 70_000, 200_000] {
+            let payload: Vec<u8> = (0..big).map(|i| (i * 7 % 251) as u8).collect();
+            let long_name = "n".repeat(3000);
+            for o in [
+                ZipOpts::default(),
+                ZipOpts {
+                    zip64_local: true,
+                    zip64_central: true,
+                    zip64_eocd: true,
+                    data_descriptor: false,
+                },
+            ] {
+                let bytes = zip_bytes(
+                    &[
+                        ("a.npy", &payload, false),
+                        (&long_name, A, false),
+                        ("c.npy", &payload, true),
+                    ],
+                    o,
+                );
+                let idx = index_of(&bytes).unwrap();
+                assert_eq!(idx.members.len(), 3);
+                assert_eq!(idx.members[0].uncompressed_size, big as u64);
+                assert_eq!(idx.members[1].name, long_name);
+            }
+        }
     }
 
     const A: &[u8] = b"hello, world, hello, world, hello";

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyString;
 
 use crate::core::validate as core_validate;
 
@@ -13,10 +14,10 @@ use crate::core::validate as core_validate;
 /// `message` names the file, the entry, what was expected and what was found (empty when ok).
 #[pyclass(frozen, get_all, name = "CacheStatus", module = "latentcache._core")]
 pub struct PyCacheStatus {
-    path: String,
+    path: Py<PyString>,
     ok: bool,
-    code: String,
-    message: String,
+    code: Py<PyString>,
+    message: Py<PyString>,
 }
 
 #[pymethods]
@@ -24,19 +25,21 @@ impl PyCacheStatus {
     /// A status made by the Python layer (for example `stale` from `check_source`).
     #[new]
     #[pyo3(signature = (path, code, message = ""))]
-    fn new(path: String, code: String, message: &str) -> Self {
+    fn new(py: Python<'_>, path: &str, code: &str, message: &str) -> Self {
         PyCacheStatus {
-            path,
+            path: PyString::new(py, path).unbind(),
             ok: code == "ok",
-            code,
-            message: message.to_owned(),
+            code: PyString::intern(py, code).unbind(),
+            message: PyString::new(py, message).unbind(),
         }
     }
 
-    fn __repr__(&self) -> String {
+    fn __repr__(&self, py: Python<'_>) -> String {
         format!(
             "CacheStatus(path={:?}, code={:?}, message={:?})",
-            self.path, self.code, self.message
+            self.path.bind(py).to_string(),
+            self.code.bind(py).to_string(),
+            self.message.bind(py).to_string()
         )
     }
     fn __bool__(&self) -> bool {
@@ -109,7 +112,7 @@ pub fn status_codes() -> Vec<&'static str> {
 #[allow(clippy::too_many_arguments)]
 pub fn validate(
     py: Python<'_>,
-    paths: Vec<PathBuf>,
+    paths: Vec<Bound<'_, PyAny>>,
     bucket_resos: &Bound<'_, PyAny>,
     flip_aug: Option<&Bound<'_, PyAny>>,
     alpha_mask: Option<&Bound<'_, PyAny>>,
@@ -118,6 +121,18 @@ pub fn validate(
     workers: Option<usize>,
 ) -> PyResult<Vec<PyCacheStatus>> {
     let n = paths.len();
+    // Keep each caller's str object for the status; Path objects become their str.
+    let mut names: Vec<Bound<'_, PyString>> = Vec::with_capacity(n);
+    let mut bufs: Vec<PathBuf> = Vec::with_capacity(n);
+    for p in &paths {
+        let buf: PathBuf = p.extract()?;
+        names.push(if p.is_exact_instance_of::<PyString>() {
+            p.str()?
+        } else {
+            PyString::new(py, &buf.to_string_lossy())
+        });
+        bufs.push(buf);
+    }
     let resos: Vec<(u32, u32)> = per_path(bucket_resos, "bucket_resos", n)?;
     let flips: Vec<bool> = match flip_aug {
         Some(o) => per_path(o, "flip_aug", n)?,
@@ -140,16 +155,20 @@ pub fn validate(
         check_finite,
     };
     let statuses = super::detached(py, || {
-        core_validate::validate_many(&paths, &exps, &opts, workers)
+        core_validate::validate_many(&bufs, &exps, &opts, workers)
     })?;
-    Ok(paths
-        .iter()
+    Ok(names
+        .into_iter()
         .zip(statuses)
-        .map(|(p, s)| PyCacheStatus {
-            path: p.to_string_lossy().into_owned(),
+        .map(|(name, s)| PyCacheStatus {
+            path: name.unbind(),
             ok: s.code == core_validate::Code::Ok,
-            code: s.code.as_str().to_owned(),
-            message: s.message,
+            code: PyString::intern(py, s.code.as_str()).unbind(),
+            message: if s.message.is_empty() {
+                PyString::intern(py, "").unbind()
+            } else {
+                PyString::new(py, &s.message).unbind()
+            },
         })
         .collect())
 }
