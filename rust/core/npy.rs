@@ -308,6 +308,7 @@ pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<NpyHeader, NpyHeade
     })
 }
 
+#[derive(Debug)]
 enum Descr {
     Str(String),
     /// A structured dtype's list, kept as text for messages.
@@ -483,7 +484,74 @@ impl Parser<'_> {
     }
 }
 
+/// The exact text numpy writes, `{'descr': '<f4', 'fortran_order': False, 'shape': (16, 128, 128), }`
+/// plus padding, parsed without the general parser; anything else returns None and takes the
+/// general path, so this changes speed, never results.
+fn parse_numpy_layout(dict: &[u8]) -> Option<(Descr, bool, Vec<u64>)> {
+    let rest = dict.strip_prefix(b"{'descr': '")?;
+    let q = rest.iter().position(|&c| c == b'\'')?;
+    let descr = std::str::from_utf8(&rest[..q]).ok()?;
+    if !descr
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || c == b'<' || c == b'>' || c == b'|' || c == b'=')
+    {
+        return None;
+    }
+    let rest = rest[q..].strip_prefix(b"', 'fortran_order': ")?;
+    let (fortran, rest) = if let Some(r) = rest.strip_prefix(b"False") {
+        (false, r)
+    } else {
+        (true, rest.strip_prefix(b"True")?)
+    };
+    let rest = rest.strip_prefix(b", 'shape': (")?;
+    let close = rest.iter().position(|&c| c == b')')?;
+    let (inner, rest) = (&rest[..close], &rest[close + 1..]);
+    let mut shape = Vec::with_capacity(4);
+    if !inner.is_empty() {
+        let mut parts = inner.split(|&c| c == b',').peekable();
+        while let Some(part) = parts.next() {
+            let part = part.strip_prefix(b" ").unwrap_or(part);
+            if part.is_empty() {
+                // Only a trailing comma may leave an empty part, and only after one element: `(3,)`.
+                if parts.peek().is_some() || shape.len() != 1 {
+                    return None;
+                }
+                continue;
+            }
+            if part.len() > 19
+                || !part.iter().all(u8::is_ascii_digit)
+                || (part.len() > 1 && part[0] == b'0')
+            {
+                return None;
+            }
+            shape.push(std::str::from_utf8(part).ok()?.parse().ok()?);
+            if shape.len() > 64 {
+                return None;
+            }
+        }
+        // `(3)` is not a tuple: a single element needs its trailing comma.
+        if shape.len() == 1 && !inner.ends_with(b",") {
+            return None;
+        }
+    }
+    let rest = rest.strip_prefix(b", }")?;
+    if !rest.iter().all(|&c| c == b' ') {
+        return None;
+    }
+    Some((Descr::Str(descr.to_owned()), fortran, shape))
+}
+
 fn parse_dict(
+    dict: &[u8],
+    utf8: bool,
+) -> std::result::Result<(Descr, bool, Vec<u64>), NpyHeaderError> {
+    match parse_numpy_layout(dict) {
+        Some(parsed) => Ok(parsed),
+        None => parse_dict_general(dict, utf8),
+    }
+}
+
+fn parse_dict_general(
     dict: &[u8],
     utf8: bool,
 ) -> std::result::Result<(Descr, bool, Vec<u64>), NpyHeaderError> {
@@ -1077,6 +1145,43 @@ mod tests {
         "|b1", "|i1", "<i2", "<i4", ">i8", "|u1", "<u2", ">u4", "<u8", "<f2", "<f4", ">f8", "<c8",
         "<c16",
     ];
+
+    #[test]
+    fn fast_path_agrees_with_the_general_parser() {
+        let cases: &[&[u8]] = &[
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (16, 128, 128), }   ",
+            b"{'descr': '<i8', 'fortran_order': True, 'shape': (2,), }",
+            b"{'descr': '|u1', 'fortran_order': False, 'shape': (), }",
+            b"{'descr': '<f8', 'fortran_order': False, 'shape': (3), }",
+            b"{'descr': '<f8', 'fortran_order': False, 'shape': (3,,), }",
+            b"{'descr': '<f8', 'fortran_order': False, 'shape': (1, 2,), }",
+            b"{'descr': '<f8', 'fortran_order': False, 'shape': (,), }",
+            b"{'descr': '<f8', 'fortran_order': False, 'shape': (-1,), }",
+            b"{'descr': '<f8', 'fortran_order': False, 'shape': (99999999999999999999,), }",
+            b"{'descr': '<f8', 'fortran_order': Maybe, 'shape': (1,), }",
+            b"{'descr': '<f8', 'fortran_order': False, 'shape': (1,), } x",
+            b"{'descr': '<f8', 'fortran_order': False, 'shape': (03,), }",
+            b"{'descr': '<f8', 'fortran_order': False, 'shape': (0, 3), }",
+        ];
+        for c in cases {
+            if let Some(fast) = parse_numpy_layout(c) {
+                let slow = parse_dict_general(c, false).unwrap();
+                assert_eq!(
+                    format!("{fast:?}"),
+                    format!("{slow:?}"),
+                    "{}",
+                    String::from_utf8_lossy(c)
+                );
+            }
+        }
+        assert!(parse_numpy_layout(cases[0]).is_some());
+        assert!(parse_numpy_layout(cases[3]).is_none());
+        assert!(parse_numpy_layout(cases[4]).is_none());
+        assert!(parse_numpy_layout(cases[6]).is_none());
+        assert!(parse_numpy_layout(cases[10]).is_none());
+        assert!(parse_numpy_layout(cases[11]).is_none());
+        assert!(parse_numpy_layout(cases[12]).is_some());
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(2000)))]

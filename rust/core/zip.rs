@@ -10,7 +10,6 @@
 //!
 //! Scope: archives whose first byte is a local header (or an empty archive), as Python's zipfile
 //! writes them. Data prepended to the archive (self-extractors) and multi-disk archives are refused.
-use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -215,7 +214,22 @@ pub struct Src<'a> {
     pub(crate) file: &'a File,
     pub(crate) path: &'a Path,
     len: u64,
-    blocks: std::cell::RefCell<Vec<(u64, Vec<u8>)>>,
+    blocks: std::cell::RefCell<Vec<(u64, std::rc::Rc<Vec<u8>>)>>,
+}
+
+/// Bytes read through a [`Src`]: a range of a shared window, so a cached read copies nothing.
+#[derive(Clone)]
+pub struct Chunk {
+    buf: std::rc::Rc<Vec<u8>>,
+    start: usize,
+    end: usize,
+}
+
+impl std::ops::Deref for Chunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
 }
 
 impl<'a> Src<'a> {
@@ -247,7 +261,7 @@ impl<'a> Src<'a> {
     }
 
     /// Read `len` bytes at `offset`; a range beyond the end of the file is truncation.
-    fn read(&self, offset: u64, len: u64, entry: Option<&str>, what: &str) -> ReadResult<Vec<u8>> {
+    fn read(&self, offset: u64, len: u64, entry: Option<&str>, what: &str) -> ReadResult<Chunk> {
         let end = offset.checked_add(len).filter(|&e| e <= self.len).ok_or_else(|| {
             self.err(
                 ReadErrorKind::Truncated,
@@ -265,25 +279,37 @@ impl<'a> Src<'a> {
             for (start, data) in blocks.iter() {
                 if *start <= offset && end <= start + data.len() as u64 {
                     let at = (offset - start) as usize;
-                    return Ok(data[at..at + n].to_vec());
+                    return Ok(Chunk {
+                        buf: data.clone(),
+                        start: at,
+                        end: at + n,
+                    });
                 }
             }
         }
         if len > MAX_CACHED {
             let mut buf = vec![0u8; n];
             read_at(self.file, &mut buf, offset).map_err(|e| ReadError::io(self.path, entry, e))?;
-            return Ok(buf);
+            return Ok(Chunk {
+                buf: std::rc::Rc::new(buf),
+                start: 0,
+                end: n,
+            });
         }
         let wend = offset.saturating_add(WINDOW.max(len)).min(self.len);
         let mut block = vec![0u8; (wend - offset) as usize];
         read_at(self.file, &mut block, offset).map_err(|e| ReadError::io(self.path, entry, e))?;
-        let out = block[..n].to_vec();
+        let block = std::rc::Rc::new(block);
         let mut blocks = self.blocks.borrow_mut();
         if blocks.len() >= MAX_BLOCKS {
             blocks.remove(0);
         }
-        blocks.push((offset, block));
-        Ok(out)
+        blocks.push((offset, block.clone()));
+        Ok(Chunk {
+            buf: block,
+            start: 0,
+            end: n,
+        })
     }
 }
 
@@ -414,7 +440,7 @@ fn find_eocd(src: &Src<'_>) -> ReadResult<Eocd> {
 
     let has_locator = eocd_pos >= ZIP64_LOCATOR_LEN && {
         let loc = src.read(eocd_pos - ZIP64_LOCATOR_LEN, 4, None, "zip64 locator")?;
-        loc == ZIP64_LOCATOR_SIG
+        *loc == *ZIP64_LOCATOR_SIG
     };
     if !has_locator {
         let needs_zip64 = disk == 0xFFFF
@@ -645,7 +671,6 @@ pub fn read_zip_index_with(src: &Src<'_>) -> ReadResult<ZipIndex> {
     let cd = src.read(eocd.cd_offset, eocd.cd_size, None, "central directory")?;
 
     let mut entries: Vec<CdEntry> = Vec::with_capacity(eocd.entries as usize);
-    let mut names = HashSet::new();
     let mut p = 0usize;
     for i in 0..eocd.entries {
         if cd.len() - p < CENTRAL_LEN || &cd[p..p + 4] != CENTRAL_SIG {
@@ -703,9 +728,6 @@ pub fn read_zip_index_with(src: &Src<'_>) -> ReadResult<ZipIndex> {
         let usize = z[0].unwrap_or(u64::from(usize32));
         let csize = z[1].unwrap_or(u64::from(csize32));
         let lho = z[2].unwrap_or(u64::from(lho32));
-        if !names.insert(name.clone()) {
-            return Err(src.malformed(ent, "duplicate member name"));
-        }
         entries.push(CdEntry {
             raw_name: raw_name.to_vec(),
             name,
@@ -717,6 +739,12 @@ pub fn read_zip_index_with(src: &Src<'_>) -> ReadResult<ZipIndex> {
             lho,
         });
         p = var_end;
+    }
+    // Duplicate names, by sorting borrowed names (no hashing or copies for a handful of members).
+    let mut sorted: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Err(src.malformed(Some(w[0]), "duplicate member name"));
     }
     if p != cd.len() {
         return Err(src.malformed(
@@ -991,12 +1019,14 @@ pub fn read_member_prefix_with(
         return Ok(Vec::new());
     }
     if member.compression == Compression::Stored {
-        return src.read(
-            member.data_offset,
-            want as u64,
-            Some(member.name.as_str()),
-            "array header",
-        );
+        return src
+            .read(
+                member.data_offset,
+                want as u64,
+                Some(member.name.as_str()),
+                "array header",
+            )
+            .map(|c| c.to_vec());
     }
     let mut out = Vec::with_capacity(want);
     let max_input = (want as u64).saturating_add(1 << 20);

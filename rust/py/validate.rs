@@ -103,7 +103,7 @@ pub fn status_codes() -> Vec<&'static str> {
 ///     verify_crc: also read every member and check its CRC-32 (`crc_mismatch`).
 ///     check_finite: also read the latents and report NaN or Inf (`non_finite`).
 ///     workers: threads for this call (default: `LATENTCACHE_NUM_THREADS`, else
-///         `clamp(2 * cores, 4, 32)`: the work is I/O bound).
+///         `clamp(8 * cores, 8, 32)`: the work waits on the disk).
 ///
 /// Returns:
 ///     One `CacheStatus` per path, in input order. A broken file is a status, never an exception.
@@ -125,12 +125,16 @@ pub fn validate(
     let mut names: Vec<Bound<'_, PyString>> = Vec::with_capacity(n);
     let mut bufs: Vec<PathBuf> = Vec::with_capacity(n);
     for p in &paths {
+        // A str that is valid UTF-8 (nearly all) converts without the file-system encoder.
+        if let Ok(s) = p.cast_exact::<PyString>() {
+            if let Ok(text) = s.to_str() {
+                bufs.push(PathBuf::from(text));
+                names.push(s.clone());
+                continue;
+            }
+        }
         let buf: PathBuf = p.extract()?;
-        names.push(if p.is_exact_instance_of::<PyString>() {
-            p.str()?
-        } else {
-            PyString::new(py, &buf.to_string_lossy())
-        });
+        names.push(PyString::new(py, &buf.to_string_lossy()));
         bufs.push(buf);
     }
     let resos: Vec<(u32, u32)> = per_path(bucket_resos, "bucket_resos", n)?;
@@ -163,9 +167,13 @@ pub fn validate(
         .map(|(name, s)| PyCacheStatus {
             path: name.unbind(),
             ok: s.code == core_validate::Code::Ok,
-            code: PyString::intern(py, s.code.as_str()).unbind(),
+            code: if s.code == core_validate::Code::Ok {
+                pyo3::intern!(py, "ok").clone().unbind()
+            } else {
+                PyString::intern(py, s.code.as_str()).unbind()
+            },
             message: if s.message.is_empty() {
-                PyString::intern(py, "").unbind()
+                pyo3::intern!(py, "").clone().unbind()
             } else {
                 PyString::new(py, &s.message).unbind()
             },
