@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::core::error::{Error, Result};
-use crate::core::npy::{read_array_bytes, read_npz_index_from, ArrayEntry, ScalarKind};
+use crate::core::npy::{
+    read_array_bytes, read_npz_index_from, read_npz_index_with_len, ArrayEntry, ScalarKind,
+};
 use crate::core::zip::{read_at, Compression};
 
 /// One array to hand to Python: where it lies and what it holds.
@@ -202,6 +204,33 @@ pub fn read_into_from(file: &File, path: &Path, entry: &ArrayEntry, dst: &mut [u
     }
 }
 
+/// Ask for read-ahead of a cache's likely ranges: the start (where sd-scripts and latentcache put the
+/// latents) and the end (the zip directory and the small members). Advice only: errors are ignored.
+fn advise_willneed(file: &File, len: u64, head: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
+        let head = (head + (64 << 10)).min(len);
+        let tail_start = len.saturating_sub(64 << 10).max(head);
+        // SAFETY: advice on an open descriptor with in-range offsets; it reads nothing into our
+        // memory and its result is only a hint.
+        unsafe {
+            libc::posix_fadvise(fd, 0, head as libc::off_t, libc::POSIX_FADV_WILLNEED);
+            if tail_start < len {
+                libc::posix_fadvise(
+                    fd,
+                    tail_start as libc::off_t,
+                    (len - tail_start) as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, len, head);
+}
+
 /// The per-call thread pool: `workers`, else `LATENTCACHE_NUM_THREADS`, else `default`.
 pub fn pool(workers: Option<usize>, default: usize) -> Result<rayon::ThreadPool> {
     let n = workers
@@ -242,11 +271,24 @@ pub fn load_batch(
     let pool = pool(workers, default)?;
     let sfx = key_suffix(bucket_reso);
     pool.install(|| {
+        // Open every file first and tell the kernel which ranges are coming, so that on a cold page
+        // cache the whole batch's reads are in flight at once rather than two at a time.
+        let opened: Vec<Result<(File, u64)>> = paths
+            .par_iter()
+            .zip(flipped.par_iter())
+            .map(|(path, &flip)| {
+                let file = open(path)?;
+                let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+                advise_willneed(&file, len, if flip { 2 * item } else { item });
+                Ok((file, len))
+            })
+            .collect();
         dst.par_chunks_mut(item as usize)
             .zip(paths.par_iter().zip(flipped.par_iter()))
-            .try_for_each(|(chunk, (path, &flip))| {
-                let file = open(path)?;
-                let index = read_npz_index_from(&file, path)?;
+            .zip(opened.into_par_iter())
+            .try_for_each(|((chunk, (path, &flip)), opened)| {
+                let (file, len) = opened?;
+                let index = read_npz_index_with_len(&file, path, len)?;
                 let key = if flip {
                     format!("latents_flipped{sfx}")
                 } else {
