@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -94,6 +95,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from latentcache.sd_scripts import run
+
+    # The script's own exceptions and exit status pass through unchanged.
+    run(args.script, args.args)
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentcache", description="Correct, crash-safe and fast latent caches for sd-scripts."
@@ -123,6 +132,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=2, help="threads for load_batch (default %(default)s)")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.set_defaults(func=_cmd_bench)
+
+    run = sub.add_parser(
+        "run",
+        help="run an sd-scripts training script with latentcache installed",
+        description="Put SCRIPT's folder on sys.path, install latentcache into sd-scripts and run SCRIPT as "
+        "__main__ with ARGS, e.g. `latentcache run anima_train_network.py --cache_latents_to_disk ...`.",
+    )
+    run.add_argument("script", help="the sd-scripts training script (e.g. anima_train_network.py)")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    run.set_defaults(func=_cmd_run)
     return parser
 
 
@@ -130,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "run":
+        if not os.path.isfile(args.script):
+            print(f"latentcache run: error: no such script: {args.script}", file=sys.stderr)
+            return EXIT_USAGE
+        return int(args.func(args))
     try:
         return int(args.func(args))
     except (OSError, ValueError, LatentCacheError) as exc:

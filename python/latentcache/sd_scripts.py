@@ -1,0 +1,470 @@
+"""latentcache inside an unmodified sd-scripts: ``install()``, the dataset repair and the ``run`` launcher.
+
+``install()`` replaces ``library.strategy_anima.AnimaLatentsCachingStrategy`` (the scripts look it up
+there when they build the strategy; ``set_strategy`` is left to them) and wraps the datasets'
+``new_cache_latents``. While latentcache's strategy is the active one, the wrapper, for each dataset and
+before any image is loaded:
+
+1. maps an ``absolute_path`` that sd-scripts' fine-tuning lookup replaced by a cache file back to the
+   image named by the metadata key (exact stem, never a prefix sibling), or raises
+   ``SourceImageNotFoundError`` listing the paths tried;
+2. reads every image's real size from its header (in parallel) and, where the size taken from a cache
+   name was wrong (a prefix sibling's, a stale one), re-selects the bucket with the dataset's own
+   ``make_buckets``, so that bucket, resized size and cache name follow the real image;
+3. gives every image its canonical cache path (a preset ``latents_npz`` is not trusted) and validates
+   all of them in one parallel pass (``latentcache.validate``, with the stale-source check);
+4. encodes only missing or invalid caches, with images decoded ahead of the VAE by a thread pool;
+   with several processes, each cache file is handled by one rank chosen from a stable hash of its
+   path, and ranks meet at a barrier after every dataset, so no file has two writers.
+
+After all datasets the ``DatasetGroup``'s cumulative sizes are recomputed, since a repaired bucket can
+change a dataset's number of batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import runpy
+import sys
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from latentcache import _core
+from latentcache.anima import ANIMA_SUFFIX, _image_for_stem, _image_stem, image_size_from_header
+from latentcache.errors import LatentCacheError
+from latentcache.validation import validate
+
+__all__ = [
+    "SourceImageNotFoundError",
+    "cache_dataset_latents",
+    "install",
+    "installed",
+    "owner_rank",
+    "repair_dataset",
+    "run",
+]
+
+logger = logging.getLogger("latentcache.sd_scripts")
+
+_WRAPPED = "__latentcache_wrapped__"
+_ORIGINAL_ATTR = "_latentcache_original_strategy"
+_DATASET_MODULES = ("library.train_util", "library.dataset", "library.datasets", "library.finetuning_dataset")
+
+
+class SourceImageNotFoundError(LatentCacheError):
+    """sd-scripts gave a cache file as an image path and the real image cannot be found.
+
+    Attributes:
+        cache: the cache file sd-scripts used as the image path.
+        tried: the image paths that were looked for.
+    """
+
+    def __init__(self, cache: str, key: str, tried: Sequence[str]) -> None:
+        self.cache = cache
+        self.key = key
+        self.tried = list(tried)
+        super().__init__(
+            f"{cache}: sd-scripts used this cache file as the image of '{key}', and no image with exactly "
+            f"its stem exists; tried: {', '.join(self.tried)}"
+        )
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.cache, self.key, self.tried))
+
+
+def owner_rank(cache_file: str, num_processes: int) -> int:
+    """The rank that checks and writes ``cache_file``: a stable hash of its normalised path.
+
+    Every process computes the same owner for the same file, whichever dataset lists it and in
+    whatever order, so one image used by two datasets is written by one rank only.
+    """
+    if num_processes <= 1:
+        return 0
+    return zlib.crc32(_core.path_key(cache_file).encode("utf-8")) % num_processes
+
+
+# -- installation ---------------------------------------------------------------------------------
+
+
+def installed() -> bool:
+    """Whether ``install()`` has replaced sd-scripts' Anima strategy in this process."""
+    module = sys.modules.get("library.strategy_anima")
+    return module is not None and hasattr(module, _ORIGINAL_ATTR)
+
+
+def install() -> None:
+    """Make sd-scripts use latentcache for Anima latents; idempotent.
+
+    sd-scripts' folder must be importable (``library`` on ``sys.path``). Call it before the training
+    script builds its strategy and datasets; ``latentcache run`` does.
+
+    Raises:
+        ImportError: sd-scripts' ``library.strategy_anima`` cannot be imported.
+    """
+    import importlib
+
+    strategy_anima = importlib.import_module("library.strategy_anima")
+    from latentcache import anima
+
+    if not hasattr(strategy_anima, _ORIGINAL_ATTR):
+        setattr(strategy_anima, _ORIGINAL_ATTR, strategy_anima.AnimaLatentsCachingStrategy)
+    strategy_anima.AnimaLatentsCachingStrategy = anima.AnimaLatentsCachingStrategy
+
+    found_group = False
+    for name in _DATASET_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for obj in list(vars(module).values()):
+            if not isinstance(obj, type) or "new_cache_latents" not in dir(obj):
+                continue
+            if _is_dataset_group(obj):
+                _wrap_group_class(obj)
+                found_group = True
+            else:
+                _wrap_dataset_class(_definer(obj, "new_cache_latents"))
+    if not found_group:
+        logger.warning(
+            "latentcache: sd-scripts' DatasetGroup was not found; only the strategy is installed, "
+            "datasets are repaired when their new_cache_latents is called"
+        )
+
+
+def _is_dataset_group(cls: type) -> bool:
+    return cls.__name__ == "DatasetGroup" or any(b.__name__ == "ConcatDataset" for b in cls.__mro__[1:])
+
+
+def _definer(cls: type, name: str) -> type:
+    """The class in ``cls``'s MRO whose own namespace defines ``name``."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return klass
+    return cls
+
+
+def _active_strategy(fn: Any) -> Any:
+    """sd-scripts' current latents strategy when it is latentcache's, else None."""
+    base = fn.__globals__.get("LatentsCachingStrategy")
+    if base is None:
+        from library.strategy_base import LatentsCachingStrategy as base  # type: ignore[import-not-found,no-redef]
+    strategy = base.get_strategy()
+    from latentcache.anima import _AnimaCaching
+
+    return strategy if isinstance(strategy, _AnimaCaching) else None
+
+
+def _wrap_dataset_class(cls: type) -> None:
+    original = vars(cls)["new_cache_latents"]
+    if getattr(original, _WRAPPED, False):
+        return
+    if "dreambooth_dataset_delegate" in original.__code__.co_names:
+        # ControlNetDataset hands caching to an inner DreamBoothDataset, whose class is wrapped too.
+        return
+
+    def new_cache_latents(self: Any, model: Any, accelerator: Any) -> None:
+        strategy = _active_strategy(original)
+        if strategy is None:
+            original(self, model, accelerator)
+            return
+        cache_dataset_latents(
+            self, model, accelerator, strategy, load_image=original.__globals__.get("load_image")
+        )
+
+    new_cache_latents.__doc__ = original.__doc__
+    new_cache_latents.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(new_cache_latents, _WRAPPED, True)
+    cls.new_cache_latents = new_cache_latents  # type: ignore[attr-defined]
+
+
+def _wrap_group_class(cls: type) -> None:
+    original = vars(cls)["new_cache_latents"] if "new_cache_latents" in vars(cls) else None
+    if original is None or getattr(original, _WRAPPED, False):
+        return
+
+    def new_cache_latents(self: Any, model: Any, accelerator: Any) -> None:
+        if _active_strategy(original) is None:
+            original(self, model, accelerator)
+            return
+        cache_group_latents(self, model, accelerator)
+
+    new_cache_latents.__doc__ = original.__doc__
+    new_cache_latents.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(new_cache_latents, _WRAPPED, True)
+    cls.new_cache_latents = new_cache_latents  # type: ignore[attr-defined]
+
+
+def cache_group_latents(group: Any, model: Any, accelerator: Any) -> None:
+    """``DatasetGroup.new_cache_latents`` with a barrier after every dataset and the sizes recomputed."""
+    for i, dataset in enumerate(group.datasets):
+        logger.info("[Dataset %d]", i)
+        target = getattr(dataset, "dreambooth_dataset_delegate", dataset)
+        _wrap_dataset_class(_definer(type(target), "new_cache_latents"))
+        dataset.new_cache_latents(model, accelerator)
+        # One writer per file within a dataset (owner_rank); the barrier orders datasets, so a file
+        # shared by two datasets is never written by two ranks at once.
+        accelerator.wait_for_everyone()
+    recompute_group_sizes(group)
+
+
+def recompute_group_sizes(group: Any) -> None:
+    """Recompute a ``ConcatDataset``'s cumulative sizes after its datasets' lengths changed."""
+    if hasattr(group, "cumulative_sizes"):
+        sizes, total = [], 0
+        for dataset in group.datasets:
+            total += len(dataset)
+            sizes.append(total)
+        group.cumulative_sizes = sizes
+
+
+# -- the per-dataset work -------------------------------------------------------------------------
+
+
+def _resolve_image(dataset: Any, info: Any) -> str | None:
+    """The real image of an info whose ``absolute_path`` is a cache file, or None if it is not one."""
+    path = os.fspath(info.absolute_path)
+    if not path.endswith(ANIMA_SUFFIX):
+        return None
+    key = os.fspath(info.image_key)
+    subset = getattr(dataset, "image_to_subset", {}).get(info.image_key)
+    image_dir = getattr(subset, "image_dir", None) or ""
+    wanted = key if os.path.isabs(key) else os.path.join(image_dir, key)
+    tried: list[str] = []
+    candidates = [wanted]
+    for stem in dict.fromkeys((wanted, os.path.splitext(wanted)[0])):
+        candidates += [stem + ext for ext in _core.IMAGE_EXTENSIONS]
+    for candidate in candidates:
+        if candidate in tried:
+            continue
+        tried.append(candidate)
+        if not candidate.endswith(ANIMA_SUFFIX) and os.path.isfile(candidate):
+            return candidate
+    # A metadata key that is itself a cache name: the image with exactly the cache's stem.
+    stem = _image_stem(path, ANIMA_SUFFIX)
+    if _core.path_key(stem) == _core.path_key(_image_stem(wanted, ANIMA_SUFFIX)):
+        found = _image_for_stem(stem)
+        if found is not None:
+            return found
+        tried += [stem + ext for ext in _core.IMAGE_EXTENSIONS if stem + ext not in tried]
+    raise SourceImageNotFoundError(path, key, tried)
+
+
+def _workers(num_processes: int = 1) -> int:
+    env = os.environ.get("LATENTCACHE_NUM_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(2, min(32, 4 * (os.cpu_count() or 1) // max(1, num_processes)))
+
+
+def repair_dataset(dataset: Any, num_processes: int = 1) -> int:
+    """Point every image info at its real image and real size; re-bucket the dataset when needed.
+
+    Returns:
+        The number of images whose size (and so bucket and cache name) changed.
+
+    Raises:
+        SourceImageNotFoundError: an image path is a cache file whose image cannot be found.
+    """
+    infos = list(dataset.image_data.values())
+    for info in infos:
+        image = _resolve_image(dataset, info)
+        if image is not None:
+            logger.info("latentcache: %s: image path was its cache file, now %s", info.image_key, image)
+            info.absolute_path = image
+            info.latents_npz = None
+    get_size = getattr(dataset, "get_image_size", None) or image_size_from_header
+
+    def real_size(info: Any) -> tuple[int, int] | None:
+        try:
+            w, h = get_size(info.absolute_path)
+            return (int(w), int(h)) if w > 0 and h > 0 else None
+        except (OSError, ValueError):
+            return None
+
+    with ThreadPoolExecutor(_workers(num_processes)) as pool:
+        sizes = list(pool.map(real_size, infos))
+    changed = 0
+    for info, size in zip(infos, sizes, strict=True):
+        if size is None or info.image_size is None or tuple(info.image_size) == size:
+            if size is not None and info.image_size is None:
+                info.image_size = size
+            continue
+        logger.warning(
+            "latentcache: %s is %dx%d, not %dx%d as sd-scripts took from a cache name or the metadata; "
+            "using the real size",
+            info.absolute_path, size[0], size[1], info.image_size[0], info.image_size[1],
+        )  # fmt: skip
+        info.image_size = size
+        info.latents_npz = None
+        changed += 1
+    if changed:
+        _rebucket(dataset)
+    return changed
+
+
+def _rebucket(dataset: Any) -> None:
+    """Re-select every image's bucket with the dataset's own ``make_buckets``."""
+    manager = getattr(dataset, "bucket_manager", None)
+    if manager is not None:
+        # make_buckets reuses an existing manager and appends images to its buckets: empty them first.
+        manager.buckets = [[] for _ in manager.resos]
+    dataset.make_buckets()
+
+
+def cache_dataset_latents(
+    dataset: Any,
+    vae: Any,
+    accelerator: Any,
+    strategy: Any,
+    *,
+    load_image: Any = None,
+) -> dict[str, int]:
+    """Repair, validate and encode one sd-scripts dataset's Anima latents (see the module docstring).
+
+    Args:
+        dataset: an sd-scripts dataset (``image_data``, ``image_to_subset``, ``make_buckets``).
+        vae: the VAE passed to ``strategy.cache_batch_latents``.
+        accelerator: has ``num_processes``, ``process_index`` and ``wait_for_everyone()``.
+        strategy: the latentcache Anima strategy.
+        load_image: ``(path, alpha) -> uint8 HWC array``; default latentcache's PIL loader.
+
+    Returns:
+        Counts: ``images``, ``owned`` (checked by this rank), ``valid``, ``encoded``, ``resized``.
+    """
+    if load_image is None:
+        from latentcache.anima import load_image as load_image
+    num_processes = int(getattr(accelerator, "num_processes", 1) or 1)
+    rank = int(getattr(accelerator, "process_index", 0) or 0)
+    resized = repair_dataset(dataset, num_processes)
+    infos = list(dataset.image_data.values())
+    subset_of = dataset.image_to_subset
+
+    todo: list[Any] = []
+    valid = 0
+    owned = 0
+    if strategy.cache_to_disk:
+        for info in infos:
+            info.latents_npz = strategy.get_latents_npz_path(info.absolute_path, info.image_size)
+        mine = [info for info in infos if owner_rank(info.latents_npz, num_processes) == rank]
+        owned = len(mine)
+        if strategy.skip_disk_cache_validity_check:
+            ok = [os.path.exists(info.latents_npz) for info in mine]
+        else:
+            statuses = validate(
+                [info.latents_npz for info in mine],
+                [tuple(info.bucket_reso) for info in mine],
+                flip_aug=[bool(subset_of[info.image_key].flip_aug) for info in mine],
+                alpha_mask=[bool(subset_of[info.image_key].alpha_mask) for info in mine],
+                check_source=True,
+                workers=_workers(num_processes),
+            )
+            ok = [s.ok for s in statuses]
+            for s in statuses:
+                if not s.ok and s.code != "missing":
+                    logger.warning("latentcache: %s; it will be encoded again", s.message)
+        for info, good in zip(mine, ok, strict=True):
+            if good:
+                valid += 1
+            else:
+                todo.append(info)
+    else:
+        # Memory caching: every process needs every image's latents (as in sd-scripts).
+        owned = len(infos)
+        for info in infos:
+            preset = info.latents_npz
+            if preset is not None:
+                expected = strategy.get_latents_npz_path(info.absolute_path, info.image_size)
+                subset = subset_of[info.image_key]
+                if _core.path_key(preset) == _core.path_key(expected) and validate(
+                    [preset], tuple(info.bucket_reso), flip_aug=bool(subset.flip_aug),
+                    alpha_mask=bool(subset.alpha_mask), check_source=True,
+                )[0].ok:  # fmt: skip
+                    valid += 1
+                    continue
+                info.latents_npz = None
+            todo.append(info)
+
+    logger.info(
+        "latentcache: %d images, rank %d/%d checks %d: %d valid, %d to encode%s",
+        len(infos), rank, num_processes, owned, valid, len(todo),
+        f", {resized} re-bucketed after their real size was read" if resized else "",
+    )  # fmt: skip
+    if todo:
+        _encode(todo, subset_of, vae, strategy, load_image, num_processes)
+    return {"images": len(infos), "owned": owned, "valid": valid, "encoded": len(todo), "resized": resized}
+
+
+def _encode(
+    todo: list[Any], subset_of: Any, vae: Any, strategy: Any, load_image: Any, num_processes: int
+) -> None:
+    def condition(info: Any) -> tuple[Any, ...]:
+        s = subset_of[info.image_key]
+        return (tuple(info.bucket_reso), bool(s.flip_aug), bool(s.alpha_mask), bool(s.random_crop))
+
+    todo.sort(key=lambda i: (i.bucket_reso[0] * i.bucket_reso[1], condition(i)))
+    batch_size = max(1, int(strategy.batch_size or 1))
+    batches: list[tuple[tuple[Any, ...], list[Any]]] = []
+    for info in todo:
+        cond = condition(info)
+        if not batches or batches[-1][0] != cond or len(batches[-1][1]) >= batch_size:
+            batches.append((cond, []))
+        batches[-1][1].append(info)
+
+    workers = max(1, min(8, (os.cpu_count() or 1) // max(1, num_processes)))
+    # Decode ahead of the VAE, independently of the VAE batch size.
+    ahead = max(2 * batch_size, 4 * workers)
+    flat = [info for _, b in batches for info in b]
+    with ThreadPoolExecutor(workers) as pool:
+        submitted = 0
+
+        def submit_until(n: int) -> None:
+            nonlocal submitted
+            while submitted < min(n, len(flat)):
+                info = flat[submitted]
+                if info.image is None:
+                    alpha = bool(subset_of[info.image_key].alpha_mask)
+                    info.image = pool.submit(load_image, info.absolute_path, alpha)
+                submitted += 1
+
+        done = 0
+        try:
+            for (_, flip, alpha, crop), batch in batches:
+                submit_until(done + len(batch) + ahead)
+                for info in batch:
+                    if isinstance(info.image, Future):
+                        info.image = info.image.result()
+                strategy.cache_batch_latents(vae, batch, flip, alpha, crop)
+                for info in batch:
+                    info.image = None
+                done += len(batch)
+        finally:
+            for info in flat:
+                if isinstance(info.image, Future):
+                    info.image.cancel()
+                    info.image = None
+
+
+# -- the launcher ---------------------------------------------------------------------------------
+
+
+def run(script: str, args: Sequence[str] = ()) -> None:
+    """Run an sd-scripts training script as ``__main__`` with latentcache installed.
+
+    The script's folder goes first on ``sys.path`` (so ``library`` imports), ``install()`` runs, and
+    ``sys.argv`` becomes ``[script, *args]``.
+
+    Raises:
+        FileNotFoundError: ``script`` does not exist.
+    """
+    path = os.path.abspath(script)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(2, "no such training script", script)
+    folder = os.path.dirname(path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    install()
+    sys.argv = [path, *args]
+    runpy.run_path(path, run_name="__main__")
