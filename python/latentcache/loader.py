@@ -27,8 +27,7 @@ class CachedLatents(NamedTuple):
     alpha_mask: np.ndarray | None
 
 
-def _os_handle(f: Any) -> int:
-    fd = f.fileno()
+def _os_handle(fd: int) -> int:
     if sys.platform == "win32":
         import msvcrt
 
@@ -36,7 +35,7 @@ def _os_handle(f: Any) -> int:
     return int(fd)
 
 
-def _array(spec: _core.ArraySpec, f: Any, handle: int, path: str, mm: list[mmap.mmap | None]) -> np.ndarray:
+def _array(spec: _core.ArraySpec, fd: int, handle: int, path: str, mm: list[mmap.mmap | None]) -> np.ndarray:
     dtype = np.dtype(spec.descr)
     shape = tuple(spec.shape)
     order = "F" if spec.fortran_order else "C"
@@ -47,7 +46,7 @@ def _array(spec: _core.ArraySpec, f: Any, handle: int, path: str, mm: list[mmap.
             # A private copy-on-write mapping: the arrays are writable (torch takes them without a
             # warning) and a write never reaches the file. The mapping lives as long as an array
             # that uses it (numpy keeps it as the base).
-            mm[0] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            mm[0] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         flat = np.frombuffer(mm[0], dtype=dtype, count=count, offset=offset)
     else:
         # Unaligned (stock sd-scripts files put float32 data at offset 196 or 197) or deflated:
@@ -77,17 +76,22 @@ def load(path: _PathLike, bucket_reso: tuple[int, int]) -> CachedLatents:
         FileNotFoundError: the file does not exist.
     """
     p = os.fspath(path)
-    with open(p, "rb") as f:
-        handle = _os_handle(f)
+    # A raw descriptor: no buffered file object per load. The mapping keeps its own reference to
+    # the file, so the descriptor is closed at once.
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        handle = _os_handle(fd)
         latents, flipped, alpha, original_size, crop_ltrb = _core.load_plan(handle, p, bucket_reso)
         mm: list[mmap.mmap | None] = [None]
         return CachedLatents(
-            _array(latents, f, handle, p, mm),
+            _array(latents, fd, handle, p, mm),
             original_size,
             crop_ltrb,
-            None if flipped is None else _array(flipped, f, handle, p, mm),
-            None if alpha is None else _array(alpha, f, handle, p, mm),
+            None if flipped is None else _array(flipped, fd, handle, p, mm),
+            None if alpha is None else _array(alpha, fd, handle, p, mm),
         )
+    finally:
+        os.close(fd)
 
 
 def load_batch(
