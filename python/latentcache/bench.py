@@ -310,6 +310,8 @@ def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, A
     print(f"\nlatentcache bench: {n} cache files, {mb:.2f} MiB average, {file_bytes / 2**30:.2f} GiB in all")
     if not can_drop:
         print("cold page cache: not measured (dropping caches needs Linux and root)")
+    if not st_paths:
+        print("safetensors: not measured (pip install safetensors, or latentcache[bench])")
     header = f"{'cache':<6}{'what':<48}{'files/s':>12}{'GB/s':>8}{'ratio':>9}"
     print(header)
     print("-" * len(header))
