@@ -661,6 +661,45 @@ def test_missing_image_error_names_cache_and_paths_tried(fake_sd: Path, tmp_path
     assert pickle.loads(pickle.dumps(e.value)).tried == e.value.tried
 
 
+def test_key_with_a_non_image_suffix_never_resolves_to_a_sibling(fake_sd: Path, tmp_path: Path) -> None:
+    from latentcache import sd_scripts
+
+    sd_scripts.install()
+    import library.train_util as tu
+
+    png(tmp_path / "cat.png", 64, 48, seed=1)  # another image: `cat.v2` is not `cat`
+    npz = cached(tmp_path / "cat.v2_0064x0048_anima.npz", (64, 48))
+    set_strategy()
+    ds = tu.DreamBoothDataset()
+    ds.add(tu.ImageInfo("cat.v2", str(npz), (64, 48)), tu.Subset(str(tmp_path)))
+    ds.make_buckets()
+    with pytest.raises(sd_scripts.SourceImageNotFoundError) as e:
+        tu.DatasetGroup([ds]).new_cache_latents(CountingVae(), Accel())
+    assert str(tmp_path / "cat.png") not in e.value.tried
+    assert str(tmp_path / "cat.v2.png") in e.value.tried
+
+
+def test_images_sharing_a_stem_are_reported(
+    fake_sd: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from latentcache import sd_scripts
+
+    sd_scripts.install()
+    import library.train_util as tu
+
+    png(tmp_path / "cat.png", 64, 48, seed=1)
+    png(tmp_path / "cat.jpg", 64, 48, seed=2)  # same stem, same size: one cache name for both
+    set_strategy()
+    ds = tu.DreamBoothDataset()
+    for name in ("cat.png", "cat.jpg"):
+        ds.add(tu.ImageInfo(name, str(tmp_path / name), (64, 48)), tu.Subset(str(tmp_path)))
+    ds.make_buckets()
+    with caplog.at_level("WARNING", logger="latentcache.sd_scripts"):
+        tu.DatasetGroup([ds]).new_cache_latents(CountingVae(), Accel())
+    shared = [r.getMessage() for r in caplog.records if "share one cache file" in r.getMessage()]
+    assert len(shared) == 1 and "cat.png" in shared[0] and "cat.jpg" in shared[0]
+
+
 def test_corrupt_and_missing_key_caches_are_reencoded(fake_sd: Path, tmp_path: Path) -> None:
     from latentcache import sd_scripts
 

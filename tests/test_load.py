@@ -199,6 +199,8 @@ def test_load_batch_errors(tmp_path: Path) -> None:
         lc.load_batch(paths, BUCKET, out=np.empty((3, 16, 12, 15), np.float32))
     with pytest.raises(ValueError, match="C-contiguous"):
         lc.load_batch(paths, BUCKET, out=np.empty((3, 16, 16, 12), np.float32).transpose(0, 1, 3, 2))
+    with pytest.raises(ValueError, match="numpy.ndarray"):
+        lc.load_batch(paths, BUCKET, out=[[0.0]] * 3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="flipped"):
         lc.load_batch(paths, BUCKET, flipped=[True])
     with pytest.raises(FileNotFoundError):
@@ -209,27 +211,40 @@ def test_load_batch_releases_the_gil(tmp_path: Path) -> None:
     paths = make_batch(tmp_path, 8, bucket=(1024, 1024)) * 40  # 320 x 1 MiB
     out = np.empty((len(paths), 16, 128, 128), np.float32)
     lc.load_batch(paths, (1024, 1024), out=out)  # warm the page cache
-    ticks = 0
+    stamps: list[float] = []
     stop = threading.Event()
 
     def spin() -> None:
-        nonlocal ticks
+        n = 0
         while not stop.is_set():
-            ticks += 1
+            n += 1
+            if n % 100 == 0:
+                stamps.append(time.perf_counter())
 
     t = threading.Thread(target=spin)
     t.start()
-    time.sleep(0.01)
-    start_ticks = ticks
-    t0 = time.perf_counter()
-    lc.load_batch(paths, (1024, 1024), out=out, workers=1)
-    elapsed = time.perf_counter() - t0
-    during = ticks - start_ticks
-    stop.set()
-    t.join()
-    # With the lock held for the whole call the spinner would get at most a switch interval or two.
-    assert elapsed > 0.02, "batch too small to measure"
-    assert during > 1000, f"the other thread made no progress ({during} ticks in {elapsed:.3f}s)"
+    try:
+        time.sleep(0.02)
+        for _ in range(6):
+            t0 = time.perf_counter()
+            lc.load_batch(paths, (1024, 1024), out=out, workers=1)
+            t1 = time.perf_counter()
+            if t1 - t0 >= 0.2:
+                break
+            paths = paths * 2
+            out = np.empty((len(paths), 16, 128, 128), np.float32)
+    finally:
+        stop.set()
+        t.join()
+    elapsed = t1 - t0
+    assert elapsed >= 0.2, f"batch too small to judge ({elapsed:.3f} s)"
+    # Holding the lock would leave no stamps strictly inside the call (the margins absorb one switch
+    # interval at either end); releasing it leaves a steady stream without long gaps.
+    inside = [s for s in stamps if t0 + 0.03 < s < t1 - 0.03]
+    assert len(inside) >= 20, f"{len(inside)} spinner stamps during a {elapsed:.2f} s call"
+    edges = [t0 + 0.03, *inside, t1 - 0.03]
+    gap = max(b - a for a, b in zip(edges, edges[1:], strict=False))
+    assert gap < elapsed / 2, f"the other thread stalled for {gap:.3f} s of {elapsed:.3f} s"
 
 
 class CacheDataset:

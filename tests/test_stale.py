@@ -68,3 +68,15 @@ def test_stock_caches_are_never_stale(tmp_path: Path) -> None:
     bad.write_bytes(b"")
     assert lc.validate([bad], BUCKET, check_source=True)[0].code == "empty"
     assert np.array_equal(lc.load(cache, BUCKET).latents, arrays_for(BUCKET)["latents_8x8"])
+
+
+def test_broken_meta_is_a_status_not_an_exception(tmp_path: Path) -> None:
+    img = tmp_path / "d.png"
+    img.write_bytes(b"x" * 100)
+    cache = Path(lc.cache_path(img, (64, 64)))
+    arrays = arrays_for(BUCKET)
+    arrays["latentcache_meta"] = np.frombuffer(b"not json", np.uint8)
+    write_stock(cache, arrays)
+    assert lc.validate([cache], BUCKET)[0].code == "ok"
+    st = lc.validate([cache], BUCKET, check_source=True)[0]
+    assert st.code == "malformed" and "latentcache_meta" in st.message and str(cache) in st.message

@@ -64,6 +64,12 @@ def load(path: _PathLike, bucket_reso: tuple[int, int]) -> CachedLatents:
     nothing, and writing to an array never writes to the file. Other arrays are read once into
     aligned memory. Values equal ``np.load``'s bit for bit.
 
+    A mapped array reads the file when touched. latentcache's writer replaces files by rename, which
+    leaves existing mappings intact; a tool that truncates and rewrites a cache in place (stock
+    sd-scripts' ``np.savez``) while arrays from it are alive makes touching them fail with SIGBUS,
+    as with any memory map. Each call keeps one mapping while its arrays live (Linux allows about
+    65,000 per process by default).
+
     Args:
         path: the ``.npz`` cache file.
         bucket_reso: the bucket ``(W, H)`` in pixels; keys carry ``_{H//8}x{W//8}``.
@@ -111,8 +117,9 @@ def load_batch(
         paths: the B cache files.
         bucket_reso: the bucket ``(W, H)`` in pixels; h, w = H // 8, W // 8.
         flipped: B booleans; item i comes from ``latents_flipped`` when true. Default: none flipped.
-        out: a C-contiguous, writable float32 ``(B, 16, h, w)`` array to fill (for example the numpy
-            view of a pinned torch tensor). Default: a new array.
+        out: a C-contiguous, writable float32 ``(B, 16, h, w)`` numpy array to fill (for example the
+            numpy view of a pinned torch tensor). Default: a new array. No other thread may use it
+            during the call.
         workers: threads for this call (default: ``LATENTCACHE_NUM_THREADS``, else the CPU count).
 
     Returns:
@@ -128,6 +135,8 @@ def load_batch(
     shape = (len(strs), 16, h // 8, w // 8)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
+    elif not isinstance(out, np.ndarray):
+        raise ValueError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     elif out.shape != shape or out.dtype != np.float32:
         raise ValueError(f"out must be float32 {shape}, got {out.dtype} {out.shape}")
     elif not (out.flags.c_contiguous and out.flags.writeable):

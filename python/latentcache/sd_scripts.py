@@ -234,7 +234,13 @@ def _resolve_image(dataset: Any, info: Any) -> str | None:
     wanted = key if os.path.isabs(key) else os.path.join(image_dir, key)
     tried: list[str] = []
     candidates = [wanted]
-    for stem in dict.fromkeys((wanted, os.path.splitext(wanted)[0])):
+    # Strip an extension only when it is an image extension: for a key like `cat.v2`, `cat.png` is
+    # another image, never this one.
+    stems = [wanted]
+    base, ext = os.path.splitext(wanted)
+    if ext in _core.IMAGE_EXTENSIONS:
+        stems.append(base)
+    for stem in stems:
         candidates += [stem + ext for ext in _core.IMAGE_EXTENSIONS]
     for candidate in candidates:
         if candidate in tried:
@@ -346,8 +352,19 @@ def cache_dataset_latents(
     valid = 0
     owned = 0
     if strategy.cache_to_disk:
+        by_cache: dict[str, list[str]] = {}
         for info in infos:
             info.latents_npz = strategy.get_latents_npz_path(info.absolute_path, info.image_size)
+            by_cache.setdefault(_core.path_key(info.latents_npz), []).append(os.fspath(info.absolute_path))
+        for images in by_cache.values():
+            if len(set(images)) > 1:
+                # sd-scripts names caches by stem, so `cat.png` and `cat.jpg` of one size share a
+                # file: the last one encoded wins and the other trains on its latents.
+                logger.warning(
+                    "latentcache: %s share one cache file (same stem and size); only one of them "
+                    "will have its own latents. Rename one of them.",
+                    " and ".join(sorted(set(images))),
+                )
         mine = [info for info in infos if owner_rank(info.latents_npz, num_processes) == rank]
         owned = len(mine)
         if strategy.skip_disk_cache_validity_check:

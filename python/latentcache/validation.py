@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 
 from latentcache import _core
+from latentcache.errors import LatentCacheError
 from latentcache.writer import read_meta, source_fingerprint
 
 __all__ = ["stale_reason", "validate"]
@@ -69,6 +70,17 @@ def validate(
         return statuses
     out = []
     for s in statuses:
-        reason = stale_reason(s.path) if s.ok else None
+        if not s.ok:
+            out.append(s)
+            continue
+        # A broken metadata member or an unreadable image is a status too, never an exception.
+        try:
+            reason = stale_reason(s.path)
+        except LatentCacheError as e:
+            out.append(_core.CacheStatus(s.path, "malformed", str(e)))
+            continue
+        except OSError as e:
+            out.append(_core.CacheStatus(s.path, "io_error", f"{s.path}: checking its source image: {e}"))
+            continue
         out.append(_core.CacheStatus(s.path, "stale", f"{s.path}: stale: {reason}") if reason else s)
     return out

@@ -131,12 +131,13 @@ pub fn write_npz(
         None => Vec::new(),
     };
 
-    let mut guard = TempGuard::new(temp);
+    // Create first, then arm the guard: a name that already exists is not ours to delete.
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(&guard.path)
+        .open(&temp)
         .map_err(|e| Error::io(path, e))?;
+    let mut guard = TempGuard::new(temp);
     #[cfg(unix)]
     if let Some((old, _)) = &existing {
         // Keep the mode of the file we replace, as writing in place would.

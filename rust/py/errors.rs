@@ -26,7 +26,13 @@ impl From<Error> for PyErr {
                             .strip_suffix(&format!(" (os error {errno})"))
                             .unwrap_or(&text)
                             .to_owned();
-                        PyOSError::new_err((errno, strerror, filename))
+                        // On Windows the raw code is a Windows error code: pass it as `winerror`
+                        // so that CPython derives errno (and FileNotFoundError, PermissionError…).
+                        #[cfg(windows)]
+                        let err = PyOSError::new_err((0, strerror, filename, errno));
+                        #[cfg(not(windows))]
+                        let err = PyOSError::new_err((errno, strerror, filename));
+                        err
                     }
                     None => match source.kind() {
                         std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
