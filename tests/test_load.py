@@ -184,6 +184,15 @@ def test_load_batch(tmp_path: Path) -> None:
         lc.load_batch([str(p) for p in paths], BUCKET)[1], np_reference(paths[1], BUCKET)[0]
     )
     assert lc.load_batch([], BUCKET).shape == (0, 16, 12, 16)
+    # More files than one prefetch group (256): every item still lands in its own slot.
+    many = paths * 43
+    flags = [i % 3 == 0 for i in range(len(many))]
+    big = lc.load_batch(many, BUCKET, flipped=flags, workers=2)
+    want = {}
+    for i, p in enumerate(paths):
+        r = np_reference(p, BUCKET)
+        want[i, False], want[i, True] = r[0].reshape(16, 12, 16), r[3].reshape(16, 12, 16)
+    assert all(np.array_equal(big[k], want[k % 7, flags[k]]) for k in range(len(many)))
 
 
 def test_load_batch_errors(tmp_path: Path) -> None:

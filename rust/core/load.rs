@@ -231,6 +231,9 @@ fn advise_willneed(file: &File, len: u64, head: u64) {
     let _ = (file, len, head);
 }
 
+/// Files a batch keeps open at once (see [`load_batch`]).
+const PREFETCH: usize = 256;
+
 /// The per-call thread pool: `workers`, else `LATENTCACHE_NUM_THREADS`, else `default`.
 pub fn pool(workers: Option<usize>, default: usize) -> Result<rayon::ThreadPool> {
     let n = workers
@@ -270,52 +273,61 @@ pub fn load_batch(
     let default = std::thread::available_parallelism().map_or(2, |n| n.get());
     let pool = pool(workers, default)?;
     let sfx = key_suffix(bucket_reso);
-    pool.install(|| {
-        // Open every file first and tell the kernel which ranges are coming, so that on a cold page
-        // cache the whole batch's reads are in flight at once rather than two at a time.
-        let opened: Vec<Result<(File, u64)>> = paths
-            .par_iter()
-            .zip(flipped.par_iter())
-            .map(|(path, &flip)| {
-                let file = open(path)?;
-                let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-                advise_willneed(&file, len, if flip { 2 * item } else { item });
-                Ok((file, len))
-            })
-            .collect();
-        dst.par_chunks_mut(item as usize)
-            .zip(paths.par_iter().zip(flipped.par_iter()))
-            .zip(opened.into_par_iter())
-            .try_for_each(|((chunk, (path, &flip)), opened)| {
-                let (file, len) = opened?;
-                let index = read_npz_index_with_len(&file, path, len)?;
-                let key = if flip {
-                    format!("latents_flipped{sfx}")
-                } else {
-                    format!("latents{sfx}")
-                };
-                let entry = index.get(&key).ok_or_else(|| {
-                    Error::npz(path, Some(&key), "not found for this bucket".to_string())
-                })?;
-                let hd = &entry.header;
-                let shape_ok = hd.shape == [16, h, w] || hd.shape == [16, 1, h, w];
-                let dtype_ok = hd.dtype.kind == ScalarKind::F4
-                    && hd.dtype.endian != crate::core::npy::Endian::Big;
-                if !shape_ok || !dtype_ok || hd.fortran_order {
-                    return Err(Error::npz(
-                        path,
-                        Some(&key),
-                        format!(
-                            "expected float32 (16, {h}, {w}) or (16, 1, {h}, {w}) in C order, found {} {}{}",
-                            hd.dtype.name(),
-                            crate::core::npy::shape_repr(&hd.shape),
-                            if hd.fortran_order { " in Fortran order" } else { "" }
-                        ),
-                    ));
-                }
-                read_into_from(&file, path, entry, chunk)
-            })
-    })
+    // At most PREFETCH files are open at once, so a huge batch cannot run out of descriptors.
+    let per = PREFETCH * item as usize;
+    for ((dst, paths), flipped) in dst
+        .chunks_mut(per)
+        .zip(paths.chunks(PREFETCH))
+        .zip(flipped.chunks(PREFETCH))
+    {
+        pool.install(|| {
+            // Open every file first and tell the kernel which ranges are coming, so that on a cold page
+            // cache the whole batch's reads are in flight at once rather than two at a time.
+            let opened: Vec<Result<(File, u64)>> = paths
+                .par_iter()
+                .zip(flipped.par_iter())
+                .map(|(path, &flip)| {
+                    let file = open(path)?;
+                    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+                    advise_willneed(&file, len, if flip { 2 * item } else { item });
+                    Ok((file, len))
+                })
+                .collect();
+            dst.par_chunks_mut(item as usize)
+                .zip(paths.par_iter().zip(flipped.par_iter()))
+                .zip(opened.into_par_iter())
+                .try_for_each(|((chunk, (path, &flip)), opened)| {
+                    let (file, len) = opened?;
+                    let index = read_npz_index_with_len(&file, path, len)?;
+                    let key = if flip {
+                        format!("latents_flipped{sfx}")
+                    } else {
+                        format!("latents{sfx}")
+                    };
+                    let entry = index.get(&key).ok_or_else(|| {
+                        Error::npz(path, Some(&key), "not found for this bucket".to_string())
+                    })?;
+                    let hd = &entry.header;
+                    let shape_ok = hd.shape == [16, h, w] || hd.shape == [16, 1, h, w];
+                    let dtype_ok = hd.dtype.kind == ScalarKind::F4
+                        && hd.dtype.endian != crate::core::npy::Endian::Big;
+                    if !shape_ok || !dtype_ok || hd.fortran_order {
+                        return Err(Error::npz(
+                            path,
+                            Some(&key),
+                            format!(
+                                "expected float32 (16, {h}, {w}) or (16, 1, {h}, {w}) in C order, found {} {}{}",
+                                hd.dtype.name(),
+                                crate::core::npy::shape_repr(&hd.shape),
+                                if hd.fortran_order { " in Fortran order" } else { "" }
+                            ),
+                        ));
+                    }
+                    read_into_from(&file, path, entry, chunk)
+                })
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
