@@ -411,6 +411,41 @@ def test_permission_denied_names_file_and_keeps_old(tmp_path: Path) -> None:
         d.chmod(0o755)
 
 
+def test_lock_files_of_another_user_are_shared(tmp_path: Path) -> None:
+    """A second user writes into a shared cache folder whose lock files the first user created."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as a second user")
+    d = tmp_path / "shared"
+    d.mkdir()
+    p = d / "x_0008x0008_anima.npz"
+    lc.write_latents(p, latents=sample(16, 2, 2), original_size=(16, 16), crop_ltrb=(0, 0, 16, 16))
+    for parent in [d, *d.parents]:
+        if parent == Path("/"):
+            break
+        parent.chmod(parent.stat().st_mode | 0o755)
+    d.chmod(0o777)  # the folder is shared; root's lock folder and files stay 0o755 / 0o644
+    code = """
+        import json, os, sys
+        import numpy as np, latentcache as lc
+        os.setgid(65534); os.setuid(65534)
+        try:
+            lc.write_latents(sys.argv[1], latents=np.ones((16, 4, 4), np.float32),
+                             original_size=(32, 32), crop_ltrb=(0, 0, 32, 32))
+            print(json.dumps({"type": None}))
+        except OSError as e:
+            print(json.dumps({"type": type(e).__name__, "errno": e.errno, "filename": e.filename}))
+        """
+    try:
+        res = run_py(code, str(p))
+        if res.returncode != 0 or not res.stdout:
+            pytest.skip(f"cannot run as nobody here: {res.stderr.strip()[-300:]}")
+        assert json.loads(res.stdout) == {"type": None}
+        with np.load(p) as z:
+            assert {"latents_2x2", "latents_4x4"} <= set(z.files)
+    finally:
+        d.chmod(0o755)
+
+
 CRASH_WRITER = """
 import sys
 import numpy as np, latentcache as lc

@@ -392,13 +392,21 @@ impl WriteLock {
             }
             _ => {}
         }
-        let file = OpenOptions::new()
+        let lock_path = lock_dir.join(format!("{shard:02}.lock"));
+        let file = match OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(lock_dir.join(format!("{shard:02}.lock")))
-            .map_err(|e| Error::io(target, e))?;
+            .open(&lock_path)
+        {
+            // A lock file another user created (with their umask) may be read-only for us; a lock
+            // needs no write access, so read access is enough to share it.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                File::open(&lock_path).map_err(|_| Error::io(target, e))?
+            }
+            other => other.map_err(|e| Error::io(target, e))?,
+        };
         loop {
             match file.lock() {
                 Ok(()) => {
