@@ -446,6 +446,28 @@ def test_lock_files_of_another_user_are_shared(tmp_path: Path) -> None:
         d.chmod(0o755)
 
 
+def test_names_near_the_file_name_limit(tmp_path: Path) -> None:
+    import zlib
+
+    name = "n" * (250 - len("_0008x0008_anima.npz")) + "_0008x0008_anima.npz"
+    assert len(name) == 250
+    p = tmp_path / name
+    lc.write_latents(p, latents=sample(16, 2, 2), original_size=(16, 16), crop_ltrb=(0, 0, 16, 16))
+    with np.load(p) as z:
+        assert "latents_2x2" in z.files
+    # A killed writer's leftover carries a shortened, hashed stem; scan finds it, the next writer and
+    # remove_stale_temp (under the same lock) remove it.
+    temp = tmp_path / f".{name[:200]}~{zlib.crc32(name.encode()):08x}.lctmp"
+    temp.write_bytes(b"PK partial")
+    assert lc.find_temp_files(tmp_path) == [str(temp)]
+    lc.write_latents(p, latents=sample(16, 4, 4), original_size=(32, 32), crop_ltrb=(0, 0, 32, 32))
+    assert not temp.exists()
+    temp.write_bytes(b"PK partial")
+    assert lc.remove_stale_temp(temp) is True and not temp.exists()
+    with np.load(p) as z:
+        assert {"latents_2x2", "latents_4x4"} <= set(z.files)
+
+
 CRASH_WRITER = """
 import sys
 import numpy as np, latentcache as lc

@@ -245,12 +245,33 @@ fn split_target(path: &Path) -> Result<(PathBuf, &OsStr)> {
     Ok((dir, name))
 }
 
+/// Longest target name used as is in a temporary name: `.` + name + `.lctmp` + `-{pid}-{hex}` must
+/// stay within the 255-byte file-name limit of common file systems.
+const MAX_TEMP_STEM: usize = 220;
+
+/// The part of a temporary file's name that stands for its target: the target's name, or for a
+/// name too long to carry a prefix and suffix, its first 200 bytes, `~` and a CRC-32 of the whole
+/// name. Locks are sharded by this stem, so that [`remove_stale_temp`] takes the same lock as the
+/// writer of the target.
+pub fn temp_stem(name: &OsStr) -> OsString {
+    if name.len() <= MAX_TEMP_STEM {
+        return name.to_os_string();
+    }
+    let text = name.to_string_lossy();
+    let mut cut = 200.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let hash = crc32fast::hash(text.as_bytes());
+    OsString::from(format!("{}~{hash:08x}", &text[..cut]))
+}
+
 /// The temporary file of `name` in `dir`: `.{name}.lctmp` when the writer holds the target's lock
 /// (only one can exist, and the next writer removes a crashed one's), else
 /// `.{name}.lctmp-{pid}-{hex}`, unique, so that writers that could not lock never share one.
 pub fn temp_path(dir: &Path, name: &OsStr, locked: bool) -> PathBuf {
     let mut s = OsString::from(".");
-    s.push(name);
+    s.push(temp_stem(name));
     s.push(TEMP_MARKER);
     if !locked {
         let nanos = std::time::SystemTime::now()
@@ -314,6 +335,7 @@ pub fn remove_stale_temp(temp: &Path) -> Result<bool> {
     }
     let (dir, _) = split_target(temp)?;
     let mut warnings = Vec::new();
+    // `target` is the temp stem, which shards to the same lock as the real target's writer.
     let lock = WriteLock::acquire(&dir.join(target), &mut warnings)?;
     if !lock.exclusive() {
         return Ok(false);
@@ -381,7 +403,7 @@ impl WriteLock {
     /// has no locks (`ENOLCK`, unsupported), go on without the OS lock and push a warning.
     pub fn acquire(target: &Path, warnings: &mut Vec<String>) -> Result<WriteLock> {
         let (dir, name) = split_target(target)?;
-        let shard = lock_shard(name);
+        let shard = lock_shard(&temp_stem(name));
         let process = PROCESS_LOCKS[shard]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
