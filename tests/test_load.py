@@ -5,14 +5,13 @@ from __future__ import annotations
 import gc
 import mmap
 import os
-import threading
-import time
 import warnings
 from pathlib import Path
 
 import latentcache as lc
 import numpy as np
 import pytest
+from gilprobe import run_with_probe
 from latentcache.errors import NpzFormatError
 from npzgen import arrays_for, write_aligned, write_stock
 
@@ -217,43 +216,13 @@ def test_load_batch_errors(tmp_path: Path) -> None:
 
 
 def test_load_batch_releases_the_gil(tmp_path: Path) -> None:
-    paths = make_batch(tmp_path, 8, bucket=(1024, 1024)) * 40  # 320 x 1 MiB
-    out = np.empty((len(paths), 16, 128, 128), np.float32)
-    lc.load_batch(paths, (1024, 1024), out=out)  # warm the page cache
-    stamps: list[float] = []
-    stop = threading.Event()
+    state = {"paths": make_batch(tmp_path, 8, bucket=(1024, 1024)) * 40}  # 320 x 1 MiB
+    lc.load_batch(state["paths"], (1024, 1024))  # warm the page cache
 
-    def spin() -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            if n % 100 == 0:
-                stamps.append(time.perf_counter())
+    def grow() -> None:
+        state["paths"] = state["paths"] * 2
 
-    t = threading.Thread(target=spin)
-    t.start()
-    try:
-        time.sleep(0.02)
-        for _ in range(6):
-            t0 = time.perf_counter()
-            lc.load_batch(paths, (1024, 1024), out=out, workers=1)
-            t1 = time.perf_counter()
-            if t1 - t0 >= 0.2:
-                break
-            paths = paths * 2
-            out = np.empty((len(paths), 16, 128, 128), np.float32)
-    finally:
-        stop.set()
-        t.join()
-    elapsed = t1 - t0
-    assert elapsed >= 0.2, f"batch too small to judge ({elapsed:.3f} s)"
-    # Holding the lock would leave no stamps strictly inside the call (the margins absorb one switch
-    # interval at either end); releasing it leaves a steady stream without long gaps.
-    inside = [s for s in stamps if t0 + 0.03 < s < t1 - 0.03]
-    assert len(inside) >= 20, f"{len(inside)} spinner stamps during a {elapsed:.2f} s call"
-    edges = [t0 + 0.03, *inside, t1 - 0.03]
-    gap = max(b - a for a, b in zip(edges, edges[1:], strict=False))
-    assert gap < elapsed / 2, f"the other thread stalled for {gap:.3f} s of {elapsed:.3f} s"
+    run_with_probe(lambda: lc.load_batch(state["paths"], (1024, 1024), workers=1), 0.2, grow)
 
 
 class CacheDataset:
