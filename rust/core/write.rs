@@ -20,6 +20,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::core::error::{Error, Result};
 use crate::core::npy::{encode_npy_header, parse_npy_header, DType, ScalarKind};
+use crate::core::zip;
 use crate::core::zip::{
     read_at, read_zip_index, read_zip_index_classified, stream_member, Compression, Member,
     ReadErrorKind,
@@ -41,12 +42,13 @@ pub const MAX_META_LEN: u64 = 1 << 20;
 /// How many bytes at each end of an image [`source_fingerprint`] hashes.
 pub const FINGERPRINT_WINDOW: u64 = 64 << 10;
 
-const LOCAL_SIG: u32 = 0x0403_4b50;
-const CENTRAL_SIG: u32 = 0x0201_4b50;
-const EOCD_SIG: u32 = 0x0605_4b50;
-const ZIP64_EOCD_SIG: u32 = 0x0606_4b50;
-const ZIP64_LOCATOR_SIG: u32 = 0x0706_4b50;
-const ZIP64_EXTRA_ID: u16 = 0x0001;
+// The record signatures as little-endian words, from the reader's definitions.
+const LOCAL_SIG: u32 = u32::from_le_bytes(*zip::LOCAL_SIG);
+const CENTRAL_SIG: u32 = u32::from_le_bytes(*zip::CENTRAL_SIG);
+const EOCD_SIG: u32 = u32::from_le_bytes(*zip::EOCD_SIG);
+const ZIP64_EOCD_SIG: u32 = u32::from_le_bytes(*zip::ZIP64_EOCD_SIG);
+const ZIP64_LOCATOR_SIG: u32 = u32::from_le_bytes(*zip::ZIP64_LOCATOR_SIG);
+use zip::ZIP64_EXTRA_ID;
 /// The extra-field id Android's zipalign uses for alignment padding; zip readers skip unknown ids.
 const ALIGN_EXTRA_ID: u16 = 0xD935;
 const LIMIT32: u64 = 0xFFFF_FFFF;

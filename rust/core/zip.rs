@@ -22,11 +22,12 @@ use crate::core::error::{Error, Result};
 /// Results of the classified readers.
 pub type ReadResult<T> = std::result::Result<T, ReadError>;
 
-const LOCAL_SIG: &[u8; 4] = b"PK\x03\x04";
-const CENTRAL_SIG: &[u8; 4] = b"PK\x01\x02";
-const EOCD_SIG: &[u8; 4] = b"PK\x05\x06";
-const ZIP64_LOCATOR_SIG: &[u8; 4] = b"PK\x06\x07";
-const ZIP64_EOCD_SIG: &[u8; 4] = b"PK\x06\x06";
+// Record signatures as they appear in the file; the writer (write.rs) uses the same constants.
+pub(crate) const LOCAL_SIG: &[u8; 4] = b"PK\x03\x04";
+pub(crate) const CENTRAL_SIG: &[u8; 4] = b"PK\x01\x02";
+pub(crate) const EOCD_SIG: &[u8; 4] = b"PK\x05\x06";
+pub(crate) const ZIP64_LOCATOR_SIG: &[u8; 4] = b"PK\x06\x07";
+pub(crate) const ZIP64_EOCD_SIG: &[u8; 4] = b"PK\x06\x06";
 
 const EOCD_LEN: usize = 22;
 const MAX_COMMENT_LEN: usize = 65535;
@@ -34,7 +35,7 @@ const ZIP64_LOCATOR_LEN: u64 = 20;
 const ZIP64_EOCD_LEN: u64 = 56;
 const CENTRAL_LEN: usize = 46;
 const LOCAL_LEN: usize = 30;
-const ZIP64_EXTRA_ID: u16 = 0x0001;
+pub(crate) const ZIP64_EXTRA_ID: u16 = 0x0001;
 
 /// The largest central directory we read (bounds the one allocation it needs). An npz with a
 /// central directory this large would hold hundreds of thousands of arrays.
