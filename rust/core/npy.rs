@@ -24,7 +24,7 @@ const ARRAY_ALIGN: usize = 64;
 const GROWTH_AXIS_MAX_DIGITS: usize = 21;
 /// The first read of a member: numpy writes 128-byte headers for the arrays of a cache; longer
 /// headers (many dimensions, long descr) take a second read of exactly their length.
-const FIRST_READ: usize = 512;
+const FIRST_READ: usize = 256;
 
 /// Byte order of a dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -534,7 +534,9 @@ fn parse_numpy_layout(dict: &[u8]) -> Option<(Descr, bool, Vec<u64>)> {
             return None;
         }
     }
+    // numpy pads with spaces and ends the header with a newline.
     let rest = rest.strip_prefix(b", }")?;
+    let rest = rest.strip_suffix(b"\n").unwrap_or(rest);
     if !rest.iter().all(|&c| c == b' ') {
         return None;
     }
@@ -744,8 +746,13 @@ pub fn read_npz_index_with_len(file: &File, path: &Path, len: u64) -> ReadResult
 }
 
 fn read_npz_index_src(src: Src<'_>) -> ReadResult<NpzIndex> {
+    read_npz_index_counted(&src)
+}
+
+/// The index through `src`, whose `reads` then tell how many positional reads it took.
+pub(crate) fn read_npz_index_counted(src: &Src<'_>) -> ReadResult<NpzIndex> {
     let path = src.path;
-    let zip = read_zip_index_with(&src)?;
+    let zip = read_zip_index_with(src)?;
     let mut index = NpzIndex {
         file_len: zip.file_len,
         arrays: Vec::new(),
@@ -758,7 +765,7 @@ fn read_npz_index_src(src: Src<'_>) -> ReadResult<NpzIndex> {
             continue;
         };
         let bad = |msg: String| ReadError::new(ReadErrorKind::Malformed, path, Some(&key), msg);
-        let mut prefix = read_member_prefix_with(&src, &member, FIRST_READ)?;
+        let mut prefix = read_member_prefix_with(src, &member, FIRST_READ)?;
         let parsed = loop {
             match parse_npy_header(&prefix) {
                 Err(NpyHeaderError::Incomplete { needed }) => {
@@ -768,7 +775,7 @@ fn read_npz_index_src(src: Src<'_>) -> ReadResult<NpzIndex> {
                             member.uncompressed_size
                         )));
                     }
-                    prefix = read_member_prefix_with(&src, &member, needed)?;
+                    prefix = read_member_prefix_with(src, &member, needed)?;
                     if prefix.len() < needed {
                         break Err(NpyHeaderError::Malformed(format!(
                             "the npy header ({needed} bytes) could not be read from the member"
@@ -1042,6 +1049,43 @@ mod tests {
         read_npz_index_from(&f, t.path())
     }
 
+    /// A cache laid out as np.savez writes it: the latents first, the small members and the
+    /// directory at the end.
+    fn sd_scripts_like(extra_mid: bool) -> Vec<u8> {
+        let lat = npy("<f4", &[16, 128, 128], &vec![0u8; 16 * 128 * 128 * 4]);
+        let size = npy("<i8", &[2], &[0u8; 16]);
+        let crop = npy("<f8", &[4], &[0u8; 32]);
+        let mut members: Vec<(&str, &[u8], bool)> = vec![
+            ("latents_128x128.npy", &lat, false),
+            ("original_size_128x128.npy", &size, false),
+            ("crop_ltrb_128x128.npy", &crop, false),
+        ];
+        if extra_mid {
+            members.push(("latents_flipped_128x128.npy", &lat, false));
+        }
+        zip_bytes(
+            &members,
+            ZipOpts {
+                zip64_local: true,
+                ..ZipOpts::default()
+            },
+        )
+    }
+
+    #[test]
+    fn header_only_index_takes_one_read_per_region() {
+        // Head (the first member's headers) and tail (directory and small members): two reads.
+        // Each member in the middle of the file costs one more.
+        for (extra_mid, budget) in [(false, 2), (true, 3)] {
+            let t = temp_file(&sd_scripts_like(extra_mid));
+            let f = File::open(t.path()).unwrap();
+            let src = Src::new(&f, t.path()).unwrap();
+            let idx = read_npz_index_counted(&src).unwrap();
+            assert_eq!(idx.arrays.len(), 3 + usize::from(extra_mid));
+            assert_eq!(src.reads.get(), budget, "reads for extra_mid={extra_mid}");
+        }
+    }
+
     #[test]
     fn indexes_stored_and_deflated() {
         let lat = npy("<f4", &[2, 3], &f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
@@ -1162,6 +1206,9 @@ mod tests {
             b"{'descr': '<f8', 'fortran_order': False, 'shape': (1,), } x",
             b"{'descr': '<f8', 'fortran_order': False, 'shape': (03,), }",
             b"{'descr': '<f8', 'fortran_order': False, 'shape': (0, 3), }",
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (16, 128, 128), }   \n",
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (16, 128, 128), }  \n ",
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (16, 128, 128), }\n\n",
         ];
         for c in cases {
             if let Some(fast) = parse_numpy_layout(c) {
@@ -1181,6 +1228,12 @@ mod tests {
         assert!(parse_numpy_layout(cases[10]).is_none());
         assert!(parse_numpy_layout(cases[11]).is_none());
         assert!(parse_numpy_layout(cases[12]).is_some());
+        // numpy's own headers end with a newline: they must take the fast path.
+        assert!(parse_numpy_layout(cases[13]).is_some());
+        assert!(parse_numpy_layout(cases[14]).is_none());
+        assert!(parse_numpy_layout(cases[15]).is_none());
+        let h = encode_npy_header("<f4", false, &[16, 128, 128]);
+        assert!(parse_numpy_layout(&h[10..]).is_some());
     }
 
     proptest! {

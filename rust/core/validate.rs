@@ -151,6 +151,9 @@ enum FileKind {
 pub struct Opener {
     #[cfg(target_os = "linux")]
     dir: Option<(PathBuf, std::os::fd::OwnedFd)>,
+    /// The NUL-terminated name being opened, reused from file to file.
+    #[cfg(target_os = "linux")]
+    name: Vec<u8>,
 }
 
 impl Opener {
@@ -218,10 +221,18 @@ impl Opener {
             }
             _ => None,
         };
-        let (at, target) = match (dirfd, name) {
-            (Some(d), Some(n)) => (d, cstr(n.as_bytes())?),
-            _ => (libc::AT_FDCWD, cstr(path.as_os_str().as_bytes())?),
+        let (at, raw) = match (dirfd, name) {
+            (Some(d), Some(n)) => (d, n.as_bytes()),
+            _ => (libc::AT_FDCWD, path.as_os_str().as_bytes()),
         };
+        if raw.contains(&0) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"));
+        }
+        self.name.clear();
+        self.name.extend_from_slice(raw);
+        self.name.push(0);
+        let target = std::ffi::CStr::from_bytes_with_nul(&self.name)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
         let open = |extra: i32| {
             // SAFETY: `target` is NUL-terminated and `at` is AT_FDCWD or a directory descriptor we
             // hold open; the result is checked.
@@ -323,16 +334,34 @@ pub fn validate_with(
 
     let (w_px, h_px) = exp.bucket_reso;
     let (h, w) = (u64::from(h_px / 8), u64::from(w_px / 8));
-    let sfx = format!("_{h}x{w}");
-    let mut required: Vec<(String, Rule)> = vec![(format!("latents{sfx}"), Rule::Latents)];
+    // `_{h}x{w}` on the stack: keys are matched as prefix + suffix, without building each one.
+    let mut sfx_buf = [0u8; 24];
+    let sfx = {
+        use std::io::Write;
+        let mut cur = std::io::Cursor::new(&mut sfx_buf[..]);
+        let _ = write!(cur, "_{h}x{w}");
+        let n = cur.position() as usize;
+        std::str::from_utf8(&sfx_buf[..n]).unwrap_or("")
+    };
+    let mut required: [(&str, Rule); 5] = [("", Rule::Latents); 5];
+    let mut n_req = 0;
+    let mut need = |prefix: &'static str, rule: Rule| {
+        required[n_req] = (prefix, rule);
+        n_req += 1;
+    };
+    need("latents", Rule::Latents);
     if exp.flip_aug {
-        required.push((format!("latents_flipped{sfx}"), Rule::Latents));
+        need("latents_flipped", Rule::Latents);
     }
-    required.push((format!("original_size{sfx}"), Rule::OriginalSize));
-    required.push((format!("crop_ltrb{sfx}"), Rule::CropLtrb));
+    need("original_size", Rule::OriginalSize);
+    need("crop_ltrb", Rule::CropLtrb);
     if exp.alpha_mask {
-        required.push((format!("alpha_mask{sfx}"), Rule::AlphaMask));
+        need("alpha_mask", Rule::AlphaMask);
     }
+    let required = &required[..n_req];
+    let is_key = |key: &str, prefix: &str| {
+        key.len() == prefix.len() + sfx.len() && key.starts_with(prefix) && key.ends_with(sfx)
+    };
 
     let ctx = Ctx {
         path,
@@ -341,12 +370,15 @@ pub fn validate_with(
         h_px: u64::from(h_px),
         w_px: u64::from(w_px),
     };
-    for (key, rule) in &required {
-        if index.get(key).is_none() && index.get_unsupported(key).is_none() {
+    let mut entries: [Option<&ArrayEntry>; 5] = [None; 5];
+    for (slot, (prefix, rule)) in entries.iter_mut().zip(required) {
+        *slot = index.arrays.iter().find(|a| is_key(&a.key, prefix));
+        if slot.is_none() && !index.unsupported.iter().any(|u| is_key(&u.key, prefix)) {
+            let key = format!("{prefix}{sfx}");
             return Status::new(
                 Code::MissingKey,
                 path,
-                Some(key),
+                Some(&key),
                 format!(
                     "missing: expected {} for bucket {w_px}x{h_px}; found entries: {}",
                     ctx.expected(*rule),
@@ -355,21 +387,22 @@ pub fn validate_with(
             );
         }
     }
-    let mut entries: Vec<&ArrayEntry> = Vec::with_capacity(required.len());
-    for (key, rule) in &required {
-        match index.get(key) {
+    for (slot, (prefix, rule)) in entries.iter().zip(required) {
+        match slot {
             Some(a) => {
                 if let Some(s) = ctx.check(a, *rule) {
                     return s;
                 }
-                entries.push(a);
             }
             None => {
-                let descr = index.get_unsupported(key).map_or("?", |u| u.descr.as_str());
+                let key = format!("{prefix}{sfx}");
+                let descr = index
+                    .get_unsupported(&key)
+                    .map_or("?", |u| u.descr.as_str());
                 return Status::new(
                     Code::BadDtype,
                     path,
-                    Some(key),
+                    Some(&key),
                     format!(
                         "expected {}, found unsupported dtype {descr}",
                         ctx.expected(*rule)
@@ -384,7 +417,7 @@ pub fn validate_with(
             .iter()
             .zip(&entries)
             .filter(|((_, rule), _)| matches!(rule, Rule::Latents))
-            .map(|(_, a)| *a)
+            .filter_map(|(_, a)| *a)
             .collect();
         if let Some(s) = payload_checks(&file, path, &index, &latents, opts) {
             return s;

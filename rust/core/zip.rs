@@ -199,9 +199,11 @@ pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 /// Bytes read around a small request, so that the local header, its name and extra field and the
 /// npy header that follows (and neighbouring small members) come from one positional read.
 const WINDOW: u64 = 1 << 10;
+/// The window at the start of the file, which holds the first member's headers only.
+const HEAD_WINDOW: u64 = 512;
 /// The first read at the end of the file: the EOCD, the central directory of an npz with a few
 /// dozen members and, in sd-scripts files, the small members written last.
-const TAIL_WINDOW: u64 = 4 << 10;
+const TAIL_WINDOW: u64 = 2 << 10;
 const PAGE: u64 = 4 << 10;
 /// Reads up to this size are kept for reuse (the EOCD search window is the largest).
 const MAX_CACHED: u64 = (EOCD_LEN + MAX_COMMENT_LEN) as u64;
@@ -216,6 +218,8 @@ pub struct Src<'a> {
     pub(crate) path: &'a Path,
     len: u64,
     blocks: std::cell::RefCell<Vec<(u64, std::rc::Rc<Vec<u8>>)>>,
+    /// Positional reads issued so far (tests hold the header-only index to a read budget).
+    pub(crate) reads: std::cell::Cell<u32>,
 }
 
 /// Bytes read through a [`Src`]: a range of a shared window, so a cached read copies nothing.
@@ -224,6 +228,17 @@ pub struct Chunk {
     buf: std::rc::Rc<Vec<u8>>,
     start: usize,
     end: usize,
+}
+
+impl Chunk {
+    fn owned(buf: Vec<u8>) -> Self {
+        let end = buf.len();
+        Chunk {
+            buf: std::rc::Rc::new(buf),
+            start: 0,
+            end,
+        }
+    }
 }
 
 impl std::ops::Deref for Chunk {
@@ -250,6 +265,7 @@ impl<'a> Src<'a> {
             path,
             len,
             blocks: std::cell::RefCell::new(Vec::new()),
+            reads: std::cell::Cell::new(0),
         }
     }
 
@@ -288,6 +304,7 @@ impl<'a> Src<'a> {
                 }
             }
         }
+        self.reads.set(self.reads.get() + 1);
         if len > MAX_CACHED {
             let mut buf = vec![0u8; n];
             read_at(self.file, &mut buf, offset).map_err(|e| ReadError::io(self.path, entry, e))?;
@@ -297,7 +314,8 @@ impl<'a> Src<'a> {
                 end: n,
             });
         }
-        let wend = offset.saturating_add(WINDOW.max(len)).min(self.len);
+        let window = if offset == 0 { HEAD_WINDOW } else { WINDOW };
+        let wend = offset.saturating_add(window.max(len)).min(self.len);
         let mut block = vec![0u8; (wend - offset) as usize];
         read_at(self.file, &mut block, offset).map_err(|e| ReadError::io(self.path, entry, e))?;
         let block = std::rc::Rc::new(block);
@@ -601,7 +619,8 @@ fn parse_zip64_extra(
 /// A central-directory entry before its local header has been read.
 struct CdEntry {
     name: String,
-    raw_name: Vec<u8>,
+    /// Where the raw name lies in the central directory read.
+    raw_name: std::ops::Range<usize>,
     flags: u16,
     method: u16,
     crc32: u32,
@@ -730,7 +749,7 @@ pub fn read_zip_index_with(src: &Src<'_>) -> ReadResult<ZipIndex> {
         let csize = z[1].unwrap_or(u64::from(csize32));
         let lho = z[2].unwrap_or(u64::from(lho32));
         entries.push(CdEntry {
-            raw_name: raw_name.to_vec(),
+            raw_name: p + CENTRAL_LEN..p + CENTRAL_LEN + nlen,
             name,
             flags,
             method,
@@ -760,7 +779,7 @@ pub fn read_zip_index_with(src: &Src<'_>) -> ReadResult<ZipIndex> {
 
     let mut members = Vec::with_capacity(entries.len());
     for e in entries {
-        members.push(read_local(src, &e)?);
+        members.push(read_local(src, &cd, e)?);
     }
     check_layout(src, &members, eocd.cd_offset, eocd.cd_offset + eocd.cd_size)?;
     Ok(ZipIndex {
@@ -771,7 +790,7 @@ pub fn read_zip_index_with(src: &Src<'_>) -> ReadResult<ZipIndex> {
 }
 
 /// Read a member's local header and derive its payload offset.
-fn read_local(src: &Src<'_>, e: &CdEntry) -> ReadResult<Member> {
+fn read_local(src: &Src<'_>, cd: &[u8], e: CdEntry) -> ReadResult<Member> {
     let ent = Some(e.name.as_str());
     let h = src.read(e.lho, LOCAL_LEN as u64, ent, "local header")?;
     if &h[0..4] != LOCAL_SIG {
@@ -796,7 +815,7 @@ fn read_local(src: &Src<'_>, e: &CdEntry) -> ReadResult<Member> {
         "local header name and extra field",
     )?;
     let (lname, lextra) = var.split_at(nlen as usize);
-    if lname != e.raw_name.as_slice() {
+    if lname != &cd[e.raw_name.clone()] {
         return Err(src.malformed(
             ent,
             "the local header names a different file than the central directory",
@@ -873,7 +892,7 @@ fn read_local(src: &Src<'_>, e: &CdEntry) -> ReadResult<Member> {
         }
     }
     Ok(Member {
-        name: e.name.clone(),
+        name: e.name,
         compression,
         local_header_offset: e.lho,
         data_offset,
@@ -1005,7 +1024,7 @@ pub fn read_member_prefix(
     member: &Member,
     max_len: usize,
 ) -> ReadResult<Vec<u8>> {
-    read_member_prefix_with(&src_for(file, path)?, member, max_len)
+    read_member_prefix_with(&src_for(file, path)?, member, max_len).map(|c| c.to_vec())
 }
 
 /// [`read_member_prefix`] through a shared reader. A stored member's prefix is one (cached) read of
@@ -1014,20 +1033,18 @@ pub fn read_member_prefix_with(
     src: &Src<'_>,
     member: &Member,
     max_len: usize,
-) -> ReadResult<Vec<u8>> {
+) -> ReadResult<Chunk> {
     let want = (max_len as u64).min(member.uncompressed_size) as usize;
     if want == 0 {
-        return Ok(Vec::new());
+        return Ok(Chunk::owned(Vec::new()));
     }
     if member.compression == Compression::Stored {
-        return src
-            .read(
-                member.data_offset,
-                want as u64,
-                Some(member.name.as_str()),
-                "array header",
-            )
-            .map(|c| c.to_vec());
+        return src.read(
+            member.data_offset,
+            want as u64,
+            Some(member.name.as_str()),
+            "array header",
+        );
     }
     let mut out = Vec::with_capacity(want);
     let max_input = (want as u64).saturating_add(1 << 20);
@@ -1036,7 +1053,7 @@ pub fn read_member_prefix_with(
         out.extend_from_slice(&chunk[..take]);
         Ok(out.len() < want)
     })?;
-    Ok(out)
+    Ok(Chunk::owned(out))
 }
 
 /// Feed all of a member's uncompressed bytes to `sink`, in chunks of at most 256 KiB, checking
