@@ -149,6 +149,7 @@ def validate(
     check_finite: bool = False,
     workers: int | None = None,
 ) -> list[CacheStatus]: ...
+def _header_read_floor(paths: Sequence[_Path], workers: int | None = None) -> tuple[float, int]: ...
 
 # the npz writer (rust/py/write.rs)
 def write_npz(

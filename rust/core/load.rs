@@ -7,9 +7,9 @@ use rayon::prelude::*;
 
 use crate::core::error::{Error, Result};
 use crate::core::npy::{
-    read_array_bytes, read_npz_index_from, read_npz_index_with_len, ArrayEntry, ScalarKind,
+    read_array_bytes, read_npz_index_via, read_npz_index_with_len, ArrayEntry, ScalarKind,
 };
-use crate::core::zip::{read_at, Compression};
+use crate::core::zip::{read_at, Compression, Src};
 
 /// One array to hand to Python: where it lies and what it holds.
 #[derive(Debug, Clone)]
@@ -67,7 +67,7 @@ fn open(path: &Path) -> Result<File> {
     File::open(path).map_err(|e| Error::io(path, e))
 }
 
-fn decode_small(file: &File, path: &Path, entry: &ArrayEntry) -> Result<Vec<Scalar>> {
+fn decode_small(src: &Src<'_>, path: &Path, entry: &ArrayEntry) -> Result<Vec<Scalar>> {
     let h = &entry.header;
     if h.shape.len() != 1 || h.shape[0] > 64 {
         return Err(Error::npz(
@@ -79,7 +79,14 @@ fn decode_small(file: &File, path: &Path, entry: &ArrayEntry) -> Result<Vec<Scal
             ),
         ));
     }
-    let bytes = read_array_bytes(file, path, entry)?;
+    // A stored array of a few bytes lies in a window the index already read (sd-scripts writes
+    // these members last, next to the directory): no further read.
+    let bytes: Vec<u8> = match entry.array_offset {
+        Some(off) => src
+            .read(off, entry.array_len, Some(&entry.key), "array data")?
+            .to_vec(),
+        None => read_array_bytes(src.file, path, entry)?,
+    };
     let size = h.dtype.itemsize() as usize;
     let little = h.dtype.endian != crate::core::npy::Endian::Big;
     let mut out = Vec::with_capacity(h.shape[0] as usize);
@@ -135,7 +142,11 @@ pub fn plan(path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
 
 /// [`plan`] on an already open file, so that the caller can map the very file it planned.
 pub fn plan_from(file: &File, path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
-    let index = read_npz_index_from(file, path)?;
+    plan_via(&Src::new(file, path)?, path, bucket_reso)
+}
+
+fn plan_via(src: &Src<'_>, path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
+    let index = read_npz_index_via(src)?;
     let sfx = key_suffix(bucket_reso);
     let find = |name: &str| index.get(&format!("{name}{sfx}")).cloned();
     let required = |name: &str| {
@@ -161,8 +172,8 @@ pub fn plan_from(file: &File, path: &Path, bucket_reso: (u32, u32)) -> Result<Lo
         latents: ArraySpec { entry: latents },
         flipped: find("latents_flipped").map(|entry| ArraySpec { entry }),
         alpha_mask: find("alpha_mask").map(|entry| ArraySpec { entry }),
-        original_size: decode_small(file, path, &original_size)?,
-        crop_ltrb: decode_small(file, path, &crop_ltrb)?,
+        original_size: decode_small(src, path, &original_size)?,
+        crop_ltrb: decode_small(src, path, &crop_ltrb)?,
     })
 }
 
@@ -345,5 +356,50 @@ mod tests {
     #[test]
     fn suffix_is_latent_h_by_w() {
         assert_eq!(key_suffix((1024, 768)), "_96x128");
+    }
+
+    #[test]
+    fn plan_reads_the_head_and_the_tail_only() {
+        use crate::core::npy::testutil::npy;
+        use crate::core::zip::testutil::{temp_file, zip_bytes, ZipOpts};
+        // np.savez's layout of an sd-scripts cache: latents, then original_size and crop_ltrb.
+        let lat = npy("<f4", &[16, 64, 64], &vec![0u8; 16 * 64 * 64 * 4]);
+        let size: Vec<u8> = [1037i64, 1035]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let crop: Vec<u8> = [12.0f64, 0.0, 499.5, 512.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let z = zip_bytes(
+            &[
+                ("latents_64x64.npy", &lat, false),
+                ("original_size_64x64.npy", &npy("<i8", &[2], &size), false),
+                ("crop_ltrb_64x64.npy", &npy("<f8", &[4], &crop), false),
+            ],
+            ZipOpts {
+                zip64_local: true,
+                ..ZipOpts::default()
+            },
+        );
+        let t = temp_file(&z);
+        let f = File::open(t.path()).unwrap();
+        let src = Src::new(&f, t.path()).unwrap();
+        let plan = plan_via(&src, t.path(), (512, 512)).unwrap();
+        assert_eq!(
+            plan.original_size,
+            vec![Scalar::Int(1037), Scalar::Int(1035)]
+        );
+        assert_eq!(
+            plan.crop_ltrb,
+            vec![
+                Scalar::Float(12.0),
+                Scalar::Float(0.0),
+                Scalar::Float(499.5),
+                Scalar::Float(512.0)
+            ]
+        );
+        assert_eq!(src.reads.get(), 2);
     }
 }

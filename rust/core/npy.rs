@@ -746,11 +746,12 @@ pub fn read_npz_index_with_len(file: &File, path: &Path, len: u64) -> ReadResult
 }
 
 fn read_npz_index_src(src: Src<'_>) -> ReadResult<NpzIndex> {
-    read_npz_index_counted(&src)
+    read_npz_index_via(&src)
 }
 
-/// The index through `src`, whose `reads` then tell how many positional reads it took.
-pub(crate) fn read_npz_index_counted(src: &Src<'_>) -> ReadResult<NpzIndex> {
+/// The index through `src`, whose cached windows later small reads reuse and whose `reads` tell
+/// how many positional reads it took.
+pub(crate) fn read_npz_index_via(src: &Src<'_>) -> ReadResult<NpzIndex> {
     let path = src.path;
     let zip = read_zip_index_with(src)?;
     let mut index = NpzIndex {
@@ -1080,7 +1081,7 @@ mod tests {
             let t = temp_file(&sd_scripts_like(extra_mid));
             let f = File::open(t.path()).unwrap();
             let src = Src::new(&f, t.path()).unwrap();
-            let idx = read_npz_index_counted(&src).unwrap();
+            let idx = read_npz_index_via(&src).unwrap();
             assert_eq!(idx.arrays.len(), 3 + usize::from(extra_mid));
             assert_eq!(src.reads.get(), budget, "reads for extra_mid={extra_mid}");
         }

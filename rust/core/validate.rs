@@ -15,7 +15,9 @@ use crate::core::error::{Error, Result};
 use crate::core::npy::{
     read_npz_index_with_len, shape_repr, ArrayEntry, DType, NpzIndex, ScalarKind,
 };
-use crate::core::zip::{stream_member, Member, ReadError, ReadErrorKind};
+use crate::core::zip::{
+    read_at, stream_member, tail_window, Member, ReadError, ReadErrorKind, HEAD_READ,
+};
 
 /// What the cache must hold for one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -710,6 +712,53 @@ pub fn validate_many(
     }))
 }
 
+/// The cost floor of header-only validation on this machine, for `latentcache bench`: open each
+/// file as [`validate_many`] does, then only the two reads every check needs (the first member's
+/// headers and the end of the file) and close, on the same number of threads. No parsing, no
+/// results. Returns the elapsed time and how many files could be opened.
+pub fn header_read_floor(
+    paths: &[PathBuf],
+    workers: Option<usize>,
+) -> Result<(std::time::Duration, usize)> {
+    if workers == Some(0) {
+        return Err(Error::Value("workers must be at least 1".to_owned()));
+    }
+    let n = workers
+        .unwrap_or_else(default_workers)
+        .min(paths.len())
+        .max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(|e| Error::Value(format!("could not start {n} worker threads: {e}")))?;
+    let t0 = std::time::Instant::now();
+    let opened = pool.install(|| {
+        paths
+            .par_iter()
+            .with_min_len(16)
+            .map_init(
+                || {
+                    (
+                        Opener::default(),
+                        vec![0u8; (2 * HEAD_READ) as usize + 4096],
+                    )
+                },
+                |(opener, buf), p| {
+                    let Ok((file, _, len)) = opener.open(p) else {
+                        return 0usize;
+                    };
+                    let head = len.min(HEAD_READ) as usize;
+                    let _ = read_at(&file, &mut buf[..head], 0);
+                    let (start, tail) = tail_window(len);
+                    let _ = read_at(&file, &mut buf[..tail as usize], start);
+                    1
+                },
+            )
+            .sum()
+    });
+    Ok((t0.elapsed(), opened))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1046,6 +1095,22 @@ mod tests {
             }
             assert_eq!((s.count, s.bad, s.first_bad), (5, 2, Some(2)));
         }
+    }
+
+    #[test]
+    fn header_read_floor_opens_what_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths = Vec::new();
+        for i in 0..40 {
+            let p = dir.path().join(format!("{i}.npz"));
+            if i % 4 != 0 {
+                std::fs::write(&p, vec![7u8; 100 + i * 500]).unwrap();
+            }
+            paths.push(p);
+        }
+        let (_, opened) = header_read_floor(&paths, Some(3)).unwrap();
+        assert_eq!(opened, 30);
+        assert!(header_read_floor(&paths, Some(0)).is_err());
     }
 
     #[test]

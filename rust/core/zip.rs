@@ -278,7 +278,13 @@ impl<'a> Src<'a> {
     }
 
     /// Read `len` bytes at `offset`; a range beyond the end of the file is truncation.
-    fn read(&self, offset: u64, len: u64, entry: Option<&str>, what: &str) -> ReadResult<Chunk> {
+    pub(crate) fn read(
+        &self,
+        offset: u64,
+        len: u64,
+        entry: Option<&str>,
+        what: &str,
+    ) -> ReadResult<Chunk> {
         let end = offset.checked_add(len).filter(|&e| e <= self.len).ok_or_else(|| {
             self.err(
                 ReadErrorKind::Truncated,
@@ -370,6 +376,22 @@ fn describe_start(head: &[u8]) -> String {
 }
 
 /// Locate and decode the EOCD (and the ZIP64 EOCD when present).
+/// The first read at the end of a file of `len` bytes, as (start, length): from a page boundary when
+/// that still leaves at least half of [`TAIL_WINDOW`] (one page-cache page to look up instead of
+/// two), else the last [`TAIL_WINDOW`] bytes.
+pub(crate) fn tail_window(len: u64) -> (u64, u64) {
+    let page_start = (len.saturating_sub(TAIL_WINDOW / 2)) & !(PAGE - 1);
+    let tail_len = if len - page_start <= TAIL_WINDOW {
+        len - page_start
+    } else {
+        len.min(TAIL_WINDOW)
+    };
+    (len - tail_len, tail_len)
+}
+
+/// The first read at the start of a file: the first member's local and npy headers.
+pub(crate) const HEAD_READ: u64 = HEAD_WINDOW;
+
 fn find_eocd(src: &Src<'_>) -> ReadResult<Eocd> {
     let head_len = src.len.min(64);
     let head = src.read(0, head_len, None, "file start")?;
@@ -422,13 +444,7 @@ fn find_eocd(src: &Src<'_>) -> ReadResult<Eocd> {
     // window, so only a miss needs the full 64 KiB search.
     // Start on a page boundary when that still leaves at least half the window: one page-cache page
     // to look up instead of two.
-    let page_start = (src.len.saturating_sub(TAIL_WINDOW / 2)) & !(PAGE - 1);
-    let mut tail_len = if src.len - page_start <= TAIL_WINDOW {
-        src.len - page_start
-    } else {
-        src.len.min(TAIL_WINDOW)
-    };
-    let mut tail_start = src.len - tail_len;
+    let (mut tail_start, mut tail_len) = tail_window(src.len);
     let mut tail = src.read(tail_start, tail_len, None, "end of file")?;
     let (mut exact, mut lenient) = search(&tail);
     let full_len = src.len.min((EOCD_LEN + MAX_COMMENT_LEN) as u64);

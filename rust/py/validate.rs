@@ -180,3 +180,17 @@ pub fn validate(
         })
         .collect())
 }
+
+/// The floor under `validate` on this machine, for `latentcache bench`: the same opens and the two
+/// header reads per file on `workers` threads, with no parsing. Returns (seconds, files opened).
+#[pyfunction]
+#[pyo3(signature = (paths, workers = None))]
+pub fn _header_read_floor(
+    py: Python<'_>,
+    paths: Vec<PathBuf>,
+    workers: Option<usize>,
+) -> PyResult<(f64, usize)> {
+    let (elapsed, opened) =
+        super::detached(py, || core_validate::header_read_floor(&paths, workers))?;
+    Ok((elapsed.as_secs_f64(), opened))
+}

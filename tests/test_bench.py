@@ -1,0 +1,82 @@
+"""`latentcache bench` end to end on a small generated cache, and the sd-scripts load path it compares to."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import latentcache as lc
+from latentcache import _core
+from latentcache.bench import discover, generate, sd_scripts_check, sd_scripts_load
+
+
+def test_generated_caches_are_valid_and_match_the_sd_scripts_load_path(tmp_path: Path) -> None:
+    items = generate(tmp_path, 20)
+    st = lc.validate(
+        [i.path for i in items],
+        [i.bucket for i in items],
+        flip_aug=[i.flip for i in items],
+        alpha_mask=[i.alpha for i in items],
+    )
+    assert [s.code for s in st] == ["ok"] * 20
+    assert any(i.flip for i in items) and any(i.alpha for i in items) and any(i.extra_buckets for i in items)
+    for item in items:
+        assert sd_scripts_check(item)
+        ours = lc.load(item.path, item.bucket)
+        theirs = sd_scripts_load(item.path, item.bucket)
+        np.testing.assert_array_equal(ours.latents, theirs[0])
+        assert ours.original_size == theirs[1] and ours.crop_ltrb == theirs[2]
+        assert (ours.latents_flipped is None) == (theirs[3] is None) == (not item.flip)
+        assert (ours.alpha_mask is None) == (theirs[4] is None) == (not item.alpha)
+    found = discover(tmp_path, None)
+    assert sorted(i.path for i in found) == sorted(i.path for i in items)
+    by_path = {i.path: i for i in items}
+    for f in found:
+        assert f.bucket == by_path[f.path].bucket
+
+
+def test_header_read_floor_counts_what_it_opened(tmp_path: Path) -> None:
+    items = generate(tmp_path, 6)
+    paths = [i.path for i in items] + [str(tmp_path / "missing.npz")]
+    seconds, opened = _core._header_read_floor(paths, workers=2)
+    assert opened == 6 and seconds >= 0
+    with pytest.raises(ValueError):
+        _core._header_read_floor(paths, workers=0)
+
+
+def test_bench_command_prints_every_row_and_json(tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    out = subprocess.run(
+        [sys.executable, "-m", "latentcache", "bench", "--files", "12", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    figures = json.loads(out)
+    assert figures["files"] == 12
+    v = figures["validate_warm"]
+    assert v["ours_fps"] > 0 and v["sd_scripts_fps"] > 0 and v["floor_fps"] > 0
+    loads = figures["load_warm"]
+    for row in (
+        "load: latentcache.load + touch",
+        "load: np.load + touch",
+        "load: sd-scripts load_latents_from_disk + touch",
+        "load: safetensors load_file + touch",
+        "load: raw file read (limit)",
+    ):
+        assert loads[row]["fps"] > 0, row
+    text = subprocess.run(
+        [sys.executable, "-m", "latentcache", "bench", "--files", "8"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    for needle in ("validate: floor", "load vs raw read", "load vs sd-scripts load path", "load_batch"):
+        assert needle in text, needle
