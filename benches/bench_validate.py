@@ -125,6 +125,11 @@ def row(name: str, n: int, t: float, base: float | None = None) -> None:
     print(f"  {name:<40}{t:>9.3f} s{n / t:>12,.0f}/s{t / n * 1e6:>10.1f} us{ratio}")
 
 
+def floor(paths: list[str], workers: int | None) -> int:
+    """What opening each file and reading its two header regions costs here, with no parsing."""
+    return lc._core._header_read_floor(paths, workers)[1]
+
+
 def compare(paths: list[str], flips: list[bool], workers: int | None) -> None:
     n = len(paths)
     sd = lambda: sd_scripts_check(paths, flips, BUCKET)  # noqa: E731
@@ -134,10 +139,12 @@ def compare(paths: list[str], flips: list[bool], workers: int | None) -> None:
     sd()
     t_sd, good_sd = timed(sd, 3)
     t_lc, good_lc = timed(lcv, 3)
-    assert good_sd == good_lc == n, (good_sd, good_lc, n)
+    t_fl, opened = timed(lambda: floor(paths, workers), 3)
+    assert good_sd == good_lc == opened == n, (good_sd, good_lc, opened, n)
     print("warm page cache (best of 3)")
     row("sd-scripts exists + np.load + keys", n, t_sd)
     row(f"latentcache.validate (workers={workers or 'default'})", n, t_lc, t_sd)
+    row("floor: open + 2 header reads + close", n, t_fl, t_sd)
     warm = t_sd / t_lc
     why = drop_caches()
     if why is not None:
@@ -146,9 +153,11 @@ def compare(paths: list[str], flips: list[bool], workers: int | None) -> None:
     else:
         t_sd_c, _ = timed(sd, 2, drop_caches)
         t_lc_c, _ = timed(lcv, 2, drop_caches)
+        t_fl_c, _ = timed(lambda: floor(paths, workers), 2, drop_caches)
         print("cold page cache (dropped before each run, best of 2)")
         row("sd-scripts exists + np.load + keys", n, t_sd_c)
         row(f"latentcache.validate (workers={workers or 'default'})", n, t_lc_c, t_sd_c)
+        row("floor: open + 2 header reads + close", n, t_fl_c, t_sd_c)
         cold = t_sd_c / t_lc_c
     print(
         f"\nwarm: {warm:.1f}x (target >= {WARM_TARGET:.0f}x: {'MET' if warm >= WARM_TARGET else 'NOT MET'})"
@@ -178,16 +187,20 @@ def big(n: int, workers: int | None) -> None:
             paths.append(str(p))
         flips = [True] * n
         print(f"\n--big: {n} caches of {len(data)} bytes in {d} ({time.perf_counter() - t0:.1f} s to write)")
-        hdr = ("files", "latentcache s", "us/file", "sd-scripts s", "us/file", "speedup")
-        print("".join(f"{h:>{w}}" for h, w in zip(hdr, (9, 15, 10, 15, 10, 10), strict=True)))
+        hdr = ("files", "latentcache s", "us/file", "sd-scripts s", "us/file", "speedup", "floor us/file")
+        print("".join(f"{h:>{w}}" for h, w in zip(hdr, (9, 15, 10, 15, 10, 10, 15), strict=True)))
         for m in sorted({max(1, n // 10), n}):
             sub, fl = paths[:m], flips[:m]
             sd_scripts_check(sub, fl, bucket)
             t_lc, good = timed(lambda: ours(sub, fl, bucket, workers), 3)  # noqa: B023
             assert good == m
             t_sd, _ = timed(lambda: sd_scripts_check(sub, fl, bucket), 1 if m > 20_000 else 2)  # noqa: B023
+            t_fl, _ = timed(lambda: floor(sub, workers), 3)  # noqa: B023
             us_lc, us_sd = t_lc / m * 1e6, t_sd / m * 1e6
-            print(f"{m:>9}{t_lc:>15.3f}{us_lc:>10.2f}{t_sd:>15.3f}{us_sd:>10.1f}{t_sd / t_lc:>9.1f}x")
+            print(
+                f"{m:>9}{t_lc:>15.3f}{us_lc:>10.2f}{t_sd:>15.3f}{us_sd:>10.1f}{t_sd / t_lc:>9.1f}x"
+                f"{t_fl / m * 1e6:>15.2f}"
+            )
 
 
 def main() -> None:

@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import latentcache as lc
 import numpy as np
 import pytest
-
-import latentcache as lc
 from latentcache import _core
 from latentcache.bench import discover, generate, sd_scripts_check, sd_scripts_load
 
