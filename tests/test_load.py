@@ -100,6 +100,24 @@ def test_zero_copy_and_private(tmp_path: Path) -> None:
     assert lc.load(p, BUCKET).latents[0, 0, 0] != 7.0
 
 
+def test_copy_maps_nothing_and_survives_an_in_place_rewrite(tmp_path: Path) -> None:
+    p = write_aligned(tmp_path / "copy_probe.npz", arrays_for(BUCKET, flip=True, alpha=True))
+    ref = np_reference(p, BUCKET)
+    got = lc.load(p, BUCKET, copy=True)
+    assert_same(got, ref)
+    for a in (got.latents, got.latents_flipped, got.alpha_mask):
+        assert mapping_of(a) is None
+        assert a.flags.writeable and a.ctypes.data % 16 == 0
+    if os.path.exists("/proc/self/maps"):
+        assert str(p) not in Path("/proc/self/maps").read_text()
+    # What stock np.savez does to a cache in place: truncate, then write. Owned arrays are unaffected
+    # (a mapped array would raise SIGBUS when touched past the new end).
+    with open(p, "r+b") as f:
+        f.truncate(0)
+    np.testing.assert_array_equal(got.latents, ref[0])
+    np.testing.assert_array_equal(got.alpha_mask, ref[4])
+
+
 def test_stock_files_get_aligned_copies(tmp_path: Path) -> None:
     p = write_stock(tmp_path / "a.npz", arrays_for(BUCKET))
     got = lc.load(p, BUCKET)

@@ -24,6 +24,7 @@ __all__ = [
     "scan_directory",
     "status_codes",
     "validate",
+    "_header_read_floor",
     "find_temp_files",
     "read_meta_bytes",
     "remove_stale_temp",

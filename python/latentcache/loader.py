@@ -35,13 +35,15 @@ def _os_handle(fd: int) -> int:
     return int(fd)
 
 
-def _array(spec: _core.ArraySpec, fd: int, handle: int, path: str, mm: list[mmap.mmap | None]) -> np.ndarray:
+def _array(
+    spec: _core.ArraySpec, fd: int, handle: int, path: str, mm: list[mmap.mmap | None], copy: bool
+) -> np.ndarray:
     dtype = np.dtype(spec.descr)
     shape = tuple(spec.shape)
     order = "F" if spec.fortran_order else "C"
     count = spec.nbytes // dtype.itemsize if dtype.itemsize else 0
     offset = spec.offset
-    if offset is not None and count:
+    if offset is not None and count and not copy:
         if mm[0] is None:
             # A private copy-on-write mapping: the arrays are writable (torch takes them without a
             # warning) and a write never reaches the file. The mapping lives as long as an array
@@ -56,7 +58,7 @@ def _array(spec: _core.ArraySpec, fd: int, handle: int, path: str, mm: list[mmap
     return flat.reshape(shape, order=order)
 
 
-def load(path: _PathLike, bucket_reso: tuple[int, int]) -> CachedLatents:
+def load(path: _PathLike, bucket_reso: tuple[int, int], *, copy: bool = False) -> CachedLatents:
     """Load one bucket's arrays from a cache file.
 
     Stored arrays whose data is aligned (every latentcache-written file) are views of a private
@@ -68,11 +70,14 @@ def load(path: _PathLike, bucket_reso: tuple[int, int]) -> CachedLatents:
     leaves existing mappings intact; a tool that truncates and rewrites a cache in place (stock
     sd-scripts' ``np.savez``) while arrays from it are alive makes touching them fail with SIGBUS,
     as with any memory map. Each call keeps one mapping while its arrays live (Linux allows about
-    65,000 per process by default).
+    65,000 per process by default). ``copy=True`` reads every array into memory the caller owns
+    instead: no mapping outlives the call, at the cost of reading the arrays whether or not they
+    are used.
 
     Args:
         path: the ``.npz`` cache file.
         bucket_reso: the bucket ``(W, H)`` in pixels; keys carry ``_{H//8}x{W//8}``.
+        copy: never map; read each array once into owned, aligned memory.
 
     Returns:
         ``CachedLatents(latents, original_size, crop_ltrb, latents_flipped, alpha_mask)``.
@@ -90,11 +95,11 @@ def load(path: _PathLike, bucket_reso: tuple[int, int]) -> CachedLatents:
         latents, flipped, alpha, original_size, crop_ltrb = _core.load_plan(handle, p, bucket_reso)
         mm: list[mmap.mmap | None] = [None]
         return CachedLatents(
-            _array(latents, fd, handle, p, mm),
+            _array(latents, fd, handle, p, mm, copy),
             original_size,
             crop_ltrb,
-            None if flipped is None else _array(flipped, fd, handle, p, mm),
-            None if alpha is None else _array(alpha, fd, handle, p, mm),
+            None if flipped is None else _array(flipped, fd, handle, p, mm, copy),
+            None if alpha is None else _array(alpha, fd, handle, p, mm, copy),
         )
     finally:
         os.close(fd)
