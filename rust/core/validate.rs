@@ -152,7 +152,7 @@ enum FileKind {
 #[derive(Default)]
 pub struct Opener {
     #[cfg(target_os = "linux")]
-    dir: Option<(PathBuf, std::os::fd::OwnedFd)>,
+    dir: Option<(Vec<u8>, std::os::fd::OwnedFd)>,
     /// The NUL-terminated name being opened, reused from file to file.
     #[cfg(target_os = "linux")]
     name: Vec<u8>,
@@ -198,14 +198,27 @@ impl Opener {
             CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
         };
         let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC;
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-        let name = path.file_name();
+        // `dir/name`, split at the last slash: the folder is opened once for a run of its files.
+        // Other forms (no folder, a root-level file, a trailing slash, `.` or `..` as the last
+        // component) are opened whole, with the kernel's own rules.
+        let bytes = path.as_os_str().as_bytes();
+        let (parent, name): (Option<&[u8]>, Option<&[u8]>) = match bytes
+            .iter()
+            .rposition(|&b| b == b'/')
+        {
+            Some(i) if i > 0 && i + 1 < bytes.len() && !matches!(&bytes[i + 1..], b"." | b"..") => {
+                (Some(&bytes[..i]), Some(&bytes[i + 1..]))
+            }
+            _ => (None, None),
+        };
         let dirfd = match (parent, name) {
             (Some(parent), Some(_)) => {
-                let cached = matches!(&self.dir, Some((p, _)) if p == parent);
+                // The same folder as the last file, by its bytes (a differently spelt path to the
+                // same folder just opens it again).
+                let cached = matches!(&self.dir, Some((p, _)) if p.as_slice() == parent);
                 if !cached {
                     self.dir = None;
-                    let c = cstr(parent.as_os_str().as_bytes())?;
+                    let c = cstr(parent)?;
                     // SAFETY: `c` is a valid NUL-terminated string; the result is checked.
                     let fd = unsafe {
                         libc::open(
@@ -215,8 +228,7 @@ impl Opener {
                     };
                     if fd >= 0 {
                         // SAFETY: `fd` is a descriptor we just opened and own.
-                        self.dir =
-                            Some((parent.to_path_buf(), unsafe { OwnedFd::from_raw_fd(fd) }));
+                        self.dir = Some((parent.to_vec(), unsafe { OwnedFd::from_raw_fd(fd) }));
                     }
                 }
                 self.dir.as_ref().map(|(_, fd)| fd.as_raw_fd())
@@ -224,8 +236,8 @@ impl Opener {
             _ => None,
         };
         let (at, raw) = match (dirfd, name) {
-            (Some(d), Some(n)) => (d, n.as_bytes()),
-            _ => (libc::AT_FDCWD, path.as_os_str().as_bytes()),
+            (Some(d), Some(n)) => (d, n),
+            _ => (libc::AT_FDCWD, bytes),
         };
         if raw.contains(&0) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"));
@@ -884,6 +896,35 @@ mod tests {
             ZipOpts::default(),
         );
         assert_eq!(code(&dup, &EXP), Code::Malformed);
+    }
+
+    #[test]
+    fn every_spelling_of_a_path_opens_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("a.npz"), Cache::anima().bytes(false)).unwrap();
+        let s = d.to_str().unwrap();
+        let mut opener = Opener::default();
+        let opts = Options::default();
+        // One worker's opener, folder handle reused or replaced between spellings.
+        for (p, want) in [
+            (format!("{s}/a.npz"), Code::Ok),
+            (format!("{s}//a.npz"), Code::Ok),
+            (format!("{s}/./a.npz"), Code::Ok),
+            (format!("{s}/sub/../a.npz"), Code::Ok),
+            (format!("{s}/sub/../sub/../a.npz"), Code::Ok),
+            (format!("{s}/a.npz"), Code::Ok),
+            (format!("{s}/sub"), Code::NotNpz),
+            (format!("{s}/sub/"), Code::NotNpz),
+            (format!("{s}/sub/."), Code::NotNpz),
+            (format!("{s}/sub/.."), Code::NotNpz),
+            (format!("{s}/b.npz"), Code::Missing),
+            (format!("{s}/a.npz/"), Code::IoError),
+        ] {
+            let st = validate_with(&mut opener, Path::new(&p), &EXP, &opts);
+            assert_eq!(st.code, want, "{p}: {}", st.message);
+        }
     }
 
     #[test]
