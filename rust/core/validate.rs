@@ -138,6 +138,20 @@ enum Rule {
     CropLtrb,
 }
 
+/// A read failed because the path is a folder (the Linux opener sizes files with lseek, which a
+/// folder may answer).
+fn is_dir_error(e: &ReadError) -> bool {
+    #[cfg(unix)]
+    {
+        e.source.as_ref().and_then(io::Error::raw_os_error) == Some(libc::EISDIR)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        false
+    }
+}
+
 /// What an open file is, from one `fstat` of its descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FileKind {
@@ -264,6 +278,14 @@ impl Opener {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,
             other => other?,
         };
+        // The length from lseek, which is cheaper than fstat; a directory that reports one fails its
+        // first read with EISDIR (see `validate_with`). Anything lseek cannot size (a FIFO, some
+        // folders) or sizes at 0 bytes gets an fstat to say what it is.
+        // SAFETY: `file` is an open descriptor; the result is checked.
+        let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+        if end > 0 {
+            return Ok((file, FileKind::Regular, end as u64));
+        }
         // SAFETY: an all-zero `stat` is a valid value to be overwritten; the result is checked.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: `file` is open and `st` is a valid out-pointer.
@@ -343,6 +365,9 @@ pub fn validate_with(
     }
     let index = match read_npz_index_with_len(&file, path, len) {
         Ok(i) => i,
+        Err(e) if is_dir_error(&e) => {
+            return Status::new(Code::NotNpz, path, None, "is a directory, not an npz file")
+        }
         Err(e) => return Status::from_read(&e),
     };
 
@@ -924,6 +949,34 @@ mod tests {
         ] {
             let st = validate_with(&mut opener, Path::new(&p), &EXP, &opts);
             assert_eq!(st.code, want, "{p}: {}", st.message);
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn what_is_not_a_regular_file_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("f_0032x0016_anima.npz");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; the result is checked.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::fs::write(dir.path().join("empty.npz"), b"").unwrap();
+        let mut cases = vec![
+            (fifo, Code::NotNpz, "not a regular file"),
+            (dir.path().join("empty.npz"), Code::Empty, "empty"),
+            (dir.path().to_path_buf(), Code::NotNpz, "directory"),
+        ];
+        // A device lseek sizes at 0 bytes, and a tmpfs folder that lseek cannot size at all.
+        if Path::new("/dev/null").exists() {
+            cases.push(("/dev/null".into(), Code::NotNpz, "not a regular file"));
+        }
+        if Path::new("/dev/shm").is_dir() {
+            cases.push(("/dev/shm".into(), Code::NotNpz, "directory"));
+        }
+        for (p, want, says) in cases {
+            let st = validate_one(&p, &EXP, &Options::default());
+            assert_eq!(st.code, want, "{}: {}", p.display(), st.message);
+            assert!(st.message.contains(says), "{}: {}", p.display(), st.message);
         }
     }
 
