@@ -488,6 +488,27 @@ impl Parser<'_> {
 /// plus padding, parsed without the general parser; anything else returns None and takes the
 /// general path, so this changes speed, never results.
 fn parse_numpy_layout(dict: &[u8]) -> Option<(Descr, bool, Vec<u64>)> {
+    let (descr, fortran, shape) = parse_numpy_layout_ref(dict)?;
+    Some((Descr::Str(descr.to_owned()), fortran, shape.dims().to_vec()))
+}
+
+/// A shape of up to [`InlineShape::MAX`] dimensions, without an allocation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InlineShape {
+    dims: [u64; Self::MAX],
+    len: usize,
+}
+
+impl InlineShape {
+    pub(crate) const MAX: usize = 64;
+
+    pub(crate) fn dims(&self) -> &[u64] {
+        &self.dims[..self.len]
+    }
+}
+
+/// [`parse_numpy_layout`] borrowing the descr from `dict` and keeping the shape inline.
+pub(crate) fn parse_numpy_layout_ref(dict: &[u8]) -> Option<(&str, bool, InlineShape)> {
     let rest = dict.strip_prefix(b"{'descr': '")?;
     let q = rest.iter().position(|&c| c == b'\'')?;
     let descr = std::str::from_utf8(&rest[..q]).ok()?;
@@ -506,14 +527,17 @@ fn parse_numpy_layout(dict: &[u8]) -> Option<(Descr, bool, Vec<u64>)> {
     let rest = rest.strip_prefix(b", 'shape': (")?;
     let close = rest.iter().position(|&c| c == b')')?;
     let (inner, rest) = (&rest[..close], &rest[close + 1..]);
-    let mut shape = Vec::with_capacity(4);
+    let mut shape = InlineShape {
+        dims: [0; InlineShape::MAX],
+        len: 0,
+    };
     if !inner.is_empty() {
         let mut parts = inner.split(|&c| c == b',').peekable();
         while let Some(part) = parts.next() {
             let part = part.strip_prefix(b" ").unwrap_or(part);
             if part.is_empty() {
                 // Only a trailing comma may leave an empty part, and only after one element: `(3,)`.
-                if parts.peek().is_some() || shape.len() != 1 {
+                if parts.peek().is_some() || shape.len != 1 {
                     return None;
                 }
                 continue;
@@ -521,16 +545,15 @@ fn parse_numpy_layout(dict: &[u8]) -> Option<(Descr, bool, Vec<u64>)> {
             if part.len() > 19
                 || !part.iter().all(u8::is_ascii_digit)
                 || (part.len() > 1 && part[0] == b'0')
+                || shape.len == InlineShape::MAX
             {
                 return None;
             }
-            shape.push(std::str::from_utf8(part).ok()?.parse().ok()?);
-            if shape.len() > 64 {
-                return None;
-            }
+            shape.dims[shape.len] = std::str::from_utf8(part).ok()?.parse().ok()?;
+            shape.len += 1;
         }
         // `(3)` is not a tuple: a single element needs its trailing comma.
-        if shape.len() == 1 && !inner.ends_with(b",") {
+        if shape.len == 1 && !inner.ends_with(b",") {
             return None;
         }
     }
@@ -540,7 +563,7 @@ fn parse_numpy_layout(dict: &[u8]) -> Option<(Descr, bool, Vec<u64>)> {
     if !rest.iter().all(|&c| c == b' ') {
         return None;
     }
-    Some((Descr::Str(descr.to_owned()), fortran, shape))
+    Some((descr, fortran, shape))
 }
 
 fn parse_dict(

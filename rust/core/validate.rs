@@ -131,7 +131,7 @@ impl Status {
 
 /// What a key must hold.
 #[derive(Clone, Copy)]
-enum Rule {
+pub(crate) enum Rule {
     Latents,
     AlphaMask,
     OriginalSize,
@@ -325,6 +325,76 @@ fn io_status(path: &Path, e: &io::Error) -> Status {
     }
 }
 
+/// The keys one expectation requires, as (prefix, rule) with the shared `_{h}x{w}` suffix, built
+/// on the stack: keys are matched as prefix + suffix, never formatted per file.
+pub(crate) struct Required {
+    sfx: [u8; 24],
+    sfx_len: usize,
+    list: [(&'static str, Rule); 5],
+    len: usize,
+}
+
+impl Required {
+    pub(crate) fn new(exp: &Expectation) -> Self {
+        let (w_px, h_px) = exp.bucket_reso;
+        let mut sfx = [0u8; 24];
+        let sfx_len = {
+            use std::io::Write;
+            let mut cur = std::io::Cursor::new(&mut sfx[..]);
+            let _ = write!(cur, "_{}x{}", h_px / 8, w_px / 8);
+            cur.position() as usize
+        };
+        let mut r = Required {
+            sfx,
+            sfx_len,
+            list: [("", Rule::Latents); 5],
+            len: 0,
+        };
+        let mut need = |prefix: &'static str, rule: Rule| {
+            r.list[r.len] = (prefix, rule);
+            r.len += 1;
+        };
+        need("latents", Rule::Latents);
+        if exp.flip_aug {
+            need("latents_flipped", Rule::Latents);
+        }
+        need("original_size", Rule::OriginalSize);
+        need("crop_ltrb", Rule::CropLtrb);
+        if exp.alpha_mask {
+            need("alpha_mask", Rule::AlphaMask);
+        }
+        r
+    }
+
+    pub(crate) fn sfx(&self) -> &str {
+        std::str::from_utf8(&self.sfx[..self.sfx_len]).unwrap_or("")
+    }
+
+    pub(crate) fn list(&self) -> &[(&'static str, Rule)] {
+        &self.list[..self.len]
+    }
+
+    /// `key` is `prefix` followed by the suffix.
+    pub(crate) fn is_key(&self, key: &str, prefix: &str) -> bool {
+        let sfx = self.sfx();
+        key.len() == prefix.len() + sfx.len() && key.starts_with(prefix) && key.ends_with(sfx)
+    }
+}
+
+/// The context of the rule checks: the file and the expected latent and pixel sizes.
+impl<'a> Ctx<'a> {
+    pub(crate) fn new(path: &'a Path, exp: &Expectation) -> Self {
+        let (w_px, h_px) = exp.bucket_reso;
+        Ctx {
+            path,
+            h: u64::from(h_px / 8),
+            w: u64::from(w_px / 8),
+            h_px: u64::from(h_px),
+            w_px: u64::from(w_px),
+        }
+    }
+}
+
 /// Validate one Anima cache file against what the trainer will ask of it.
 ///
 /// Args: `path` of the `.npz`, `exp` the bucket and options it was cached for, `opts` opt-in checks.
@@ -363,6 +433,11 @@ pub fn validate_with(
     if len == 0 {
         return Status::new(Code::Empty, path, None, "the file is empty (0 bytes)");
     }
+    // The common layout, checked without an allocation; anything else (and every failure, for
+    // its message) takes the general reader below.
+    if !(opts.verify_crc || opts.check_finite) && crate::core::quick::quick_ok(&file, len, exp) {
+        return Status::ok();
+    }
     let index = match read_npz_index_with_len(&file, path, len) {
         Ok(i) => i,
         Err(e) if is_dir_error(&e) => {
@@ -371,44 +446,12 @@ pub fn validate_with(
         Err(e) => return Status::from_read(&e),
     };
 
+    let req = Required::new(exp);
+    let (sfx, required) = (req.sfx(), req.list());
+    let is_key = |key: &str, prefix: &str| req.is_key(key, prefix);
     let (w_px, h_px) = exp.bucket_reso;
-    let (h, w) = (u64::from(h_px / 8), u64::from(w_px / 8));
-    // `_{h}x{w}` on the stack: keys are matched as prefix + suffix, without building each one.
-    let mut sfx_buf = [0u8; 24];
-    let sfx = {
-        use std::io::Write;
-        let mut cur = std::io::Cursor::new(&mut sfx_buf[..]);
-        let _ = write!(cur, "_{h}x{w}");
-        let n = cur.position() as usize;
-        std::str::from_utf8(&sfx_buf[..n]).unwrap_or("")
-    };
-    let mut required: [(&str, Rule); 5] = [("", Rule::Latents); 5];
-    let mut n_req = 0;
-    let mut need = |prefix: &'static str, rule: Rule| {
-        required[n_req] = (prefix, rule);
-        n_req += 1;
-    };
-    need("latents", Rule::Latents);
-    if exp.flip_aug {
-        need("latents_flipped", Rule::Latents);
-    }
-    need("original_size", Rule::OriginalSize);
-    need("crop_ltrb", Rule::CropLtrb);
-    if exp.alpha_mask {
-        need("alpha_mask", Rule::AlphaMask);
-    }
-    let required = &required[..n_req];
-    let is_key = |key: &str, prefix: &str| {
-        key.len() == prefix.len() + sfx.len() && key.starts_with(prefix) && key.ends_with(sfx)
-    };
 
-    let ctx = Ctx {
-        path,
-        h,
-        w,
-        h_px: u64::from(h_px),
-        w_px: u64::from(w_px),
-    };
+    let ctx = Ctx::new(path, exp);
     let mut entries: [Option<&ArrayEntry>; 5] = [None; 5];
     for (slot, (prefix, rule)) in entries.iter_mut().zip(required) {
         *slot = index.arrays.iter().find(|a| is_key(&a.key, prefix));
@@ -465,7 +508,7 @@ pub fn validate_with(
     Status::ok()
 }
 
-struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     path: &'a Path,
     h: u64,
     w: u64,
@@ -487,53 +530,71 @@ impl Ctx<'_> {
         }
     }
 
+    /// What, if anything, is wrong with an array of this dtype, order and shape under `rule`.
+    pub(crate) fn fault(
+        &self,
+        dtype: &DType,
+        fortran: bool,
+        shape: &[u64],
+        rule: Rule,
+    ) -> Option<Fault> {
+        let dtype_ok = dtype.is_native_order()
+            && match rule {
+                Rule::Latents | Rule::AlphaMask => dtype.kind == ScalarKind::F4,
+                Rule::OriginalSize => dtype.is_integer(),
+                Rule::CropLtrb => dtype.is_integer() || dtype.is_float(),
+            };
+        if !dtype_ok {
+            return Some(Fault::Dtype);
+        }
+        let shape_ok = match rule {
+            Rule::Latents => shape == [16, self.h, self.w] || shape == [16, 1, self.h, self.w],
+            Rule::AlphaMask => shape == [self.h_px, self.w_px],
+            Rule::OriginalSize => shape == [2],
+            Rule::CropLtrb => shape == [4],
+        };
+        if !shape_ok {
+            return Some(Fault::Shape);
+        }
+        if fortran && shape.iter().filter(|&&d| d > 1).count() > 1 {
+            return Some(Fault::Order);
+        }
+        None
+    }
+
     /// The dtype/shape/layout check of one present array.
     fn check(&self, a: &ArrayEntry, rule: Rule) -> Option<Status> {
         let hd = &a.header;
         let found = || format!("found {} {}", hd.dtype, shape_repr(&hd.shape));
-        let is_f32 = |d: &DType| d.kind == ScalarKind::F4;
-        let dtype_ok = hd.dtype.is_native_order()
-            && match rule {
-                Rule::Latents | Rule::AlphaMask => is_f32(&hd.dtype),
-                Rule::OriginalSize => hd.dtype.is_integer(),
-                Rule::CropLtrb => hd.dtype.is_integer() || hd.dtype.is_float(),
-            };
-        let bad = |code| {
-            Some(Status::new(
-                code,
-                self.path,
-                Some(&a.key),
+        let (code, msg) = match self.fault(&hd.dtype, hd.fortran_order, &hd.shape, rule)? {
+            Fault::Dtype => (
+                Code::BadDtype,
                 format!("expected {}, {}", self.expected(rule), found()),
-            ))
-        };
-        if !dtype_ok {
-            return bad(Code::BadDtype);
-        }
-        let shape_ok = match rule {
-            Rule::Latents => {
-                hd.shape == [16, self.h, self.w] || hd.shape == [16, 1, self.h, self.w]
-            }
-            Rule::AlphaMask => hd.shape == [self.h_px, self.w_px],
-            Rule::OriginalSize => hd.shape == [2],
-            Rule::CropLtrb => hd.shape == [4],
-        };
-        if !shape_ok {
-            return bad(Code::BadShape);
-        }
-        if hd.fortran_order && hd.shape.iter().filter(|&&d| d > 1).count() > 1 {
-            return Some(Status::new(
+            ),
+            Fault::Shape => (
                 Code::BadShape,
-                self.path,
-                Some(&a.key),
+                format!("expected {}, {}", self.expected(rule), found()),
+            ),
+            Fault::Order => (
+                Code::BadShape,
                 format!(
                     "expected {} in C order, {} in Fortran order",
                     self.expected(rule),
                     found()
                 ),
-            ));
-        }
-        None
+            ),
+        };
+        Some(Status::new(code, self.path, Some(&a.key), msg))
     }
+}
+
+/// Why an array fails its rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    Dtype,
+    Shape,
+    /// Fortran order with more than one non-trivial axis.
+    Order,
 }
 
 fn list_keys(index: &NpzIndex) -> String {
@@ -702,8 +763,8 @@ pub fn default_workers() -> usize {
 /// Args: `paths`; `exps` of length 1 (shared) or `paths.len()`; `opts`; `workers` (default
 /// [`default_workers`]).
 /// Returns: one [`Status`] per path, or `Error::Value` for bad arguments.
-pub fn validate_many(
-    paths: &[PathBuf],
+pub fn validate_many<P: AsRef<Path> + Sync>(
+    paths: &[P],
     exps: &[Expectation],
     opts: &Options,
     workers: Option<usize>,
@@ -728,7 +789,7 @@ pub fn validate_many(
         return Ok(paths
             .iter()
             .enumerate()
-            .map(|(i, p)| validate_guarded(&mut opener, p, exp_for(i), opts))
+            .map(|(i, p)| validate_guarded(&mut opener, p.as_ref(), exp_for(i), opts))
             .collect());
     }
     let pool = rayon::ThreadPoolBuilder::new()
@@ -743,7 +804,7 @@ pub fn validate_many(
             // Runs of at least 16 files per split keep each worker's folder handle useful.
             .with_min_len(16)
             .map_init(Opener::default, |opener, (i, p)| {
-                validate_guarded(opener, p, exp_for(i), opts)
+                validate_guarded(opener, p.as_ref(), exp_for(i), opts)
             })
             .collect()
     }))
@@ -1239,7 +1300,9 @@ mod tests {
         assert_eq!(want[9].code, Code::Missing);
         assert!(validate_many(&paths, &[EXP, EXP], &FULL, None).is_err());
         assert!(validate_many(&paths, &[EXP], &FULL, Some(0)).is_err());
-        assert!(validate_many(&[], &[EXP], &FULL, None).unwrap().is_empty());
+        assert!(validate_many::<PathBuf>(&[], &[EXP], &FULL, None)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -29,12 +29,12 @@ pub(crate) const EOCD_SIG: &[u8; 4] = b"PK\x05\x06";
 pub(crate) const ZIP64_LOCATOR_SIG: &[u8; 4] = b"PK\x06\x07";
 pub(crate) const ZIP64_EOCD_SIG: &[u8; 4] = b"PK\x06\x06";
 
-const EOCD_LEN: usize = 22;
+pub(crate) const EOCD_LEN: usize = 22;
 const MAX_COMMENT_LEN: usize = 65535;
-const ZIP64_LOCATOR_LEN: u64 = 20;
-const ZIP64_EOCD_LEN: u64 = 56;
-const CENTRAL_LEN: usize = 46;
-const LOCAL_LEN: usize = 30;
+pub(crate) const ZIP64_LOCATOR_LEN: u64 = 20;
+pub(crate) const ZIP64_EOCD_LEN: u64 = 56;
+pub(crate) const CENTRAL_LEN: usize = 46;
+pub(crate) const LOCAL_LEN: usize = 30;
 pub(crate) const ZIP64_EXTRA_ID: u16 = 0x0001;
 
 /// The largest central directory we read (bounds the one allocation it needs). An npz with a
@@ -338,15 +338,15 @@ impl<'a> Src<'a> {
     }
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
+pub(crate) fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)
@@ -578,13 +578,13 @@ fn decode_name(raw: &[u8], utf8: bool) -> Option<String> {
 
 /// Values from a ZIP64 extended-information extra field (id 0x0001). Only the fields whose
 /// 32-bit header value is 0xFFFFFFFF are present, in the order usize, csize, offset.
-struct Zip64Need {
-    usize: bool,
-    csize: bool,
-    offset: bool,
+pub(crate) struct Zip64Need {
+    pub(crate) usize: bool,
+    pub(crate) csize: bool,
+    pub(crate) offset: bool,
 }
 
-fn parse_zip64_extra(
+pub(crate) fn parse_zip64_extra(
     extra: &[u8],
     need: &Zip64Need,
 ) -> std::result::Result<[Option<u64>; 3], String> {

@@ -1,5 +1,6 @@
 //! Bindings for `core::validate`: `validate` and the `CacheStatus` it returns.
-use std::path::PathBuf;
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -121,21 +122,22 @@ pub fn validate(
     workers: Option<usize>,
 ) -> PyResult<Vec<PyCacheStatus>> {
     let n = paths.len();
-    // Keep each caller's str object for the status; Path objects become their str.
+    // Keep each caller's str object for the status; Path objects become their str. A str that is
+    // valid UTF-8 (nearly all) is read in place, without a copy: `paths` keeps it alive, and
+    // Python strings never change, so the borrowed text stays valid while the lock is released.
     let mut names: Vec<Bound<'_, PyString>> = Vec::with_capacity(n);
-    let mut bufs: Vec<PathBuf> = Vec::with_capacity(n);
+    let mut bufs: Vec<Cow<'_, Path>> = Vec::with_capacity(n);
     for p in &paths {
-        // A str that is valid UTF-8 (nearly all) converts without the file-system encoder.
         if let Ok(s) = p.cast_exact::<PyString>() {
             if let Ok(text) = s.to_str() {
-                bufs.push(PathBuf::from(text));
+                bufs.push(Cow::Borrowed(Path::new(text)));
                 names.push(s.clone());
                 continue;
             }
         }
         let buf: PathBuf = p.extract()?;
         names.push(PyString::new(py, &buf.to_string_lossy()));
-        bufs.push(buf);
+        bufs.push(Cow::Owned(buf));
     }
     let resos: Vec<(u32, u32)> = per_path(bucket_resos, "bucket_resos", n)?;
     let flips: Vec<bool> = match flip_aug {

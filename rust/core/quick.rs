@@ -1,0 +1,474 @@
+//! The allocation-free check behind `validate` for the common case: a stored npz whose central
+//! directory and small members sit in the last two kilobytes, as np.savez and latentcache's writer
+//! lay them out.
+//!
+//! It answers only "ok": every check the general reader ([`crate::core::npy::read_npz_index_with_len`]
+//! plus the rules in [`crate::core::validate`]) makes must pass. Anything it does not handle
+//! (deflated or encrypted members, data descriptors, comments, non-ASCII names, npy headers not in
+//! numpy's own layout, more than [`MAX_MEMBERS`] members, any failed check) returns `false`, and
+//! the caller takes the general path, which gives the status and its message. So it can change
+//! speed, never a verdict; `tests` hold it to that on mutated files.
+use std::fs::File;
+
+use crate::core::npy::{parse_numpy_layout_ref, DType, MAGIC, MAX_HEADER_LEN};
+use crate::core::validate::{Ctx, Expectation, Required};
+use crate::core::zip::{
+    parse_zip64_extra, read_at, tail_window, u16_at, u32_at, u64_at, Zip64Need, CENTRAL_LEN,
+    CENTRAL_SIG, EOCD_LEN, EOCD_SIG, HEAD_READ, LOCAL_LEN, LOCAL_SIG, MAX_CENTRAL_DIR_LEN,
+    ZIP64_EOCD_LEN, ZIP64_EOCD_SIG, ZIP64_LOCATOR_LEN, ZIP64_LOCATOR_SIG,
+};
+
+/// Members handled without the general reader.
+pub(crate) const MAX_MEMBERS: usize = 16;
+const TAIL: usize = 2 << 10;
+const MID: usize = 1 << 10;
+const MIDS: usize = 4;
+
+/// The bytes read so far: the head, the tail and up to [`MIDS`] windows in between.
+struct Regions<'f, 't> {
+    file: &'f File,
+    len: u64,
+    head: [u8; HEAD_READ as usize],
+    head_len: usize,
+    tail: &'t [u8],
+    tail_start: u64,
+    mids: [[u8; MID]; MIDS],
+    mid_at: [(u64, usize); MIDS],
+    n_mids: usize,
+    /// Positional reads made (tests hold this to the general reader's count).
+    reads: u32,
+}
+
+impl Regions<'_, '_> {
+    fn slice(&self, off: u64, n: usize) -> Option<&[u8]> {
+        let end = off.checked_add(n as u64)?;
+        let pick = |start: u64, len: usize| -> Option<(usize, usize)> {
+            (start <= off && end <= start + len as u64).then(|| ((off - start) as usize, n))
+        };
+        if let Some((a, n)) = pick(0, self.head_len) {
+            return Some(&self.head[a..a + n]);
+        }
+        if let Some((a, n)) = pick(self.tail_start, self.tail.len()) {
+            return Some(&self.tail[a..a + n]);
+        }
+        for (buf, &(start, len)) in self.mids.iter().zip(&self.mid_at).take(self.n_mids) {
+            if let Some((a, n)) = pick(start, len) {
+                return Some(&buf[a..a + n]);
+            }
+        }
+        None
+    }
+
+    /// Make `[off, off + n)` readable through [`Regions::slice`], with one read of up to [`MID`]
+    /// bytes from `off` when no region holds it yet.
+    fn ensure(&mut self, off: u64, n: usize) -> Option<()> {
+        if self.slice(off, n).is_some() {
+            return Some(());
+        }
+        let end = off.checked_add(n as u64).filter(|&e| e <= self.len)?;
+        if n > MID || self.n_mids == MIDS {
+            return None;
+        }
+        let take = (self.len - off).min(MID as u64) as usize;
+        debug_assert!(end <= off + take as u64);
+        let k = self.n_mids;
+        read_at(self.file, &mut self.mids[k][..take], off).ok()?;
+        self.reads += 1;
+        self.mid_at[k] = (off, take);
+        self.n_mids += 1;
+        Some(())
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Entry {
+    /// The name's place in the tail window.
+    name_at: usize,
+    name_len: usize,
+    csize: u64,
+    lho: u64,
+    data_offset: u64,
+}
+
+/// True when the file passes every check of the general path. See the module docs.
+pub(crate) fn quick_ok(file: &File, len: u64, exp: &Expectation) -> bool {
+    quick_check(file, len, exp).is_some_and(|r| r.0)
+}
+
+/// [`quick_ok`] with the reads it made.
+fn quick_check(file: &File, len: u64, exp: &Expectation) -> Option<(bool, u32)> {
+    let (tail_start, tail_len) = tail_window(len);
+    if (tail_len as usize) < EOCD_LEN || tail_len as usize > TAIL {
+        return None;
+    }
+    let mut tail_buf = [0u8; TAIL];
+    let tail = &mut tail_buf[..tail_len as usize];
+    read_at(file, tail, tail_start).ok()?;
+    let tail: &[u8] = tail;
+    let mut r = Regions {
+        file,
+        len,
+        head: [0; HEAD_READ as usize],
+        head_len: len.min(HEAD_READ) as usize,
+        tail,
+        tail_start,
+        mids: [[0; MID]; MIDS],
+        mid_at: [(0, 0); MIDS],
+        n_mids: 0,
+        reads: 2,
+    };
+    read_at(file, &mut r.head[..r.head_len], 0).ok()?;
+    if !r.head[..r.head_len].starts_with(LOCAL_SIG) {
+        return None;
+    }
+
+    // The end record, exactly at the end (no comment), and its ZIP64 records when present.
+    let eocd_pos = len - EOCD_LEN as u64;
+    let e = r.slice(eocd_pos, EOCD_LEN)?;
+    if &e[..4] != EOCD_SIG || u16_at(e, 20) != 0 {
+        return None;
+    }
+    let (disk, cd_disk) = (u16_at(e, 4), u16_at(e, 6));
+    let (entries_disk, entries) = (u16_at(e, 8), u16_at(e, 10));
+    let (cd_size32, cd_offset32) = (u32_at(e, 12), u32_at(e, 16));
+    let has_locator = eocd_pos >= ZIP64_LOCATOR_LEN
+        && r.slice(eocd_pos - ZIP64_LOCATOR_LEN, 4)? == ZIP64_LOCATOR_SIG;
+    let (n_entries, cd_size, cd_offset, cd_limit) = if has_locator {
+        let loc_pos = eocd_pos - ZIP64_LOCATOR_LEN;
+        let loc = r.slice(loc_pos, ZIP64_LOCATOR_LEN as usize)?;
+        let (z_disk, z_off, total_disks) = (u32_at(loc, 4), u64_at(loc, 8), u32_at(loc, 16));
+        if z_disk != 0 || total_disks > 1 || z_off.checked_add(ZIP64_EOCD_LEN)? > loc_pos {
+            return None;
+        }
+        let z = r.slice(z_off, ZIP64_EOCD_LEN as usize)?;
+        if &z[..4] != ZIP64_EOCD_SIG
+            || u32_at(z, 16) != 0
+            || u32_at(z, 20) != 0
+            || u64_at(z, 24) != u64_at(z, 32)
+        {
+            return None;
+        }
+        (u64_at(z, 32), u64_at(z, 40), u64_at(z, 48), z_off)
+    } else {
+        let marked = disk == 0xFFFF
+            || cd_disk == 0xFFFF
+            || entries_disk == 0xFFFF
+            || entries == 0xFFFF
+            || cd_size32 == 0xFFFF_FFFF
+            || cd_offset32 == 0xFFFF_FFFF;
+        if marked || disk != 0 || cd_disk != 0 || entries_disk != entries {
+            return None;
+        }
+        (
+            u64::from(entries),
+            u64::from(cd_size32),
+            u64::from(cd_offset32),
+            eocd_pos,
+        )
+    };
+    let cd_end = cd_offset.checked_add(cd_size)?;
+    if cd_end > cd_limit
+        || cd_size > MAX_CENTRAL_DIR_LEN
+        || n_entries == 0
+        || n_entries > MAX_MEMBERS as u64
+        || n_entries * CENTRAL_LEN as u64 > cd_size
+    {
+        return None;
+    }
+
+    // The central directory, from the tail window.
+    let cd = r.slice(cd_offset, cd_size as usize)?;
+    let cd_in_tail = (cd_offset - r.tail_start) as usize;
+    let mut ents = [Entry::default(); MAX_MEMBERS];
+    let n = n_entries as usize;
+    let mut p = 0usize;
+    for ent in ents.iter_mut().take(n) {
+        if cd.len() - p < CENTRAL_LEN || &cd[p..p + 4] != CENTRAL_SIG {
+            return None;
+        }
+        let h = &cd[p..p + CENTRAL_LEN];
+        let (flags, method) = (u16_at(h, 8), u16_at(h, 10));
+        let (csize32, usize32) = (u32_at(h, 20), u32_at(h, 24));
+        let nlen = usize::from(u16_at(h, 28));
+        let elen = usize::from(u16_at(h, 30));
+        let clen = usize::from(u16_at(h, 32));
+        let (disk, lho32) = (u16_at(h, 34), u32_at(h, 42));
+        let var_end = p + CENTRAL_LEN + nlen + elen + clen;
+        // Stored members only, without encryption or a data descriptor, on disk 0, ASCII names.
+        if var_end > cd.len()
+            || flags & 0x0049 != 0
+            || method != 0
+            || (disk != 0 && disk != 0xFFFF)
+            || !cd[p + CENTRAL_LEN..p + CENTRAL_LEN + nlen].is_ascii()
+        {
+            return None;
+        }
+        let need = Zip64Need {
+            usize: usize32 == 0xFFFF_FFFF,
+            csize: csize32 == 0xFFFF_FFFF,
+            offset: lho32 == 0xFFFF_FFFF,
+        };
+        let extra = &cd[p + CENTRAL_LEN + nlen..p + CENTRAL_LEN + nlen + elen];
+        let z = parse_zip64_extra(extra, &need).ok()?;
+        let usize_ = z[0].unwrap_or(u64::from(usize32));
+        let csize = z[1].unwrap_or(u64::from(csize32));
+        if usize_ != csize {
+            return None;
+        }
+        *ent = Entry {
+            name_at: cd_in_tail + p + CENTRAL_LEN,
+            name_len: nlen,
+            csize,
+            lho: z[2].unwrap_or(u64::from(lho32)),
+            data_offset: 0,
+        };
+        p = var_end;
+    }
+    if p != cd.len() {
+        return None;
+    }
+    let name = |e: &Entry| &tail[e.name_at..e.name_at + e.name_len];
+    for i in 0..n {
+        if (0..i).any(|j| name(&ents[j]) == name(&ents[i])) {
+            return None;
+        }
+    }
+
+    // Local headers: the same name and method, sizes that agree, the payload inside the file.
+    for ent in ents.iter_mut().take(n) {
+        r.ensure(ent.lho, LOCAL_LEN)?;
+        let h = r.slice(ent.lho, LOCAL_LEN)?;
+        if &h[..4] != LOCAL_SIG || u16_at(h, 6) & 0x0049 != 0 || u16_at(h, 8) != 0 {
+            return None;
+        }
+        let (csize32, usize32) = (u32_at(h, 18), u32_at(h, 22));
+        let (nlen, elen) = (usize::from(u16_at(h, 26)), usize::from(u16_at(h, 28)));
+        r.ensure(ent.lho + LOCAL_LEN as u64, nlen + elen)?;
+        let var = r.slice(ent.lho + LOCAL_LEN as u64, nlen + elen)?;
+        if &var[..nlen] != name(ent) {
+            return None;
+        }
+        let need = Zip64Need {
+            usize: usize32 == 0xFFFF_FFFF,
+            csize: csize32 == 0xFFFF_FFFF,
+            offset: false,
+        };
+        let z = parse_zip64_extra(&var[nlen..], &need).ok()?;
+        if z[0].unwrap_or(u64::from(usize32)) != ent.csize
+            || z[1].unwrap_or(u64::from(csize32)) != ent.csize
+        {
+            return None;
+        }
+        ent.data_offset = ent.lho + (LOCAL_LEN + nlen + elen) as u64;
+        if ent.data_offset.checked_add(ent.csize)? > len {
+            return None;
+        }
+    }
+
+    // No member overlaps another or the central directory.
+    let mut spans = [(0u64, 0u64); MAX_MEMBERS];
+    for (s, e) in spans.iter_mut().zip(&ents).take(n) {
+        *s = (e.lho, e.data_offset + e.csize);
+    }
+    let spans = &mut spans[..n];
+    spans.sort_unstable();
+    if spans.iter().any(|&(s, e)| s < cd_end && e > cd_offset)
+        || spans.windows(2).any(|w| w[0].1 > w[1].0)
+    {
+        return None;
+    }
+
+    // Every array's npy header in numpy's own layout, with a supported dtype and a size that adds
+    // up; then the required keys and their rules.
+    let req = Required::new(exp);
+    let ctx = Ctx::new(std::path::Path::new(""), exp);
+    let mut found = [false; 5];
+    for ent in ents.iter().take(n) {
+        let Some(key) = name(ent).strip_suffix(b".npy") else {
+            continue;
+        };
+        let key = std::str::from_utf8(key).ok()?;
+        r.ensure(ent.data_offset, ent.csize.min(12) as usize)?;
+        let pre = r.slice(ent.data_offset, ent.csize.min(12) as usize)?;
+        if pre.len() < 10 || &pre[..6] != MAGIC {
+            return None;
+        }
+        let (prefix, dict_len) = match (pre[6], pre[7]) {
+            (1, 0) => (10usize, usize::from(u16_at(pre, 8))),
+            (2, 0) if pre.len() >= 12 => (12usize, u32_at(pre, 8) as usize),
+            _ => return None,
+        };
+        let header_len = prefix + dict_len;
+        if header_len > MAX_HEADER_LEN || header_len as u64 > ent.csize {
+            return None;
+        }
+        r.ensure(ent.data_offset, header_len)?;
+        let dict = &r.slice(ent.data_offset, header_len)?[prefix..];
+        let (descr, fortran, shape) = parse_numpy_layout_ref(dict)?;
+        let dtype = DType::from_descr(descr)?;
+        let data_len = shape
+            .dims()
+            .iter()
+            .try_fold(dtype.itemsize(), |acc, &d| acc.checked_mul(d))?;
+        if (header_len as u64).checked_add(data_len)? != ent.csize {
+            return None;
+        }
+        for (k, (pfx, rule)) in req.list().iter().enumerate() {
+            if req.is_key(key, pfx) {
+                if ctx.fault(&dtype, fortran, shape.dims(), *rule).is_some() {
+                    return None;
+                }
+                found[k] = true;
+            }
+        }
+    }
+    Some((found[..req.list().len()].iter().all(|&f| f), r.reads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::npy::read_npz_index_via;
+    use crate::core::npy::testutil::npy;
+    use crate::core::validate::{validate_one, Code, Options};
+    use crate::core::zip::testutil::{temp_file, zip_bytes, ZipOpts};
+    use crate::core::zip::Src;
+    use proptest::prelude::*;
+
+    const EXP: Expectation = Expectation {
+        bucket_reso: (64, 32),
+        flip_aug: false,
+        alpha_mask: false,
+    };
+
+    /// An sd-scripts-style cache for bucket 64x32 (keys `_4x8`), as np.savez lays it out.
+    fn cache(flip: bool, alpha: bool, other_bucket: bool, zip64_local: bool) -> Vec<u8> {
+        let lat = npy("<f4", &[16, 4, 8], &[0u8; 16 * 4 * 8 * 4]);
+        let size = npy("<i8", &[2], &[0u8; 16]);
+        let crop = npy("<f8", &[4], &[0u8; 32]);
+        let mask = npy("<f4", &[32, 64], &[0u8; 32 * 64 * 4]);
+        let small = npy("<f4", &[16, 2, 4], &[0u8; 16 * 2 * 4 * 4]);
+        let mut m: Vec<(&str, &[u8], bool)> = vec![
+            ("latents_4x8.npy", &lat, false),
+            ("original_size_4x8.npy", &size, false),
+            ("crop_ltrb_4x8.npy", &crop, false),
+        ];
+        if flip {
+            m.push(("latents_flipped_4x8.npy", &lat, false));
+        }
+        if alpha {
+            m.push(("alpha_mask_4x8.npy", &mask, false));
+        }
+        if other_bucket {
+            m.push(("latents_2x4.npy", &small, false));
+            m.push(("original_size_2x4.npy", &size, false));
+            m.push(("crop_ltrb_2x4.npy", &crop, false));
+        }
+        zip_bytes(
+            &m,
+            ZipOpts {
+                zip64_local,
+                ..ZipOpts::default()
+            },
+        )
+    }
+
+    fn quick(bytes: &[u8], exp: &Expectation) -> Option<(bool, u32)> {
+        let t = temp_file(bytes);
+        let f = File::open(t.path()).unwrap();
+        quick_check(&f, bytes.len() as u64, exp)
+    }
+
+    fn general(bytes: &[u8], exp: &Expectation) -> Code {
+        let t = temp_file(bytes);
+        validate_one(t.path(), exp, &Options::default()).code
+    }
+
+    #[test]
+    fn takes_the_common_layouts_with_the_general_readers_read_count() {
+        for flip in [false, true] {
+            for alpha in [false, true] {
+                for other in [false, true] {
+                    for z64 in [false, true] {
+                        let b = cache(flip, alpha, other, z64);
+                        let exp = Expectation {
+                            flip_aug: flip,
+                            alpha_mask: alpha,
+                            ..EXP
+                        };
+                        let (ok, reads) = quick(&b, &exp).expect("the quick path must decide");
+                        assert!(ok, "flip {flip} alpha {alpha} other {other} z64 {z64}");
+                        assert_eq!(general(&b, &exp), Code::Ok);
+                        // Never more positional reads than the general reader makes.
+                        let t = temp_file(&b);
+                        let f = File::open(t.path()).unwrap();
+                        let src = Src::new(&f, t.path()).unwrap();
+                        read_npz_index_via(&src).unwrap();
+                        assert!(reads <= src.reads.get(), "{reads} > {}", src.reads.get());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn never_ok_when_the_general_path_is_not() {
+        let b = cache(false, false, false, true);
+        let flip_exp = Expectation {
+            flip_aug: true,
+            ..EXP
+        };
+        assert_eq!(quick(&b, &flip_exp).map(|r| r.0), Some(false));
+        assert_eq!(general(&b, &flip_exp), Code::MissingKey);
+        let other = Expectation {
+            bucket_reso: (32, 16),
+            ..EXP
+        };
+        assert!(!quick(&b, &other).is_some_and(|r| r.0));
+        // Deflated members, a comment and a data descriptor all go to the general path.
+        let lat = npy("<f4", &[16, 4, 8], &[0u8; 512]);
+        let d = zip_bytes(&[("latents_4x8.npy", &lat, true)], ZipOpts::default());
+        assert!(quick(&d, &EXP).is_none());
+        let mut c = b.clone();
+        let n = c.len();
+        c[n - 2] = 1;
+        c.push(b'x');
+        assert!(quick(&c, &EXP).is_none());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(2000)))]
+
+        /// Byte changes and cuts anywhere: whenever the quick path says ok, so does the general one.
+        #[test]
+        fn quick_ok_implies_general_ok(
+            flip in any::<bool>(),
+            alpha in any::<bool>(),
+            other in any::<bool>(),
+            z64 in any::<bool>(),
+            edits in proptest::collection::vec((0u8..3, any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+            want_flip in any::<bool>(),
+            want_alpha in any::<bool>(),
+        ) {
+            let mut b = cache(flip, alpha, other, z64);
+            // Edits aimed at the head, at the tail (directory and small members) or anywhere.
+            for (zone, at, v) in &edits {
+                let n = b.len();
+                let i = match zone {
+                    0 => at.index(n.min(256)),
+                    1 => n - 1 - at.index(n.min(1024)),
+                    _ => at.index(n),
+                };
+                b[i] = *v;
+            }
+            if let Some(c) = cut {
+                b.truncate(c.index(b.len()).max(1));
+            }
+            let exp = Expectation { flip_aug: want_flip, alpha_mask: want_alpha, ..EXP };
+            if quick(&b, &exp).is_some_and(|r| r.0) {
+                prop_assert_eq!(general(&b, &exp), Code::Ok);
+            }
+        }
+    }
+}
