@@ -183,14 +183,18 @@ def sd_scripts_load(path: str, bucket: tuple[int, int]) -> tuple[Any, ...]:
     return latents, original_size, crop_ltrb, flipped, alpha
 
 
-def _time(fn: Callable[[], Any], cold: bool, repeat: int) -> float:
-    best = float("inf")
+def _time(fns: dict[str, Callable[[], Any]], cold: bool, repeat: int) -> dict[str, float]:
+    """Best time of each function over ``repeat`` rounds, the functions taking turns within a round:
+    a slow spell of a shared machine then hits every method alike instead of one of them. Cold runs
+    drop the page cache before each timing (once per method)."""
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(1 if cold else repeat):
-        if cold:
-            drop_caches()
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for name, fn in fns.items():
+            if cold:
+                drop_caches()
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -299,9 +303,8 @@ def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, A
     for mode in modes:
         cold = mode == "cold"
         rep = 5
-        t_ours_v = _time(ours_validate, cold, rep)
-        t_sd_v = _time(sd_validate, cold, rep)
-        t_floor_v = _time(floor_validate, cold, rep)
+        tv = _time({"ours": ours_validate, "sd": sd_validate, "floor": floor_validate}, cold, rep)
+        t_ours_v, t_sd_v, t_floor_v = tv["ours"], tv["sd"], tv["floor"]
         table.append((mode, "validate: latentcache.validate", n / t_ours_v, 0.0))
         table.append((mode, "validate: sd-scripts (exists+np.load+keys)", n / t_sd_v, 0.0))
         table.append((mode, "validate: floor (open+2 header reads+close)", n / t_floor_v, 0.0))
@@ -321,10 +324,9 @@ def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, A
         if st_paths:
             loads.append(("load: safetensors load_file + touch", st_load, lat_bytes))
         loads.append(("load: raw file read (limit)", raw_read, file_bytes))
-        times = {}
-        for name, fn, nbytes in loads:
-            t = _time(fn, cold, rep)
-            times[name] = t
+        times = _time({name: fn for name, fn, _ in loads}, cold, rep)
+        for name, _, nbytes in loads:
+            t = times[name]
             table.append((mode, name, n / t, nbytes / t / 1e9))
         results[f"load_{mode}"] = {name: {"fps": n / t, "seconds": t} for name, t in times.items()}
 
