@@ -7,7 +7,8 @@ use rayon::prelude::*;
 
 use crate::core::error::{Error, Result};
 use crate::core::npy::{
-    read_array_bytes, read_npz_index_via, read_npz_index_with_len, ArrayEntry, ScalarKind,
+    inflate_array_into, read_array_bytes, read_npz_index_via, read_npz_index_with_len, ArrayEntry,
+    ScalarKind,
 };
 use crate::core::zip::{read_at, Compression, Src};
 
@@ -207,11 +208,7 @@ pub fn read_into_from(file: &File, path: &Path, entry: &ArrayEntry, dst: &mut [u
                 Error::io(path, e)
             }
         }),
-        _ => {
-            let bytes = read_array_bytes(file, path, entry)?;
-            dst.copy_from_slice(&bytes);
-            Ok(())
-        }
+        _ => Ok(inflate_array_into(file, path, entry, dst)?),
     }
 }
 

@@ -894,22 +894,62 @@ pub fn read_array_bytes_classified(
     }
     // The size comes from the file: grow with the data rather than trusting it up front.
     let mut out = Vec::with_capacity(len.min(64 << 20));
+    stream_array(file, path, entry, |chunk| {
+        out.extend_from_slice(chunk);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Inflate a deflated array straight into `dst` (exactly its data length): no second buffer.
+pub fn inflate_array_into(
+    file: &File,
+    path: &Path,
+    entry: &ArrayEntry,
+    dst: &mut [u8],
+) -> ReadResult<()> {
+    let mut at = 0usize;
+    stream_array(file, path, entry, |chunk| {
+        let end = at + chunk.len();
+        if end > dst.len() {
+            return Err(ReadError::new(
+                ReadErrorKind::Malformed,
+                path,
+                Some(&entry.key),
+                format!("array holds more than the {} bytes expected", dst.len()),
+            ));
+        }
+        dst[at..end].copy_from_slice(chunk);
+        at = end;
+        Ok(())
+    })
+}
+
+/// Feed an array's data (its member's bytes after the npy header) to `sink`, in chunks, and check
+/// that exactly `array_len` bytes came.
+fn stream_array(
+    file: &File,
+    path: &Path,
+    entry: &ArrayEntry,
+    mut sink: impl FnMut(&[u8]) -> ReadResult<()>,
+) -> ReadResult<()> {
     let mut skip = entry.header.header_len as usize;
+    let mut got = 0u64;
     stream_member(file, path, &entry.member, |chunk| {
         let s = skip.min(chunk.len());
         skip -= s;
-        out.extend_from_slice(&chunk[s..]);
-        Ok(())
+        got += (chunk.len() - s) as u64;
+        sink(&chunk[s..])
     })?;
-    if out.len() != len {
+    if got != entry.array_len {
         return Err(ReadError::new(
             ReadErrorKind::Malformed,
             path,
-            ent,
-            format!("array holds {} bytes, expected {len}", out.len()),
+            Some(&entry.key),
+            format!("array holds {got} bytes, expected {}", entry.array_len),
         ));
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1108,6 +1148,25 @@ mod tests {
             assert_eq!(idx.arrays.len(), 3 + usize::from(extra_mid));
             assert_eq!(src.reads.get(), budget, "reads for extra_mid={extra_mid}");
         }
+    }
+
+    #[test]
+    fn deflated_arrays_inflate_into_the_callers_buffer() {
+        let vals: Vec<f32> = (0..3000).map(|i| (i % 17) as f32 * 0.5).collect();
+        let lat = npy("<f4", &[3, 1000], &f32s(&vals));
+        let z = zip_bytes(&[("lat.npy", &lat, true)], ZipOpts::default());
+        let t = temp_file(&z);
+        let f = File::open(t.path()).unwrap();
+        let idx = read_npz_index_from(&f, t.path()).unwrap();
+        let entry = &idx.arrays[0];
+        let mut dst = vec![0u8; entry.array_len as usize];
+        inflate_array_into(&f, t.path(), entry, &mut dst).unwrap();
+        assert_eq!(dst, f32s(&vals));
+        assert_eq!(dst, read_array_bytes(&f, t.path(), entry).unwrap());
+        // A destination too short for the data is an error, not a partial write past its end.
+        let mut short = vec![0u8; 100];
+        let e = inflate_array_into(&f, t.path(), entry, &mut short).unwrap_err();
+        assert_eq!(e.kind, ReadErrorKind::Malformed);
     }
 
     #[test]
