@@ -773,7 +773,7 @@ fn max_csize(kept: &[Member]) -> usize {
         .min(usize::MAX as u64) as usize
 }
 
-/// Copy one member's stored bytes verbatim (compressed as they are), checking a stored member's CRC.
+/// Copy one member's bytes verbatim (compressed as they are), checking its CRC first.
 fn copy_member<W: Write>(
     z: &mut ZipOut<W>,
     old: &File,
@@ -784,6 +784,31 @@ fn copy_member<W: Write>(
         Compression::Stored => 0,
         Compression::Deflated => 8,
     };
+    // A deflated member is copied compressed; its CRC is of the inflated bytes, so inflate it once
+    // (from the page cache) to check before it goes into the new file.
+    if m.compression == Compression::Deflated {
+        match crate::core::zip::member_crc32(old, Path::new(""), m) {
+            Ok(c) if c == m.crc32 => {}
+            Ok(_) => {
+                return Err(ArchiveError::Corrupt(format!(
+                    "member '{}' fails its CRC-32 check",
+                    m.name
+                )))
+            }
+            Err(e) if e.kind == ReadErrorKind::Io => {
+                return Err(ArchiveError::Read(
+                    e.source
+                        .unwrap_or_else(|| io::Error::other(e.message.clone())),
+                ))
+            }
+            Err(e) => {
+                return Err(ArchiveError::Corrupt(format!(
+                    "member '{}': {}",
+                    m.name, e.message
+                )))
+            }
+        }
+    }
     z.local_header(
         &m.name,
         method,
@@ -954,6 +979,45 @@ mod tests {
     }
 
     const DURABLE: WriteOptions = WriteOptions { durable: true };
+
+    #[test]
+    fn kept_deflated_members_are_crc_checked() {
+        use crate::core::npy::testutil::{f32s, npy};
+        use crate::core::zip::testutil::{zip_bytes, ZipOpts};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.npz");
+        let vals: Vec<f32> = (0..4000).map(|i| (i % 7) as f32).collect();
+        let old = npy("<f4", &[4000], &f32s(&vals));
+        fs::write(
+            &p,
+            zip_bytes(&[("old.npy", &old, true)], ZipOpts::default()),
+        )
+        .unwrap();
+        let d = vec![0u8; 4];
+        // Intact: kept byte for byte, no warning.
+        let r = write_npz(&p, &[arr("y", "<f4", &[1], &d)], &[], DURABLE).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        assert_eq!(r.kept, 1);
+        let idx = read_npz_index(&p).unwrap();
+        assert!(idx.get("old").is_some() && idx.get("y").is_some());
+        // One byte of the compressed data changed: the file is replaced, with a warning.
+        let m = read_zip_index(&fs::File::open(&p).unwrap(), &p)
+            .unwrap()
+            .members
+            .into_iter()
+            .find(|m| m.name == "old.npy")
+            .unwrap();
+        assert_eq!(m.compression, Compression::Deflated);
+        let mut bytes = fs::read(&p).unwrap();
+        let at = (m.data_offset + m.compressed_size / 2) as usize;
+        bytes[at] ^= 0x55;
+        fs::write(&p, &bytes).unwrap();
+        let r = write_npz(&p, &[arr("z", "<f4", &[1], &d)], &[], DURABLE).unwrap();
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(r.warnings[0].contains("old.npy"), "{:?}", r.warnings);
+        let idx = read_npz_index(&p).unwrap();
+        assert!(idx.get("old").is_none() && idx.get("z").is_some());
+    }
 
     #[test]
     fn aligned_and_readable() {
