@@ -24,15 +24,31 @@ const TAIL: usize = 2 << 10;
 const MID: usize = 1 << 10;
 const MIDS: usize = 4;
 
+/// A worker's read buffers, reused from file to file (no per-file zeroing or allocation).
+pub(crate) struct Scratch {
+    head: [u8; HEAD_READ as usize],
+    tail: [u8; TAIL],
+    mids: [[u8; MID]; MIDS],
+}
+
+impl Scratch {
+    pub(crate) fn new() -> Box<Self> {
+        Box::new(Scratch {
+            head: [0; HEAD_READ as usize],
+            tail: [0; TAIL],
+            mids: [[0; MID]; MIDS],
+        })
+    }
+}
+
 /// The bytes read so far: the head, the tail and up to [`MIDS`] windows in between.
-struct Regions<'f, 't> {
+struct Regions<'f, 's> {
     file: &'f File,
     len: u64,
-    head: [u8; HEAD_READ as usize],
-    head_len: usize,
-    tail: &'t [u8],
+    head: &'s [u8],
+    tail: &'s [u8],
     tail_start: u64,
-    mids: [[u8; MID]; MIDS],
+    mids: &'s mut [[u8; MID]; MIDS],
     mid_at: [(u64, usize); MIDS],
     n_mids: usize,
     /// Positional reads made (tests hold this to the general reader's count).
@@ -45,7 +61,7 @@ impl Regions<'_, '_> {
         let pick = |start: u64, len: usize| -> Option<(usize, usize)> {
             (start <= off && end <= start + len as u64).then(|| ((off - start) as usize, n))
         };
-        if let Some((a, n)) = pick(0, self.head_len) {
+        if let Some((a, n)) = pick(0, self.head.len()) {
             return Some(&self.head[a..a + n]);
         }
         if let Some((a, n)) = pick(self.tail_start, self.tail.len()) {
@@ -91,36 +107,41 @@ struct Entry {
 }
 
 /// True when the file passes every check of the general path. See the module docs.
-pub(crate) fn quick_ok(file: &File, len: u64, exp: &Expectation) -> bool {
-    quick_check(file, len, exp).is_some_and(|r| r.0)
+pub(crate) fn quick_ok(scratch: &mut Scratch, file: &File, len: u64, exp: &Expectation) -> bool {
+    quick_check(scratch, file, len, exp).is_some_and(|r| r.0)
 }
 
 /// [`quick_ok`] with the reads it made.
-fn quick_check(file: &File, len: u64, exp: &Expectation) -> Option<(bool, u32)> {
+fn quick_check(
+    scratch: &mut Scratch,
+    file: &File,
+    len: u64,
+    exp: &Expectation,
+) -> Option<(bool, u32)> {
     let (tail_start, tail_len) = tail_window(len);
     if (tail_len as usize) < EOCD_LEN || tail_len as usize > TAIL {
         return None;
     }
-    let mut tail_buf = [0u8; TAIL];
-    let tail = &mut tail_buf[..tail_len as usize];
+    let Scratch { head, tail, mids } = scratch;
+    let tail = &mut tail[..tail_len as usize];
     read_at(file, tail, tail_start).ok()?;
-    let tail: &[u8] = tail;
+    let head = &mut head[..len.min(HEAD_READ) as usize];
+    read_at(file, head, 0).ok()?;
+    if !head.starts_with(LOCAL_SIG) {
+        return None;
+    }
+    let (head, tail): (&[u8], &[u8]) = (head, tail);
     let mut r = Regions {
         file,
         len,
-        head: [0; HEAD_READ as usize],
-        head_len: len.min(HEAD_READ) as usize,
+        head,
         tail,
         tail_start,
-        mids: [[0; MID]; MIDS],
+        mids,
         mid_at: [(0, 0); MIDS],
         n_mids: 0,
         reads: 2,
     };
-    read_at(file, &mut r.head[..r.head_len], 0).ok()?;
-    if !r.head[..r.head_len].starts_with(LOCAL_SIG) {
-        return None;
-    }
 
     // The end record, exactly at the end (no comment), and its ZIP64 records when present.
     let eocd_pos = len - EOCD_LEN as u64;
@@ -376,7 +397,7 @@ mod tests {
     fn quick(bytes: &[u8], exp: &Expectation) -> Option<(bool, u32)> {
         let t = temp_file(bytes);
         let f = File::open(t.path()).unwrap();
-        quick_check(&f, bytes.len() as u64, exp)
+        quick_check(&mut Scratch::new(), &f, bytes.len() as u64, exp)
     }
 
     fn general(bytes: &[u8], exp: &Expectation) -> Code {

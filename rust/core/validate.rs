@@ -165,6 +165,8 @@ enum FileKind {
 /// file. It lives for one batch, so a folder renamed between calls is never used by a later call.
 #[derive(Default)]
 pub struct Opener {
+    /// The quick check's read buffers, made on first use.
+    scratch: Option<Box<crate::core::quick::Scratch>>,
     #[cfg(target_os = "linux")]
     dir: Option<(Vec<u8>, std::os::fd::OwnedFd)>,
     /// The NUL-terminated name being opened, reused from file to file.
@@ -435,8 +437,13 @@ pub fn validate_with(
     }
     // The common layout, checked without an allocation; anything else (and every failure, for
     // its message) takes the general reader below.
-    if !(opts.verify_crc || opts.check_finite) && crate::core::quick::quick_ok(&file, len, exp) {
-        return Status::ok();
+    if !(opts.verify_crc || opts.check_finite) {
+        let scratch = opener
+            .scratch
+            .get_or_insert_with(crate::core::quick::Scratch::new);
+        if crate::core::quick::quick_ok(scratch, &file, len, exp) {
+            return Status::ok();
+        }
     }
     let index = match read_npz_index_with_len(&file, path, len) {
         Ok(i) => i,
