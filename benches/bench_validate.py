@@ -32,6 +32,7 @@ import numpy as np
 
 BUCKET = (1024, 1024)
 WARM_TARGET = 10.0
+WARM_ROUNDS = 7
 COLD_TARGET = 3.0
 
 
@@ -135,13 +136,19 @@ def compare(paths: list[str], flips: list[bool], workers: int | None) -> None:
     sd = lambda: sd_scripts_check(paths, flips, BUCKET)  # noqa: E731
     lcv = lambda: ours(paths, flips, BUCKET, workers)  # noqa: E731
     print(f"\n{'method':<42}{'seconds':>11}{'files/s':>14}{'per file':>13}{'speedup':>10}")
-    # Warm: one untimed pass of each fills the page cache.
+    # Warm: one untimed pass of each fills the page cache. Then rounds in which the three take turns,
+    # so a slow spell of a shared machine hits all of them alike; the best of each is reported.
     sd()
-    t_sd, good_sd = timed(sd, 3)
-    t_lc, good_lc = timed(lcv, 3)
-    t_fl, opened = timed(lambda: floor(paths, workers), 3)
+    t_sd = t_lc = t_fl = float("inf")
+    for _ in range(WARM_ROUNDS):
+        t, good_sd = timed(sd, 1)
+        t_sd = min(t_sd, t)
+        t, good_lc = timed(lcv, 1)
+        t_lc = min(t_lc, t)
+        t, opened = timed(lambda: floor(paths, workers), 1)
+        t_fl = min(t_fl, t)
     assert good_sd == good_lc == opened == n, (good_sd, good_lc, opened, n)
-    print("warm page cache (best of 3)")
+    print(f"warm page cache (best of {WARM_ROUNDS} rounds)")
     row("sd-scripts exists + np.load + keys", n, t_sd)
     row(f"latentcache.validate (workers={workers or 'default'})", n, t_lc, t_sd)
     row("floor: open + 2 header reads + close", n, t_fl, t_sd)

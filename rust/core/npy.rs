@@ -492,7 +492,8 @@ fn parse_numpy_layout(dict: &[u8]) -> Option<(Descr, bool, Vec<u64>)> {
     Some((Descr::Str(descr.to_owned()), fortran, shape.dims().to_vec()))
 }
 
-/// A shape of up to [`InlineShape::MAX`] dimensions, without an allocation.
+/// A shape of up to [`InlineShape::MAX`] dimensions, without an allocation. Longer shapes (numpy
+/// allows 64) take the general parser.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct InlineShape {
     dims: [u64; Self::MAX],
@@ -500,7 +501,7 @@ pub(crate) struct InlineShape {
 }
 
 impl InlineShape {
-    pub(crate) const MAX: usize = 64;
+    pub(crate) const MAX: usize = 8;
 
     pub(crate) fn dims(&self) -> &[u64] {
         &self.dims[..self.len]
@@ -543,13 +544,20 @@ pub(crate) fn parse_numpy_layout_ref(dict: &[u8]) -> Option<(&str, bool, InlineS
                 continue;
             }
             if part.len() > 19
-                || !part.iter().all(u8::is_ascii_digit)
                 || (part.len() > 1 && part[0] == b'0')
                 || shape.len == InlineShape::MAX
             {
                 return None;
             }
-            shape.dims[shape.len] = std::str::from_utf8(part).ok()?.parse().ok()?;
+            // At most 19 digits: the value fits a u64 without overflow checks.
+            let mut v = 0u64;
+            for &c in part {
+                if !c.is_ascii_digit() {
+                    return None;
+                }
+                v = v * 10 + u64::from(c - b'0');
+            }
+            shape.dims[shape.len] = v;
             shape.len += 1;
         }
         // `(3)` is not a tuple: a single element needs its trailing comma.
@@ -1317,6 +1325,11 @@ mod tests {
         assert!(parse_numpy_layout(cases[15]).is_none());
         let h = encode_npy_header("<f4", false, &[16, 128, 128]);
         assert!(parse_numpy_layout(&h[10..]).is_some());
+        // More dimensions than the inline shape holds: the general parser gives the same result.
+        let dims: Vec<u64> = (1..=20).collect();
+        let h = encode_npy_header("<f4", false, &dims);
+        assert!(parse_numpy_layout(&h[10..]).is_none());
+        assert_eq!(parse_npy_header(&h).unwrap().shape, dims);
     }
 
     proptest! {
