@@ -242,8 +242,8 @@ fn advise_willneed(file: &File, len: u64, head: u64) {
 /// Files a batch keeps open at once (see [`load_batch`]).
 const PREFETCH: usize = 256;
 
-/// The per-call thread pool: `workers`, else `LATENTCACHE_NUM_THREADS`, else `default`.
-pub fn pool(workers: Option<usize>, default: usize) -> Result<rayon::ThreadPool> {
+/// The thread pool for a call: `workers`, else `LATENTCACHE_NUM_THREADS`, else `default` threads.
+pub fn pool(workers: Option<usize>, default: usize) -> Result<std::sync::Arc<rayon::ThreadPool>> {
     let n = workers
         .or_else(|| {
             std::env::var("LATENTCACHE_NUM_THREADS")
@@ -252,10 +252,7 @@ pub fn pool(workers: Option<usize>, default: usize) -> Result<rayon::ThreadPool>
         })
         .unwrap_or(default)
         .max(1);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build()
-        .map_err(|e| Error::Value(format!("cannot start {n} worker threads: {e}")))
+    crate::core::pool::pool(n)
 }
 
 /// Fill `dst` (B items of `(16, h, w)` float32, C order) from `paths`, item `i` from

@@ -3,6 +3,7 @@ pub mod cache_path;
 pub mod error;
 pub mod load;
 pub mod npy;
+mod pool;
 mod quick;
 pub mod scan;
 pub mod validate;
