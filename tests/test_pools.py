@@ -1,4 +1,4 @@
-"""Worker pools are kept between calls, and a forked child (a DataLoader worker) never uses the parent's."""
+"""load_batch keeps its worker pool between calls; a forked child never uses the parent's pools."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _caches(tmp_path: Path, n: int) -> list[str]:
 
 
 def _pool_threads() -> int:
-    return sum(1 for t in os.listdir("/proc/self/task") if _comm(t).startswith("latentcache-"))
+    return sum(1 for t in os.listdir("/proc/self/task") if _comm(t).startswith("latentcache-k"))
 
 
 def _comm(tid: str) -> str:
@@ -39,12 +39,11 @@ def _comm(tid: str) -> str:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
 def test_repeated_calls_reuse_one_pool(tmp_path: Path) -> None:
     paths = _caches(tmp_path, 8)
-    lc.validate(paths, BUCKET, workers=3)
+    want = lc.load_batch(paths, BUCKET, workers=3)
     before = _pool_threads()
     assert before >= 3
     for _ in range(5):
-        assert all(s.ok for s in lc.validate(paths, BUCKET, workers=3))
-        lc.load_batch(paths, BUCKET, workers=3)
+        np.testing.assert_array_equal(lc.load_batch(paths, BUCKET, workers=3), want)
     # Each call starting its own threads would leave (or briefly show) more of them.
     assert _pool_threads() == before
 

@@ -799,7 +799,13 @@ pub fn validate_many<P: AsRef<Path> + Sync>(
             .map(|(i, p)| validate_guarded(&mut opener, p.as_ref(), exp_for(i), opts))
             .collect());
     }
-    let pool = crate::core::pool::pool(n)?;
+    // A pool for this call only: validation runs once per dataset, and idle threads kept after it
+    // would still be there when the trainer forks its DataLoader workers.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("latentcache-validate-{i}"))
+        .build()
+        .map_err(|e| Error::Value(format!("could not start {n} worker threads: {e}")))?;
     Ok(pool.install(|| {
         paths
             .par_iter()
@@ -828,7 +834,10 @@ pub fn header_read_floor(
         .unwrap_or_else(default_workers)
         .min(paths.len())
         .max(1);
-    let pool = crate::core::pool::pool(n)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(|e| Error::Value(format!("could not start {n} worker threads: {e}")))?;
     let t0 = std::time::Instant::now();
     let opened = pool.install(|| {
         paths
