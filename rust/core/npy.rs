@@ -988,7 +988,7 @@ pub(crate) mod testutil {
 mod tests {
     use super::testutil::*;
     use super::*;
-    use crate::core::zip::testutil::{temp_file, zip_bytes, ZipOpts};
+    use crate::core::zip::testutil::{mutate, temp_file, zip_bytes, ZipOpts};
     use proptest::prelude::*;
 
     fn hdr(dict: &str) -> std::result::Result<NpyHeader, NpyHeaderError> {
@@ -1362,12 +1362,7 @@ mod tests {
             use_valid in any::<bool>(),
         ) {
             let mut b = if use_valid { encode_npy_header("<f4", false, &[16, 4, 4]) } else { bytes };
-            if !b.is_empty() {
-                for (i, v) in flips {
-                    let at = i.index(b.len());
-                    b[at] = v;
-                }
-            }
+            mutate(&mut b, &flips, None);
             let _ = parse_npy_header(&b);
         }
 
@@ -1381,13 +1376,7 @@ mod tests {
             let lat = zeros_f32(&[4, 2, 2]);
             let size = npy("<i8", &[2], &[0u8; 16]);
             let mut b = zip_bytes(&[("lat.npy", &lat, deflated), ("size.npy", &size, false)], ZipOpts::default());
-            for (i, v) in flips {
-                let at = i.index(b.len());
-                b[at] = v;
-            }
-            if do_cut {
-                b.truncate(cut.index(b.len()));
-            }
+            mutate(&mut b, &flips, do_cut.then_some(cut));
             let t = temp_file(&b);
             let f = File::open(t.path()).unwrap();
             if let Ok(idx) = read_npz_index_from(&f, t.path()) {

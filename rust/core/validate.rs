@@ -255,9 +255,6 @@ impl Opener {
             (Some(d), Some(n)) => (d, n),
             _ => (libc::AT_FDCWD, bytes),
         };
-        if raw.contains(&0) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"));
-        }
         self.name.clear();
         self.name.extend_from_slice(raw);
         self.name.push(0);
@@ -455,14 +452,13 @@ pub fn validate_with(
 
     let req = Required::new(exp);
     let (sfx, required) = (req.sfx(), req.list());
-    let is_key = |key: &str, prefix: &str| req.is_key(key, prefix);
     let (w_px, h_px) = exp.bucket_reso;
 
     let ctx = Ctx::new(path, exp);
     let mut entries: [Option<&ArrayEntry>; 5] = [None; 5];
     for (slot, (prefix, rule)) in entries.iter_mut().zip(required) {
-        *slot = index.arrays.iter().find(|a| is_key(&a.key, prefix));
-        if slot.is_none() && !index.unsupported.iter().any(|u| is_key(&u.key, prefix)) {
+        *slot = index.arrays.iter().find(|a| req.is_key(&a.key, prefix));
+        if slot.is_none() && !index.unsupported.iter().any(|u| req.is_key(&u.key, prefix)) {
             let key = format!("{prefix}{sfx}");
             return Status::new(
                 Code::MissingKey,
@@ -871,7 +867,7 @@ mod tests {
     use super::*;
     use crate::core::npy::encode_npy_header;
     use crate::core::npy::testutil::{f32s, npy};
-    use crate::core::zip::testutil::{temp_file, zip_bytes, ZipOpts};
+    use crate::core::zip::testutil::{mutate, temp_file, zip_bytes, ZipOpts};
     use proptest::prelude::*;
 
     const EXP: Expectation = Expectation {
@@ -1360,15 +1356,7 @@ mod tests {
             use_random in any::<bool>(),
         ) {
             let mut b = if use_random { random } else { Cache::anima().bytes(deflated) };
-            if !b.is_empty() {
-                for (i, v) in flips {
-                    let at = i.index(b.len());
-                    b[at] = v;
-                }
-                if do_cut {
-                    b.truncate(cut.index(b.len()));
-                }
-            }
+            mutate(&mut b, &flips, do_cut.then_some(cut));
             let s = run(&b, &ALL, &FULL);
             prop_assert!(s.code == Code::Ok || !s.message.is_empty());
         }

@@ -199,8 +199,9 @@ pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 /// Bytes read around a small request, so that the local header, its name and extra field and the
 /// npy header that follows (and neighbouring small members) come from one positional read.
 const WINDOW: u64 = 1 << 10;
-/// The window at the start of the file, which holds the first member's headers only.
-const HEAD_WINDOW: u64 = 512;
+/// The first read at the start of the file (and its window), which holds the first member's
+/// local and npy headers.
+pub(crate) const HEAD_READ: u64 = 512;
 /// The first read at the end of the file: the EOCD, the central directory of an npz with a few
 /// dozen members and, in sd-scripts files, the small members written last.
 const TAIL_WINDOW: u64 = 2 << 10;
@@ -320,7 +321,7 @@ impl<'a> Src<'a> {
                 end: n,
             });
         }
-        let window = if offset == 0 { HEAD_WINDOW } else { WINDOW };
+        let window = if offset == 0 { HEAD_READ } else { WINDOW };
         let wend = offset.saturating_add(window.max(len)).min(self.len);
         let mut block = vec![0u8; (wend - offset) as usize];
         read_at(self.file, &mut block, offset).map_err(|e| ReadError::io(self.path, entry, e))?;
@@ -388,9 +389,6 @@ pub(crate) fn tail_window(len: u64) -> (u64, u64) {
     };
     (len - tail_len, tail_len)
 }
-
-/// The first read at the start of a file: the first member's local and npy headers.
-pub(crate) const HEAD_READ: u64 = HEAD_WINDOW;
 
 fn find_eocd(src: &Src<'_>) -> ReadResult<Eocd> {
     let head_len = src.len.min(64);
@@ -1116,6 +1114,25 @@ fn src_for<'a>(file: &'a File, path: &'a Path) -> ReadResult<Src<'a>> {
 pub(crate) mod testutil {
     use std::io::Write;
 
+    /// The fuzz targets' edit: overwrite bytes at the given places, then cut the file there when
+    /// `cut` says so. An empty input is left alone.
+    pub fn mutate(
+        b: &mut Vec<u8>,
+        flips: &[(proptest::sample::Index, u8)],
+        cut: Option<proptest::sample::Index>,
+    ) {
+        if b.is_empty() {
+            return;
+        }
+        for (i, v) in flips {
+            let at = i.index(b.len());
+            b[at] = *v;
+        }
+        if let Some(c) = cut {
+            b.truncate(c.index(b.len()));
+        }
+    }
+
     /// How to lay out a test archive.
     #[derive(Clone, Copy, Debug)]
     pub struct ZipOpts {
@@ -1502,13 +1519,7 @@ mod tests {
             zip64_eocd in any::<bool>(),
         ) {
             let mut b = sample(ZipOpts { zip64_eocd, zip64_central: zip64_eocd, ..ZipOpts::default() });
-            for (i, v) in flips {
-                let at = i.index(b.len());
-                b[at] = v;
-            }
-            if do_cut {
-                b.truncate(cut.index(b.len()));
-            }
+            mutate(&mut b, &flips, do_cut.then_some(cut));
             let t = temp_file(&b);
             let f = File::open(t.path()).unwrap();
             if let Ok(idx) = read_zip_index_classified(&f, t.path()) {
