@@ -64,6 +64,7 @@ def test_bench_command_prints_every_row_and_json(tmp_path: Path) -> None:
     loads = figures["load_warm"]
     for row in (
         "load: latentcache.load + touch",
+        "load: latentcache.load(map_latents=True) + touch",
         "load: np.load + touch",
         "load: sd-scripts load_latents_from_disk + touch",
         "load: safetensors load_file + touch",

@@ -89,15 +89,40 @@ def test_other_dtypes_and_orders(tmp_path: Path) -> None:
 def test_zero_copy_and_private(tmp_path: Path) -> None:
     p = write_aligned(tmp_path / "a.npz", arrays_for(BUCKET, flip=True, alpha=True))
     before = p.read_bytes()
+    ref = np_reference(p, BUCKET)
     got = lc.load(p, BUCKET)
-    mm = mapping_of(got.latents)
-    assert mm is not None, "aligned arrays must be views of the file mapping"
-    assert mapping_of(got.latents_flipped) is mm and mapping_of(got.alpha_mask) is mm
-    assert np.shares_memory(got.latents, np.frombuffer(mm, dtype=np.uint8))
-    got.latents[:] = 7.0  # a private copy-on-write page: the file must not change
+    # The latents are read (a training step touches them whole); the others are mapped, lazily.
+    assert mapping_of(got.latents) is None
+    assert got.latents.flags.writeable and got.latents.ctypes.data % 16 == 0
+    mm = mapping_of(got.latents_flipped)
+    assert mm is not None, "aligned flipped latents and alpha masks must be views of the file mapping"
+    assert mapping_of(got.alpha_mask) is mm
+    assert np.shares_memory(got.alpha_mask, np.frombuffer(mm, dtype=np.uint8))
+    mapped = lc.load(p, BUCKET, map_latents=True)
+    mm2 = mapping_of(mapped.latents)
+    assert mm2 is not None
+    assert mapping_of(mapped.latents_flipped) is mm2 and mapping_of(mapped.alpha_mask) is mm2
+    assert np.shares_memory(mapped.latents, np.frombuffer(mm2, dtype=np.uint8))
+    assert_same(got, ref)
+    assert_same(mapped, ref)
+    # Private copy-on-write pages: writes reach neither the file nor a later load.
+    mapped.latents[:] = 7.0
+    got.latents_flipped[:] = 8.0
     got.alpha_mask[0, 0] = -1.0
+    got.latents[:] = 9.0
     assert p.read_bytes() == before
-    assert lc.load(p, BUCKET).latents[0, 0, 0] != 7.0
+    again = lc.load(p, BUCKET, map_latents=True)
+    assert_same(again, ref)
+
+
+def test_unaligned_or_copy_ignores_map_latents(tmp_path: Path) -> None:
+    p = write_stock(tmp_path / "s.npz", arrays_for(BUCKET, flip=True))
+    got = lc.load(p, BUCKET, map_latents=True)  # offset 196/197 cannot be mapped as float32
+    assert mapping_of(got.latents) is None and got.latents.ctypes.data % 16 == 0
+    assert_same(got, np_reference(p, BUCKET))
+    q = write_aligned(tmp_path / "a.npz", arrays_for(BUCKET, flip=True))
+    got = lc.load(q, BUCKET, copy=True, map_latents=True)
+    assert mapping_of(got.latents) is None and mapping_of(got.latents_flipped) is None
 
 
 def test_copy_maps_nothing_and_survives_an_in_place_rewrite(tmp_path: Path) -> None:
@@ -133,7 +158,10 @@ def test_mapping_lives_as_long_as_arrays(tmp_path: Path) -> None:
     def mapped() -> bool:
         return str(p) in Path("/proc/self/maps").read_text()
 
-    got = lc.load(p, BUCKET)
+    plain = lc.load(p, BUCKET)  # no flipped latents, no alpha mask: nothing left to map
+    assert not mapped()
+    del plain
+    got = lc.load(p, BUCKET, map_latents=True)
     lat = got.latents
     del got
     gc.collect()

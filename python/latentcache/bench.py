@@ -263,6 +263,10 @@ def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, A
         for p, b in zip(paths, buckets, strict=True):
             np.copyto(dst[b], lc.load(p, b).latents.reshape(dst[b].shape))
 
+    def ours_load_mapped() -> None:
+        for p, b in zip(paths, buckets, strict=True):
+            np.copyto(dst[b], lc.load(p, b, map_latents=True).latents.reshape(dst[b].shape))
+
     def ours_batch() -> None:
         for b, idx in by_bucket.items():
             for s in range(0, len(idx), 16):
@@ -317,6 +321,7 @@ def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, A
         }
         loads = [
             ("load: latentcache.load + touch", ours_load, lat_bytes),
+            ("load: latentcache.load(map_latents=True) + touch", ours_load_mapped, lat_bytes),
             (f"load: latentcache.load_batch ({workers} workers)", ours_batch, lat_bytes),
             ("load: np.load + touch", np_load, lat_bytes),
             ("load: sd-scripts load_latents_from_disk + touch", sd_load, lat_bytes),
