@@ -4,7 +4,6 @@ from collections.abc import Sequence
 from typing import final
 
 __all__ = [
-    "ArraySpec",
     "CacheFile",
     "CacheStatus",
     "DEFAULT_SUFFIX",
@@ -17,10 +16,9 @@ __all__ = [
     "cache_path",
     "find_source_image",
     "load_batch_into",
-    "load_plan",
+    "load_arrays",
     "parse_cache_path",
     "path_key",
-    "read_array_into",
     "scan_directory",
     "status_codes",
     "validate",
@@ -98,27 +96,13 @@ class ScanReport:
 
 def scan_directory(path: _Path, suffix: str = "_anima.npz", recursive: bool = False) -> ScanReport: ...
 
-@final
-class ArraySpec:
-    @property
-    def key(self) -> str: ...
-    @property
-    def descr(self) -> str: ...
-    @property
-    def shape(self) -> list[int]: ...
-    @property
-    def fortran_order(self) -> bool: ...
-    @property
-    def nbytes(self) -> int: ...
-    @property
-    def offset(self) -> int | None: ...
+_LoadedArray = tuple[str, list[int], bool, bytearray | int]
 
-def load_plan(
-    fd: int, path: _Path, bucket_reso: tuple[int, int]
-) -> tuple[ArraySpec, ArraySpec | None, ArraySpec | None, list[int | float], list[int | float]]: ...
-def read_array_into(fd: int, path: _Path, spec: ArraySpec, address: int, nbytes: int) -> None: ...
+def load_arrays(
+    fd: int, path: _Path, bucket_reso: tuple[int, int], *, map_latents: bool = False, copy: bool = False
+) -> tuple[_LoadedArray, _LoadedArray | None, _LoadedArray | None, list[int | float], list[int | float]]: ...
 def load_batch_into(
-    paths: list[_Path],
+    paths: Sequence[_Path],
     bucket_reso: tuple[int, int],
     flipped: list[bool],
     address: int,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -35,26 +36,27 @@ def _os_handle(fd: int) -> int:
     return int(fd)
 
 
-def _array(
-    spec: _core.ArraySpec, fd: int, handle: int, path: str, mm: list[mmap.mmap | None], copy: bool
-) -> np.ndarray:
-    dtype = np.dtype(spec.descr)
-    shape = tuple(spec.shape)
-    order = "F" if spec.fortran_order else "C"
-    count = spec.nbytes // dtype.itemsize if dtype.itemsize else 0
-    offset = spec.offset
-    if offset is not None and count and not copy:
-        if mm[0] is None:
+def _array(item: _core._LoadedArray, fd: int, mm: list[mmap.mmap | None]) -> np.ndarray:
+    descr, dims, fortran_order, data = item
+    dtype = np.dtype(descr)
+    shape = tuple(dims)
+    order: Literal["C", "F"] = "F" if fortran_order else "C"
+    if isinstance(data, int):
+        count = math.prod(shape)
+        if not count:
+            return np.empty(shape, dtype=dtype, order=order)
+        mapping = mm[0]
+        if mapping is None:
             # A private copy-on-write mapping: the arrays are writable (torch takes them without a
             # warning) and a write never reaches the file. The mapping lives as long as an array
             # that uses it (numpy keeps it as the base).
-            mm[0] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-        flat = np.frombuffer(mm[0], dtype=dtype, count=count, offset=offset)
+            mapping = mm[0] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        flat = np.frombuffer(mapping, dtype=dtype, count=count, offset=data)
+    elif data:
+        # Read once into an owned bytearray (aligned by the allocator, writable).
+        flat = np.frombuffer(data, dtype=dtype)
     else:
-        # Unaligned (stock sd-scripts files put float32 data at offset 196 or 197) or deflated:
-        # one read into an aligned, owned buffer.
-        flat = np.empty(count, dtype=dtype)
-        _core.read_array_into(handle, path, spec, flat.ctypes.data, flat.nbytes)
+        return np.empty(shape, dtype=dtype, order=order)
     return flat.reshape(shape, order=order)
 
 
@@ -102,15 +104,16 @@ def load(
     # the file, so the descriptor is closed at once.
     fd = os.open(p, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
-        handle = _os_handle(fd)
-        latents, flipped, alpha, original_size, crop_ltrb = _core.load_plan(handle, p, bucket_reso)
+        latents, flipped, alpha, original_size, crop_ltrb = _core.load_arrays(
+            _os_handle(fd), p, bucket_reso, map_latents=map_latents, copy=copy
+        )
         mm: list[mmap.mmap | None] = [None]
         return CachedLatents(
-            _array(latents, fd, handle, p, mm, copy or not map_latents),
+            _array(latents, fd, mm),
             original_size,
             crop_ltrb,
-            None if flipped is None else _array(flipped, fd, handle, p, mm, copy),
-            None if alpha is None else _array(alpha, fd, handle, p, mm, copy),
+            None if flipped is None else _array(flipped, fd, mm),
+            None if alpha is None else _array(alpha, fd, mm),
         )
     finally:
         os.close(fd)

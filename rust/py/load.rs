@@ -1,5 +1,5 @@
-//! Bindings for `core::load`: header-only plans on a file the caller opened, reads into
-//! caller-owned numpy memory, and parallel batch loading.
+//! Bindings for `core::load`: one call that plans a cache file the caller opened and reads the
+//! arrays that are not to be mapped, and parallel batch loading into caller-owned numpy memory.
 use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::path::PathBuf;
@@ -51,55 +51,6 @@ unsafe fn out_slice<'a>(address: usize, nbytes: usize) -> PyResult<&'a mut [u8]>
     Ok(unsafe { std::slice::from_raw_parts_mut(address as *mut u8, nbytes) })
 }
 
-/// Where one array of a cache lies: its dtype, shape, and the offset at which it can be mapped.
-#[pyclass(frozen, name = "ArraySpec", module = "latentcache._core")]
-pub struct PyArraySpec {
-    spec: core_load::ArraySpec,
-}
-
-#[pymethods]
-impl PyArraySpec {
-    /// The npz key (`latents_128x128`).
-    #[getter]
-    fn key(&self) -> &str {
-        &self.spec.entry.key
-    }
-    /// The numpy dtype string (`<f4`).
-    #[getter]
-    fn descr(&self) -> String {
-        self.spec.descr()
-    }
-    /// The array shape.
-    #[getter]
-    fn shape(&self) -> Vec<u64> {
-        self.spec.shape().to_vec()
-    }
-    /// True when the array is stored in Fortran order.
-    #[getter]
-    fn fortran_order(&self) -> bool {
-        self.spec.fortran_order()
-    }
-    /// Bytes of array data.
-    #[getter]
-    fn nbytes(&self) -> u64 {
-        self.spec.nbytes()
-    }
-    /// File offset of the data when it can be mapped in place (stored, element-aligned), else None.
-    #[getter]
-    fn offset(&self) -> Option<u64> {
-        self.spec.mappable_offset()
-    }
-    fn __repr__(&self) -> String {
-        format!(
-            "ArraySpec(key={:?}, descr={:?}, shape={:?}, offset={:?})",
-            self.spec.entry.key,
-            self.spec.descr(),
-            self.spec.shape(),
-            self.spec.mappable_offset()
-        )
-    }
-}
-
 fn scalars<'py>(py: Python<'py>, v: &[core_load::Scalar]) -> PyResult<Bound<'py, PyList>> {
     let list = PyList::empty(py);
     for s in v {
@@ -109,72 +60,6 @@ fn scalars<'py>(py: Python<'py>, v: &[core_load::Scalar]) -> PyResult<Bound<'py,
         }
     }
     Ok(list)
-}
-
-type PlanTuple<'py> = (
-    PyArraySpec,
-    Option<PyArraySpec>,
-    Option<PyArraySpec>,
-    Bound<'py, PyList>,
-    Bound<'py, PyList>,
-);
-
-/// Read the header-only load plan of an open cache file for one bucket.
-///
-/// Args:
-///     fd: the file's descriptor (`f.fileno()`; on Windows `msvcrt.get_osfhandle(f.fileno())`).
-///     path: the file's path, for error messages.
-///     bucket_reso: `(W, H)` in pixels.
-///
-/// Returns:
-///     `(latents, latents_flipped | None, alpha_mask | None, original_size, crop_ltrb)`, the arrays
-///     as `ArraySpec` and the two short ones as lists.
-///
-/// Raises:
-///     NpzFormatError: the file is not a valid npz or lacks this bucket's keys.
-#[pyfunction]
-pub fn load_plan<'py>(
-    py: Python<'py>,
-    fd: i64,
-    path: PathBuf,
-    bucket_reso: (u32, u32),
-) -> PyResult<PlanTuple<'py>> {
-    let file = borrow_file(fd)?;
-    let plan = super::detached(py, || core_load::plan_from(&file, &path, bucket_reso))?;
-    Ok((
-        PyArraySpec { spec: plan.latents },
-        plan.flipped.map(|spec| PyArraySpec { spec }),
-        plan.alpha_mask.map(|spec| PyArraySpec { spec }),
-        scalars(py, &plan.original_size)?,
-        scalars(py, &plan.crop_ltrb)?,
-    ))
-}
-
-/// Copy one array's data from an open file into caller-owned memory (one positional read; deflated
-/// members are inflated). The interpreter lock is released.
-///
-/// Args:
-///     fd: as for `load_plan`.
-///     path: the file's path, for error messages.
-///     spec: the array, from `load_plan` on the same open file.
-///     address: `ndarray.ctypes.data` of a writable C-contiguous array of `nbytes` bytes.
-///     nbytes: its size in bytes; must equal `spec.nbytes`.
-#[pyfunction]
-pub fn read_array_into(
-    py: Python<'_>,
-    fd: i64,
-    path: PathBuf,
-    spec: &PyArraySpec,
-    address: usize,
-    nbytes: usize,
-) -> PyResult<()> {
-    let file = borrow_file(fd)?;
-    // SAFETY: the Python layer passes a live, writable, C-contiguous array of `nbytes` bytes.
-    let dst = unsafe { out_slice(address, nbytes)? };
-    let entry = spec.spec.entry.clone();
-    super::detached(py, move || {
-        core_load::read_into_from(&file, &path, &entry, dst)
-    })
 }
 
 /// Fill caller-owned float32 memory `(B, 16, h, w)` with the latents of B cache files of one
@@ -203,4 +88,126 @@ pub fn load_batch_into(
     super::detached(py, move || {
         core_load::load_batch(&paths, bucket_reso, &flipped, dst, workers)
     })
+}
+
+/// One array of [`load_arrays`]: `(descr, shape, fortran_order, data)`, where `data` is a filled
+/// `bytearray` (read) or the file offset at which to map it (an int).
+type ArrayOut<'py> = (String, Vec<u64>, bool, Bound<'py, PyAny>);
+
+type LoadTuple<'py> = (
+    ArrayOut<'py>,
+    Option<ArrayOut<'py>>,
+    Option<ArrayOut<'py>>,
+    Bound<'py, PyList>,
+    Bound<'py, PyList>,
+);
+
+/// A new `bytearray` of `len` bytes, left uninitialised (every byte is written before Python sees
+/// it), and the address of its buffer.
+fn uninit_bytearray<'py>(
+    py: Python<'py>,
+    path: &std::path::Path,
+    key: &str,
+    len: u64,
+) -> PyResult<(Bound<'py, PyAny>, usize)> {
+    let n = isize::try_from(len).map_err(|_| {
+        pyo3::exceptions::PyMemoryError::new_err(format!(
+            "{}: entry '{key}': {len} bytes do not fit in memory",
+            path.display()
+        ))
+    })?;
+    // SAFETY: a NULL source asks CPython for an uninitialised buffer of `n` bytes; a NULL result
+    // carries the Python error (MemoryError), which `from_owned_ptr_or_err` returns.
+    let obj = unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            pyo3::ffi::PyByteArray_FromStringAndSize(std::ptr::null(), n),
+        )?
+    };
+    // SAFETY: `obj` is a bytearray we own; its buffer stays put while nothing resizes it.
+    let address = unsafe { pyo3::ffi::PyByteArray_AsString(obj.as_ptr()) } as usize;
+    Ok((obj, address))
+}
+
+/// Plan one cache file for one bucket and read the arrays that are to be read, in one call with
+/// the interpreter lock released for the file work.
+///
+/// The latents are read unless `map_latents`; the flipped latents and the alpha mask are left to be
+/// mapped when they are stored aligned; `copy` reads all of them. An array that cannot be mapped
+/// (unaligned, deflated) is always read.
+///
+/// Args:
+///     fd: the file's descriptor (as for `load_plan`); the caller maps this same file.
+///     path: the file's path, for error messages.
+///     bucket_reso: `(W, H)` in pixels.
+///     map_latents: leave the latents to be mapped when they can be.
+///     copy: read every array.
+///
+/// Returns:
+///     `(latents, latents_flipped | None, alpha_mask | None, original_size, crop_ltrb)`; each array
+///     as `(descr, shape, fortran_order, bytearray | offset)`.
+///
+/// Raises:
+///     NpzFormatError: the file is not a valid npz or lacks this bucket's keys.
+#[pyfunction]
+#[pyo3(signature = (fd, path, bucket_reso, *, map_latents = false, copy = false))]
+pub fn load_arrays<'py>(
+    py: Python<'py>,
+    fd: i64,
+    path: PathBuf,
+    bucket_reso: (u32, u32),
+    map_latents: bool,
+    copy: bool,
+) -> PyResult<LoadTuple<'py>> {
+    let file = borrow_file(fd)?;
+    let plan = super::detached(py, || core_load::plan_from(&file, &path, bucket_reso))?;
+    let specs = [
+        Some(&plan.latents),
+        plan.flipped.as_ref(),
+        plan.alpha_mask.as_ref(),
+    ];
+    let mut outs: Vec<Option<ArrayOut<'py>>> = Vec::with_capacity(3);
+    let mut reads: Vec<(usize, usize, &core_load::ArraySpec)> = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let Some(spec) = spec else {
+            outs.push(None);
+            continue;
+        };
+        let map_it = !copy && (i > 0 || map_latents);
+        let data = match spec.mappable_offset() {
+            Some(off) if map_it => off.into_pyobject(py)?.into_any(),
+            _ => {
+                let (obj, address) = uninit_bytearray(py, &path, &spec.entry.key, spec.nbytes())?;
+                reads.push((address, spec.nbytes() as usize, spec));
+                obj
+            }
+        };
+        outs.push(Some((
+            spec.descr(),
+            spec.shape().to_vec(),
+            spec.fortran_order(),
+            data,
+        )));
+    }
+    if !reads.is_empty() {
+        super::detached(py, || {
+            for (address, len, spec) in &reads {
+                // SAFETY: each address is the buffer of a bytearray made above, `len` bytes long,
+                // that only this call references until it returns.
+                let dst = unsafe { out_slice(*address, *len) }
+                    .map_err(|e| crate::core::error::Error::Value(e.to_string()))?;
+                core_load::read_into_from(&file, &path, &spec.entry, dst)?;
+            }
+            Ok(())
+        })?;
+    }
+    let mut it = outs.into_iter();
+    let latents = it.next().flatten().expect("the latents are always planned");
+    Ok((
+        latents,
+        it.next().flatten(),
+        it.next().flatten(),
+        scalars(py, &plan.original_size)?,
+        scalars(py, &plan.crop_ltrb)?,
+    ))
 }

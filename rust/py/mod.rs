@@ -11,7 +11,7 @@ mod write;
 #[pymodule]
 mod _core {
     #[pymodule_export]
-    use super::load::{load_batch_into, load_plan, read_array_into, PyArraySpec};
+    use super::load::{load_arrays, load_batch_into};
     #[pymodule_export]
     use super::paths::{cache_path, find_source_image, parse_cache_path, path_key};
     #[pymodule_export]
