@@ -241,6 +241,10 @@ def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, A
             st = str(st_dir / f"{k}.safetensors")
             save_file(arrays, st)
             st_paths.append(st)
+    # Write back what generating the caches and their safetensors copies left dirty, so that the
+    # kernel's writeback does not compete with the timed reads.
+    if hasattr(os, "sync"):
+        os.sync()
 
     by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
     for k, b in enumerate(buckets):
