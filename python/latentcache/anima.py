@@ -134,8 +134,9 @@ class _AnimaCaching:
         image_stem = _image_stem(os.fspath(absolute_path), ANIMA_SUFFIX)
         if stem is not None and size is not None and _core.path_key(stem) == _core.path_key(image_stem):
             return _int_size(size)
-        image: str | None = os.fspath(absolute_path)
-        if _is_cache_name(image, ANIMA_SUFFIX) or not os.path.isfile(image):
+        given = os.fspath(absolute_path)
+        image: str | None = given
+        if _is_cache_name(given, ANIMA_SUFFIX) or not os.path.isfile(given):
             image = _image_for_stem(image_stem)
         if image is not None:
             try:
