@@ -376,7 +376,9 @@ def cache_dataset_latents(
                 flip_aug=[bool(subset_of[info.image_key].flip_aug) for info in mine],
                 alpha_mask=[bool(subset_of[info.image_key].alpha_mask) for info in mine],
                 check_source=True,
-                workers=_workers(num_processes),
+                # One rank: the core picks the count (fewer threads when the caches are in the page
+                # cache); several ranks validate at once and share the cores.
+                workers=_workers(num_processes) if num_processes > 1 else None,
             )
             ok = [s.ok for s in statuses]
             for s in statuses:
