@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import mmap
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -303,3 +305,54 @@ def test_dataloader_workers(tmp_path: Path, method: str) -> None:
     got = torch.cat([b[0] for b in batches])
     ref = torch.stack([torch.from_numpy(np_reference(Path(p), BUCKET)[0].reshape(16, 12, 16)) for p in paths])
     assert torch.equal(got, ref)
+
+
+def _buffer_of(a: np.ndarray) -> object:
+    """The object that owns an array's memory (the read buffer, for a read array)."""
+    base = a
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+def test_read_buffers_are_reused_only_when_nothing_sees_them(tmp_path: Path) -> None:
+    big = (512, 512)  # 256 KiB of latents: read into a kept buffer
+    paths = [write_stock(tmp_path / f"{i}.npz", arrays_for(big, seed=i)) for i in range(3)]
+    refs = [np_reference(p, big)[0] for p in paths]
+    held = [lc.load(p, big).latents for p in paths[:2]]
+    buffers = [_buffer_of(a) for a in held]
+    assert isinstance(buffers[0], bytearray) and buffers[0] is not buffers[1]
+    # Held arrays keep their buffers: later loads never write into them.
+    held[0][:] = -1.0
+    third = lc.load(paths[2], big).latents
+    assert _buffer_of(third) is not buffers[0] and _buffer_of(third) is not buffers[1]
+    np.testing.assert_array_equal(held[1], refs[1])
+    assert (held[0] == -1.0).all()
+    np.testing.assert_array_equal(third, refs[2])
+    # Once nothing sees a buffer, the next load of that size takes one of the kept ones (they stay
+    # alive in the pool, so their ids are not reused by new objects), with the new file's values.
+    kept_before = lc._core._read_pool_stats()[0]
+    ids = {id(b) for b in buffers} | {id(_buffer_of(third))}
+    del held, buffers, third
+    gc.collect()
+    again = lc.load(paths[1], big).latents
+    assert id(_buffer_of(again)) in ids
+    np.testing.assert_array_equal(again, refs[1])
+    assert lc._core._read_pool_stats()[0] == kept_before, "a reused buffer is not kept twice"
+
+
+def test_read_pool_is_bounded_and_can_be_turned_off(tmp_path: Path) -> None:
+    big = (512, 512)
+    p = write_stock(tmp_path / "a.npz", arrays_for(big))
+    held = [lc.load(p, big).latents for _ in range(70)]  # all alive: none can be reused
+    kept, nbytes, free = lc._core._read_pool_stats()
+    assert kept <= 64 and nbytes <= 64 << 20 and free <= kept
+    assert len({id(_buffer_of(a)) for a in held}) == 70
+    del held
+    code = (
+        "import sys, latentcache as lc\n"
+        "lc.load(sys.argv[1], (512, 512))\n"
+        "assert lc._core._read_pool_stats() == (0, 0, 0), lc._core._read_pool_stats()\n"
+    )
+    env = dict(os.environ, LATENTCACHE_READ_POOL_MB="0")
+    subprocess.run([sys.executable, "-c", code, str(p)], check=True, env=env, timeout=120)

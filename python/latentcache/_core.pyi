@@ -23,6 +23,7 @@ __all__ = [
     "status_codes",
     "validate",
     "_header_read_floor",
+    "_read_pool_stats",
     "find_temp_files",
     "read_meta_bytes",
     "remove_stale_temp",
@@ -101,6 +102,7 @@ _LoadedArray = tuple[str, list[int], bool, bytearray | int]
 def load_arrays(
     fd: int, path: _Path, bucket_reso: tuple[int, int], *, map_latents: bool = False, copy: bool = False
 ) -> tuple[_LoadedArray, _LoadedArray | None, _LoadedArray | None, list[int | float], list[int | float]]: ...
+def _read_pool_stats() -> tuple[int, int, int]: ...
 def load_batch_into(
     paths: Sequence[_Path],
     bucket_reso: tuple[int, int],

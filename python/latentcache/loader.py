@@ -53,8 +53,9 @@ def _array(item: _core._LoadedArray, fd: int, mm: list[mmap.mmap | None]) -> np.
             mapping = mm[0] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         flat = np.frombuffer(mapping, dtype=dtype, count=count, offset=data)
     elif data:
-        # Read once into an owned bytearray (aligned by the allocator, writable).
-        flat = np.frombuffer(data, dtype=dtype)
+        # Read once into an owned bytearray (aligned by the allocator, writable), which the core
+        # rounds up to a 64 KiB step: the array views its first bytes.
+        flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape))
     else:
         return np.empty(shape, dtype=dtype, order=order)
     return flat.reshape(shape, order=order)

@@ -102,29 +102,51 @@ type LoadTuple<'py> = (
     Bound<'py, PyList>,
 );
 
-/// A new `bytearray` of `len` bytes, left uninitialised (every byte is written before Python sees
-/// it), and the address of its buffer.
+/// Read buffers of 64 KiB and more are allocated in whole 64 KiB steps: the latents of neighbouring
+/// buckets (1024x1024, 896x1152, 832x1216, ...) then ask the allocator for the same size, so a buffer
+/// freed by one sample is reused as it is by the next, instead of the allocator taking fresh memory
+/// (and a page fault per 4 KiB) whenever sizes differ by a few KiB.
+const READ_STEP: u64 = 64 << 10;
+
+/// A `bytearray` of at least `len` bytes (see [`READ_STEP`]): a kept one that nothing refers to any
+/// more (see `bufpool`), else a new one, left uninitialised. The first `len` bytes are written
+/// before Python sees them, and Python views only those. Returns it and the address of its buffer.
 fn uninit_bytearray<'py>(
     py: Python<'py>,
     path: &std::path::Path,
     key: &str,
     len: u64,
 ) -> PyResult<(Bound<'py, PyAny>, usize)> {
-    let n = isize::try_from(len).map_err(|_| {
+    let size = if len >= READ_STEP {
+        len.div_ceil(READ_STEP).saturating_mul(READ_STEP)
+    } else {
+        len
+    };
+    let n = isize::try_from(size).map_err(|_| {
         pyo3::exceptions::PyMemoryError::new_err(format!(
             "{}: entry '{key}': {len} bytes do not fit in memory",
             path.display()
         ))
     })?;
-    // SAFETY: a NULL source asks CPython for an uninitialised buffer of `n` bytes; a NULL result
-    // carries the Python error (MemoryError), which `from_owned_ptr_or_err` returns.
-    let obj = unsafe {
-        Bound::from_owned_ptr_or_err(
-            py,
-            pyo3::ffi::PyByteArray_FromStringAndSize(std::ptr::null(), n),
-        )?
+    let obj = match super::bufpool::take(py, size) {
+        Some(obj) => obj,
+        None => {
+            // SAFETY: a NULL source asks CPython for an uninitialised buffer of `n` bytes; a NULL
+            // result carries the Python error (MemoryError), which `from_owned_ptr_or_err` returns.
+            let obj = unsafe {
+                Bound::from_owned_ptr_or_err(
+                    py,
+                    pyo3::ffi::PyByteArray_FromStringAndSize(std::ptr::null(), n),
+                )?
+            };
+            if size >= READ_STEP {
+                super::bufpool::keep(py, &obj, size);
+            }
+            obj
+        }
     };
-    // SAFETY: `obj` is a bytearray we own; its buffer stays put while nothing resizes it.
+    // SAFETY: `obj` is a bytearray only this call (and the pool, which hands it to nobody else
+    // while this call's reference lives) refers to; its buffer stays put while nothing resizes it.
     let address = unsafe { pyo3::ffi::PyByteArray_AsString(obj.as_ptr()) } as usize;
     Ok((obj, address))
 }

@@ -1,6 +1,7 @@
 //! The thin PyO3 binding: argument extraction, one detach per call, error mapping. No logic lives here.
 use pyo3::prelude::*;
 
+mod bufpool;
 mod errors;
 mod load;
 mod paths;
@@ -10,6 +11,8 @@ mod write;
 
 #[pymodule]
 mod _core {
+    #[pymodule_export]
+    use super::bufpool::_read_pool_stats;
     #[pymodule_export]
     use super::load::{load_arrays, load_batch_into};
     #[pymodule_export]
