@@ -356,3 +356,23 @@ def test_read_pool_is_bounded_and_can_be_turned_off(tmp_path: Path) -> None:
     )
     env = dict(os.environ, LATENTCACHE_READ_POOL_MB="0")
     subprocess.run([sys.executable, "-c", code, str(p)], check=True, env=env, timeout=120)
+
+
+def test_load_batch_result_reuses_a_dropped_one(tmp_path: Path) -> None:
+    big = (512, 512)
+    paths = [write_stock(tmp_path / f"{i}.npz", arrays_for(big, seed=i)) for i in range(4)]
+    ref = np.stack([np_reference(p, big)[0] for p in paths])
+    first = lc.load_batch(paths, big, workers=2)
+    np.testing.assert_array_equal(first, ref)
+    held_id = id(_buffer_of(first))
+    second = lc.load_batch(paths[::-1], big, workers=2)  # `first` is alive: a buffer of its own
+    assert id(_buffer_of(second)) != held_id
+    np.testing.assert_array_equal(first, ref)
+    np.testing.assert_array_equal(second, ref[::-1])
+    ids = {held_id, id(_buffer_of(second))}
+    del first, second
+    gc.collect()
+    third = lc.load_batch(paths, big, workers=2)
+    assert id(_buffer_of(third)) in ids
+    np.testing.assert_array_equal(third, ref)
+    assert third.flags.writeable and third.flags.c_contiguous and third.ctypes.data % 16 == 0

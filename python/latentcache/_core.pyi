@@ -23,6 +23,7 @@ __all__ = [
     "status_codes",
     "validate",
     "_header_read_floor",
+    "_read_buffer",
     "_read_pool_stats",
     "find_temp_files",
     "read_meta_bytes",
@@ -103,6 +104,7 @@ def load_arrays(
     fd: int, path: _Path, bucket_reso: tuple[int, int], *, map_latents: bool = False, copy: bool = False
 ) -> tuple[_LoadedArray, _LoadedArray | None, _LoadedArray | None, list[int | float], list[int | float]]: ...
 def _read_pool_stats() -> tuple[int, int, int]: ...
+def _read_buffer(nbytes: int) -> bytearray: ...
 def load_batch_into(
     paths: Sequence[_Path],
     bucket_reso: tuple[int, int],

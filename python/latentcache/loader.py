@@ -154,7 +154,15 @@ def load_batch(
     w, h = bucket_reso
     shape = (len(strs), 16, h // 8, w // 8)
     if out is None:
-        out = np.empty(shape, dtype=np.float32)
+        # A kept buffer when one is free (see `load`): a training loop calls this once per batch
+        # and drops the result, so the next call reuses its memory instead of faulting in fresh
+        # pages. Every byte is written below before the array is returned.
+        count = math.prod(shape)
+        if count:
+            buf = _core._read_buffer(count * 4)
+            out = np.frombuffer(buf, dtype=np.float32, count=count).reshape(shape)
+        else:
+            out = np.empty(shape, dtype=np.float32)
     elif not isinstance(out, np.ndarray):
         raise ValueError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     elif out.shape != shape or out.dtype != np.float32:

@@ -108,13 +108,38 @@ type LoadTuple<'py> = (
 /// (and a page fault per 4 KiB) whenever sizes differ by a few KiB.
 const READ_STEP: u64 = 64 << 10;
 
+/// Ask for transparent huge pages under a new buffer of 4 MiB or more (a `load_batch` result), as
+/// numpy does for its own large arrays: the read into it then takes far fewer TLB misses (on the
+/// project's VM a 16 MiB batch filled 35% slower on 4 KiB pages). Only whole 2 MiB pages inside
+/// the buffer are advised; advice only, so errors are ignored.
+fn huge_pages(obj: &Bound<'_, PyAny>, size: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        if size < (4 << 20) {
+            return;
+        }
+        // SAFETY: `obj` is a new bytearray of `size` bytes; the advice covers only whole pages
+        // inside its buffer and does not change its contents or mapping.
+        unsafe {
+            let start = pyo3::ffi::PyByteArray_AsString(obj.as_ptr()) as usize;
+            let lo = start.next_multiple_of(HUGE);
+            let hi = (start + size as usize) & !(HUGE - 1);
+            if hi > lo {
+                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (obj, size);
+}
+
 /// A `bytearray` of at least `len` bytes (see [`READ_STEP`]): a kept one that nothing refers to any
 /// more (see `bufpool`), else a new one, left uninitialised. The first `len` bytes are written
 /// before Python sees them, and Python views only those. Returns it and the address of its buffer.
 fn uninit_bytearray<'py>(
     py: Python<'py>,
-    path: &std::path::Path,
-    key: &str,
+    what: impl FnOnce() -> String,
     len: u64,
 ) -> PyResult<(Bound<'py, PyAny>, usize)> {
     let size = if len >= READ_STEP {
@@ -124,8 +149,8 @@ fn uninit_bytearray<'py>(
     };
     let n = isize::try_from(size).map_err(|_| {
         pyo3::exceptions::PyMemoryError::new_err(format!(
-            "{}: entry '{key}': {len} bytes do not fit in memory",
-            path.display()
+            "{}: {len} bytes do not fit in memory",
+            what()
         ))
     })?;
     let obj = match super::bufpool::take(py, size) {
@@ -142,6 +167,7 @@ fn uninit_bytearray<'py>(
             if size >= READ_STEP {
                 super::bufpool::keep(py, &obj, size);
             }
+            huge_pages(&obj, size);
             obj
         }
     };
@@ -199,7 +225,11 @@ pub fn load_arrays<'py>(
         let data = match spec.mappable_offset() {
             Some(off) if map_it => off.into_pyobject(py)?.into_any(),
             _ => {
-                let (obj, address) = uninit_bytearray(py, &path, &spec.entry.key, spec.nbytes())?;
+                let (obj, address) = uninit_bytearray(
+                    py,
+                    || format!("{}: entry '{}'", path.display(), spec.entry.key),
+                    spec.nbytes(),
+                )?;
                 reads.push((address, spec.nbytes() as usize, spec));
                 obj
             }
@@ -232,4 +262,12 @@ pub fn load_arrays<'py>(
         scalars(py, &plan.original_size)?,
         scalars(py, &plan.crop_ltrb)?,
     ))
+}
+
+/// A writable buffer of at least `nbytes` bytes for `load_batch` to fill: a kept one that nothing
+/// refers to any more, else a new one (kept for later calls within the pool's limits). Its contents
+/// are undefined until filled; the caller fills every byte it views before handing it out.
+#[pyfunction]
+pub fn _read_buffer(py: Python<'_>, nbytes: u64) -> PyResult<Bound<'_, PyAny>> {
+    Ok(uninit_bytearray(py, || "a load_batch result".to_owned(), nbytes)?.0)
 }
