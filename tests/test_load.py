@@ -376,3 +376,28 @@ def test_load_batch_result_reuses_a_dropped_one(tmp_path: Path) -> None:
     assert id(_buffer_of(third)) in ids
     np.testing.assert_array_equal(third, ref)
     assert third.flags.writeable and third.flags.c_contiguous and third.ctypes.data % 16 == 0
+
+
+def test_the_core_fills_only_a_real_writable_float32_array(tmp_path: Path) -> None:
+    paths = [str(p) for p in make_batch(tmp_path, 2)]
+    good = np.zeros((2, 16, 12, 16), dtype=np.float32)
+    lc._core.load_batch_into(paths, BUCKET, [False, False], good)
+    assert np.array_equal(good, lc.load_batch(paths, BUCKET))
+
+    class Sub(np.ndarray):
+        pass
+
+    readonly = np.zeros_like(good)
+    readonly.flags.writeable = False
+    bad = [
+        bytearray(good.nbytes),  # not an ndarray: no address is taken from it
+        np.zeros((2, 16, 12, 16), dtype=np.float64),
+        np.zeros((1, 16, 12, 16), dtype=np.float32),  # too small for two files
+        np.zeros((2, 16, 16, 12), dtype=np.float32).transpose(0, 1, 3, 2),  # not C-contiguous
+        readonly,
+        np.zeros_like(good).view(Sub),  # a subclass could report any address
+    ]
+    for out in bad:
+        with pytest.raises(ValueError, match="out must be"):
+            lc._core.load_batch_into(paths, BUCKET, [False, False], out)
+    assert not readonly.any()

@@ -3,6 +3,8 @@ import os
 from collections.abc import Sequence
 from typing import final
 
+import numpy as np
+
 __all__ = [
     "CacheFile",
     "CacheStatus",
@@ -109,8 +111,7 @@ def load_batch_into(
     paths: Sequence[_Path],
     bucket_reso: tuple[int, int],
     flipped: list[bool],
-    address: int,
-    nbytes: int,
+    out: np.ndarray,
     workers: int | None = None,
 ) -> None: ...
 

@@ -173,5 +173,5 @@ def load_batch(
     if len(flags) != len(strs):
         raise ValueError(f"flipped has {len(flags)} entries for {len(strs)} paths")
     if strs:
-        _core.load_batch_into(strs, bucket_reso, flags, out.ctypes.data, out.nbytes, workers)
+        _core.load_batch_into(strs, bucket_reso, flags, out, workers)
     return out

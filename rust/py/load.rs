@@ -62,29 +62,63 @@ fn scalars<'py>(py: Python<'py>, v: &[core_load::Scalar]) -> PyResult<Bound<'py,
     Ok(list)
 }
 
-/// Fill caller-owned float32 memory `(B, 16, h, w)` with the latents of B cache files of one
-/// bucket, in parallel with the interpreter lock released.
+/// The memory of `out`, which must be a writable, C-contiguous float32 `numpy.ndarray` of exactly
+/// `nbytes` bytes. The address comes from numpy's own `__array_interface__` of an array of exactly
+/// type `numpy.ndarray` (a subclass could report anything), never from the caller.
+fn float32_memory<'a>(out: &Bound<'_, PyAny>, nbytes: usize) -> PyResult<&'a mut [u8]> {
+    static NDARRAY: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
+    let py = out.py();
+    let ndarray = NDARRAY.import(py, "numpy", "ndarray")?;
+    if !out.get_type().is(ndarray) {
+        return Err(PyValueError::new_err(format!(
+            "out must be a numpy.ndarray, got {}",
+            out.get_type().name()?
+        )));
+    }
+    let iface = out.getattr(pyo3::intern!(py, "__array_interface__"))?;
+    let typestr: String = iface.get_item("typestr")?.extract()?;
+    let (address, readonly): (usize, bool) = iface.get_item("data")?.extract()?;
+    let contiguous = iface.get_item("strides")?.is_none();
+    let shape: Vec<usize> = iface.get_item("shape")?.extract()?;
+    let size = shape.iter().try_fold(4usize, |n, &d| n.checked_mul(d));
+    if typestr != "<f4" || readonly || !contiguous || size != Some(nbytes) {
+        return Err(PyValueError::new_err(format!(
+            "out must be a writable, C-contiguous float32 array of {nbytes} bytes \
+             (got {typestr}, shape {shape:?}, writable {}, contiguous {contiguous})",
+            !readonly
+        )));
+    }
+    // SAFETY: numpy reports `address` as the start of this array's `nbytes` writable bytes; the
+    // caller holds `out` for the whole call, so the memory stays alive and in place.
+    unsafe { out_slice(address, nbytes) }
+}
+
+/// Fill a float32 `(B, 16, h, w)` numpy array with the latents of B cache files of one bucket, in
+/// parallel with the interpreter lock released.
 ///
 /// Args:
 ///     paths: the B cache files.
 ///     bucket_reso: `(W, H)` in pixels.
 ///     flipped: B booleans; item i comes from `latents_flipped` when true.
-///     address: `ndarray.ctypes.data` of a writable C-contiguous float32 array.
-///     nbytes: its size in bytes (B * 16 * h * w * 4).
+///     out: a writable, C-contiguous float32 `numpy.ndarray` of `B * 16 * h * w` elements. No
+///         other thread may use it during the call.
 ///     workers: threads for this call (default: `LATENTCACHE_NUM_THREADS`, else the CPU count).
 #[pyfunction]
-#[pyo3(signature = (paths, bucket_reso, flipped, address, nbytes, workers = None))]
+#[pyo3(signature = (paths, bucket_reso, flipped, out, workers = None))]
 pub fn load_batch_into(
     py: Python<'_>,
     paths: Vec<PathBuf>,
     bucket_reso: (u32, u32),
     flipped: Vec<bool>,
-    address: usize,
-    nbytes: usize,
+    out: &Bound<'_, PyAny>,
     workers: Option<usize>,
 ) -> PyResult<()> {
-    // SAFETY: the Python layer passes a live, writable, C-contiguous array of `nbytes` bytes.
-    let dst = unsafe { out_slice(address, nbytes)? };
+    let (w, h) = (bucket_reso.0 as usize / 8, bucket_reso.1 as usize / 8);
+    let nbytes = [paths.len(), 16, h, w, 4]
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| PyValueError::new_err("the batch does not fit in memory"))?;
+    let dst = float32_memory(out, nbytes)?;
     super::detached(py, move || {
         core_load::load_batch(&paths, bucket_reso, &flipped, dst, workers)
     })
