@@ -401,3 +401,29 @@ def test_the_core_fills_only_a_real_writable_float32_array(tmp_path: Path) -> No
         with pytest.raises(ValueError, match="out must be"):
             lc._core.load_batch_into(paths, BUCKET, [False, False], out)
     assert not readonly.any()
+
+
+def test_concurrent_loads_never_share_a_buffer(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = (512, 512)
+    paths = [write_stock(tmp_path / f"{i}.npz", arrays_for(big, seed=i)) for i in range(6)]
+    refs = [np_reference(p, big)[0] for p in paths]
+
+    def worker(t: int) -> list[tuple[int, np.ndarray]]:
+        held = []
+        for k in range(40):
+            i = (t + k) % len(paths)
+            a = lc.load(paths[i], big).latents
+            held.append((i, a))
+            if len(held) > 3:  # drop the oldest: its buffer may go to another thread's next load
+                held.pop(0)
+            for j, b in held:
+                np.testing.assert_array_equal(b, refs[j])
+        return held
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(worker, range(4)))
+    for held in results:
+        for j, b in held:
+            np.testing.assert_array_equal(b, refs[j])
