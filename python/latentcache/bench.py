@@ -37,7 +37,7 @@ class CacheItem:
 
 def _progress(it: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
         tqdm = None
     if tqdm is not None:
@@ -55,7 +55,7 @@ def _arrays(
 ) -> dict[str, np.ndarray]:
     w, h = bucket
     s = f"_{h // 8}x{w // 8}"
-    out = {
+    out: dict[str, np.ndarray] = {
         "latents" + s: rng.standard_normal((16, h // 8, w // 8), dtype=np.float32),
         "original_size" + s: np.array([w + 37, h + 11], dtype=np.int64),
         "crop_ltrb" + s: np.array([12.0, 0.0, w - 12.5, float(h)], dtype=np.float64),
@@ -100,7 +100,7 @@ def generate(directory: Path, n: int, seed: int = 0) -> list[CacheItem]:
                 )
         else:
             with open(item.path, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, **arrays)  # type: ignore[arg-type]
         items.append(item)
     return items
 
@@ -230,10 +230,12 @@ def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, A
     # safetensors copies of the same arrays, for the comparison (outside any timing).
     st_dir = Path(tempfile.mkdtemp(prefix="latentcache-bench-st-"))
     st_paths: list[str] = []
+    load_file: Callable[..., dict[str, np.ndarray]] | None = None
+    save_file: Callable[..., None] | None = None
     try:
         from safetensors.numpy import load_file, save_file
     except ImportError:
-        load_file = save_file = None
+        pass
     if save_file is not None:
         for k, item in enumerate(_progress(items, n, "writing safetensors copies")):
             with np.load(item.path) as z:
@@ -292,6 +294,7 @@ def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, A
                 np.copyto(dst[b], z["latents" + _sfx(b)].reshape(dst[b].shape))
 
     def st_load() -> None:
+        assert load_file is not None  # only timed when the copies were written
         for p, b in zip(st_paths, buckets, strict=True):
             np.copyto(dst[b], load_file(p)["latents" + _sfx(b)].reshape(dst[b].shape))
 

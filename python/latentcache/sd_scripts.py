@@ -106,7 +106,7 @@ def install() -> None:
     """
     import importlib
 
-    strategy_anima = importlib.import_module("library.strategy_anima")
+    strategy_anima: Any = importlib.import_module("library.strategy_anima")
     from latentcache import anima
 
     if not hasattr(strategy_anima, _ORIGINAL_ATTR):
