@@ -313,8 +313,9 @@ def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, A
     table: list[tuple[str, str, float, float]] = []
     for mode in modes:
         cold = mode == "cold"
-        rep = 5
-        tv = _time({"ours": ours_validate, "sd": sd_validate, "floor": floor_validate}, cold, rep)
+        # Best of 9 validation rounds (each well under a second) and of 7 load rounds: on a shared
+        # machine a slow spell can last a whole round, and the minimum needs a few to find a quiet one.
+        tv = _time({"ours": ours_validate, "sd": sd_validate, "floor": floor_validate}, cold, 9)
         t_ours_v, t_sd_v, t_floor_v = tv["ours"], tv["sd"], tv["floor"]
         table.append((mode, "validate: latentcache.validate", n / t_ours_v, 0.0))
         table.append((mode, "validate: sd-scripts (exists+np.load+keys)", n / t_sd_v, 0.0))
@@ -336,7 +337,7 @@ def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, A
         if st_paths:
             loads.append(("load: safetensors load_file + touch", st_load, lat_bytes))
         loads.append(("load: raw file read (limit)", raw_read, file_bytes))
-        times = _time({name: fn for name, fn, _ in loads}, cold, rep)
+        times = _time({name: fn for name, fn, _ in loads}, cold, 7)
         for name, _, nbytes in loads:
             t = times[name]
             table.append((mode, name, n / t, nbytes / t / 1e9))
