@@ -427,3 +427,24 @@ def test_concurrent_loads_never_share_a_buffer(tmp_path: Path) -> None:
     for held in results:
         for j, b in held:
             np.testing.assert_array_equal(b, refs[j])
+
+
+def test_a_buffer_resized_through_an_array_base_is_never_handed_out(tmp_path: Path) -> None:
+    big = (512, 512)
+    p = write_stock(tmp_path / "a.npz", arrays_for(big))
+    ref = np_reference(p, big)[0]
+    a = lc.load(p, big).latents
+    buf = _buffer_of(a)
+    assert isinstance(buf, bytearray)
+    del a
+    gc.collect()
+    buf.extend(b"\0" * 4096)  # nothing views it any more, so Python allows the resize
+    resized = id(buf)
+    del buf
+    gc.collect()
+    for _ in range(3):
+        b = lc.load(p, big).latents
+        assert id(_buffer_of(b)) != resized
+        np.testing.assert_array_equal(b, ref)
+    kept, nbytes, _ = lc._core._read_pool_stats()
+    assert kept <= 64 and nbytes <= 64 << 20

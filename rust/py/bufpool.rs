@@ -16,7 +16,9 @@ use std::sync::Mutex;
 use pyo3::prelude::*;
 
 struct Kept {
-    bufs: Vec<Py<PyAny>>,
+    /// Each buffer with the size it was made with (a caller who reaches a buffer through an
+    /// array's base could resize it; such a buffer is never handed out again).
+    bufs: Vec<(Py<PyAny>, u64)>,
     bytes: u64,
 }
 
@@ -54,9 +56,9 @@ fn bytearray_len(obj: &Bound<'_, PyAny>) -> u64 {
 /// A kept bytearray of exactly `size` bytes that nothing else refers to, if there is one.
 pub(crate) fn take<'py>(py: Python<'py>, size: u64) -> Option<Bound<'py, PyAny>> {
     let pool = POOL.try_lock().ok()?;
-    pool.bufs.iter().find_map(|b| {
+    pool.bufs.iter().find_map(|(b, made)| {
         let b = b.bind(py);
-        (unused(b) && bytearray_len(b) == size).then(|| b.clone())
+        (*made == size && unused(b) && bytearray_len(b) == size).then(|| b.clone())
     })
 }
 
@@ -71,14 +73,14 @@ pub(crate) fn keep(py: Python<'_>, obj: &Bound<'_, PyAny>, size: u64) {
         return;
     };
     while pool.bufs.len() >= MAX_BUFS || pool.bytes + size > limit {
-        let Some(i) = pool.bufs.iter().position(|b| unused(b.bind(py))) else {
+        let Some(i) = pool.bufs.iter().position(|(b, _)| unused(b.bind(py))) else {
             return;
         };
-        let gone = pool.bufs.swap_remove(i);
-        pool.bytes -= bytearray_len(gone.bind(py));
+        let (gone, made) = pool.bufs.swap_remove(i);
+        pool.bytes -= made;
         drop(gone);
     }
-    pool.bufs.push(obj.clone().unbind());
+    pool.bufs.push((obj.clone().unbind(), size));
     pool.bytes += size;
 }
 
@@ -89,7 +91,7 @@ pub fn _read_pool_stats(py: Python<'_>) -> (usize, u64, usize) {
         Ok(pool) => (
             pool.bufs.len(),
             pool.bytes,
-            pool.bufs.iter().filter(|b| unused(b.bind(py))).count(),
+            pool.bufs.iter().filter(|(b, _)| unused(b.bind(py))).count(),
         ),
         Err(_) => (0, 0, 0),
     }
