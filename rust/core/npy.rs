@@ -963,6 +963,7 @@ fn stream_array(
 #[cfg(test)]
 pub(crate) mod testutil {
     use super::encode_npy_header;
+    use crate::core::zip::testutil::{zip_bytes, ZipOpts};
 
     /// An `.npy` image of `data` (already in the dtype's byte layout).
     pub fn npy(descr: &str, shape: &[u64], data: &[u8]) -> Vec<u8> {
@@ -980,6 +981,52 @@ pub(crate) mod testutil {
             "<f4",
             shape,
             &vec![0u8; shape.iter().product::<u64>() as usize * 4],
+        )
+    }
+
+    /// An sd-scripts cache as np.savez lays it out, for latents `(16, h, w)` (keys `_{h}x{w}`):
+    /// latents, original_size, crop_ltrb, then the optional flipped latents, alpha mask
+    /// `(8h, 8w)` and a second resolution `_{h/2}x{w/2}`, all zeros.
+    pub fn savez_cache(
+        (h, w): (u64, u64),
+        flip: bool,
+        alpha: bool,
+        other_bucket: bool,
+        zip64_local: bool,
+    ) -> Vec<u8> {
+        let sfx = format!("_{h}x{w}");
+        let small_sfx = format!("_{}x{}", h / 2, w / 2);
+        let size = npy("<i8", &[2], &[0u8; 16]);
+        let crop = npy("<f8", &[4], &[0u8; 32]);
+        let mut m: Vec<(String, Vec<u8>)> = vec![
+            (format!("latents{sfx}.npy"), zeros_f32(&[16, h, w])),
+            (format!("original_size{sfx}.npy"), size.clone()),
+            (format!("crop_ltrb{sfx}.npy"), crop.clone()),
+        ];
+        if flip {
+            m.push((format!("latents_flipped{sfx}.npy"), zeros_f32(&[16, h, w])));
+        }
+        if alpha {
+            m.push((format!("alpha_mask{sfx}.npy"), zeros_f32(&[8 * h, 8 * w])));
+        }
+        if other_bucket {
+            m.push((
+                format!("latents{small_sfx}.npy"),
+                zeros_f32(&[16, h / 2, w / 2]),
+            ));
+            m.push((format!("original_size{small_sfx}.npy"), size));
+            m.push((format!("crop_ltrb{small_sfx}.npy"), crop));
+        }
+        let members: Vec<(&str, &[u8], bool)> = m
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.as_slice(), false))
+            .collect();
+        zip_bytes(
+            &members,
+            ZipOpts {
+                zip64_local,
+                ..ZipOpts::default()
+            },
         )
     }
 }
@@ -1121,35 +1168,12 @@ mod tests {
         read_npz_index_from(&f, t.path())
     }
 
-    /// A cache laid out as np.savez writes it: the latents first, the small members and the
-    /// directory at the end.
-    fn sd_scripts_like(extra_mid: bool) -> Vec<u8> {
-        let lat = npy("<f4", &[16, 128, 128], &vec![0u8; 16 * 128 * 128 * 4]);
-        let size = npy("<i8", &[2], &[0u8; 16]);
-        let crop = npy("<f8", &[4], &[0u8; 32]);
-        let mut members: Vec<(&str, &[u8], bool)> = vec![
-            ("latents_128x128.npy", &lat, false),
-            ("original_size_128x128.npy", &size, false),
-            ("crop_ltrb_128x128.npy", &crop, false),
-        ];
-        if extra_mid {
-            members.push(("latents_flipped_128x128.npy", &lat, false));
-        }
-        zip_bytes(
-            &members,
-            ZipOpts {
-                zip64_local: true,
-                ..ZipOpts::default()
-            },
-        )
-    }
-
     #[test]
     fn header_only_index_takes_one_read_per_region() {
         // Head (the first member's headers) and tail (directory and small members): two reads.
         // Each member in the middle of the file costs one more.
         for (extra_mid, budget) in [(false, 2), (true, 3)] {
-            let t = temp_file(&sd_scripts_like(extra_mid));
+            let t = temp_file(&savez_cache((128, 128), extra_mid, false, false, true));
             let f = File::open(t.path()).unwrap();
             let src = Src::new(&f, t.path()).unwrap();
             let idx = read_npz_index_via(&src).unwrap();

@@ -350,7 +350,7 @@ fn quick_check(
 mod tests {
     use super::*;
     use crate::core::npy::read_npz_index_via;
-    use crate::core::npy::testutil::npy;
+    use crate::core::npy::testutil::{npy, savez_cache};
     use crate::core::validate::{validate_one, Code, Options};
     use crate::core::zip::testutil::{temp_file, zip_bytes, ZipOpts};
     use crate::core::zip::Src;
@@ -364,34 +364,7 @@ mod tests {
 
     /// An sd-scripts-style cache for bucket 64x32 (keys `_4x8`), as np.savez lays it out.
     fn cache(flip: bool, alpha: bool, other_bucket: bool, zip64_local: bool) -> Vec<u8> {
-        let lat = npy("<f4", &[16, 4, 8], &[0u8; 16 * 4 * 8 * 4]);
-        let size = npy("<i8", &[2], &[0u8; 16]);
-        let crop = npy("<f8", &[4], &[0u8; 32]);
-        let mask = npy("<f4", &[32, 64], &[0u8; 32 * 64 * 4]);
-        let small = npy("<f4", &[16, 2, 4], &[0u8; 16 * 2 * 4 * 4]);
-        let mut m: Vec<(&str, &[u8], bool)> = vec![
-            ("latents_4x8.npy", &lat, false),
-            ("original_size_4x8.npy", &size, false),
-            ("crop_ltrb_4x8.npy", &crop, false),
-        ];
-        if flip {
-            m.push(("latents_flipped_4x8.npy", &lat, false));
-        }
-        if alpha {
-            m.push(("alpha_mask_4x8.npy", &mask, false));
-        }
-        if other_bucket {
-            m.push(("latents_2x4.npy", &small, false));
-            m.push(("original_size_2x4.npy", &size, false));
-            m.push(("crop_ltrb_2x4.npy", &crop, false));
-        }
-        zip_bytes(
-            &m,
-            ZipOpts {
-                zip64_local,
-                ..ZipOpts::default()
-            },
-        )
+        savez_cache((4, 8), flip, alpha, other_bucket, zip64_local)
     }
 
     fn quick(bytes: &[u8], exp: &Expectation) -> Option<(bool, u32)> {
