@@ -245,11 +245,7 @@ const PREFETCH: usize = 256;
 /// The thread pool for a call: `workers`, else `LATENTCACHE_NUM_THREADS`, else `default` threads.
 pub fn pool(workers: Option<usize>, default: usize) -> Result<std::sync::Arc<rayon::ThreadPool>> {
     let n = workers
-        .or_else(|| {
-            std::env::var("LATENTCACHE_NUM_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-        })
+        .or_else(crate::core::pool::env_workers)
         .unwrap_or(default)
         .max(1);
     crate::core::pool::pool(n)

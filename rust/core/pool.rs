@@ -1,14 +1,24 @@
 //! Worker pools kept between calls by the process that made them, for `load_batch`: a training loop
 //! calls it once per batch, and starting the threads each time costs about 5% of a 16-file batch.
-//! (One-off calls such as `validate` start a pool per call and leave no idle threads behind.) A forked child (a DataLoader worker) never touches the
-//! parent's pools: their threads do not exist there, and a lock the parent held at the fork may
-//! never be released. It gets a fresh pool per call instead, as every call did before.
+//! (One-off calls such as `validate` start a pool per call and leave no idle threads behind.)
+//! A forked child (a DataLoader worker) never touches the parent's pools: their threads do not
+//! exist there, and a lock the parent held at the fork may never be released. It gets a fresh
+//! pool per call instead, as every call did before.
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rayon::ThreadPool;
 
 use crate::core::error::{Error, Result};
+
+/// `LATENTCACHE_NUM_THREADS`, when it is set to a positive integer: the worker count of every
+/// parallel call that is not given one.
+pub(crate) fn env_workers() -> Option<usize> {
+    std::env::var("LATENTCACHE_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+}
 
 /// Pools of different sizes kept at most.
 const KEPT: usize = 4;

@@ -750,36 +750,32 @@ impl FiniteScan {
 /// computes, and a cold page cache needs many reads in flight (16 threads on 2 cores read cold
 /// caches 1.5x faster than 4, and cost warm ones under 10%).
 pub fn default_workers() -> usize {
-    if let Ok(v) = std::env::var("LATENTCACHE_NUM_THREADS") {
-        if let Ok(n) = v.trim().parse::<usize>() {
-            if n > 0 {
-                return n;
-            }
-        }
-    }
-    let p = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (8 * p).clamp(8, 32)
+    crate::core::pool::env_workers().unwrap_or_else(|| {
+        let p = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (8 * p).clamp(8, 32)
+    })
 }
 
 /// The worker count [`validate_many`] uses when the caller names none: `LATENTCACHE_NUM_THREADS` if
 /// set to a positive integer; else 2 per core when a sample of the files is already in the page
 /// cache (the work is then system calls on the CPU, and more threads only add start-up and
 /// switching: about 5% on 2 cores); else [`default_workers`], for reads that wait on the disk.
+/// A call of fewer than [`PROBE_FROM`] files is not probed: the probe would add reads to a call that
+/// has few to make, and [`default_workers`] capped at the file count serves it.
 pub fn auto_workers<P: AsRef<Path>>(paths: &[P]) -> usize {
-    if let Ok(v) = std::env::var("LATENTCACHE_NUM_THREADS") {
-        if let Ok(n) = v.trim().parse::<usize>() {
-            if n > 0 {
-                return n;
-            }
-        }
+    if let Some(n) = crate::core::pool::env_workers() {
+        return n;
     }
-    if sample_cached(paths) == Some(true) {
+    if paths.len() >= PROBE_FROM && sample_cached(paths) == Some(true) {
         let p = std::thread::available_parallelism().map_or(1, |n| n.get());
         (2 * p).max(2)
     } else {
         default_workers()
     }
 }
+
+/// The smallest call [`auto_workers`] probes.
+const PROBE_FROM: usize = 64;
 
 /// Whether the files look cached: up to 8 of them, spread over the list, are opened and probed
 /// with one-byte `RWF_NOWAIT` reads at the start and at the end (where the header reads go), which
@@ -1449,12 +1445,14 @@ mod tests {
         if evicted {
             assert_eq!(sample_cached(&paths), Some(false));
             if std::env::var_os("LATENTCACHE_NUM_THREADS").is_none() {
-                assert_eq!(auto_workers(&paths), default_workers());
+                let many: Vec<&PathBuf> = paths.iter().cycle().take(PROBE_FROM).collect();
+                assert_eq!(auto_workers(&many), default_workers());
             }
         } else {
             eprintln!("this file system keeps the files cached; the evicted case is not checked");
         }
-        // Read back in: cached again, and the count drops to 2 per core.
+        // Read back in: cached again, and the count drops to 2 per core, for a call large enough
+        // to be probed; a short one keeps the I/O default and makes no probe reads.
         for p in &paths {
             std::fs::read(p).unwrap();
         }
@@ -1462,7 +1460,9 @@ mod tests {
             && std::env::var_os("LATENTCACHE_NUM_THREADS").is_none()
         {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            assert_eq!(auto_workers(&paths), (2 * cores).max(2));
+            let many: Vec<&PathBuf> = paths.iter().cycle().take(PROBE_FROM).collect();
+            assert_eq!(auto_workers(&many), (2 * cores).max(2));
+            assert_eq!(auto_workers(&paths), default_workers());
         }
     }
 

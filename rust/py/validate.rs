@@ -104,8 +104,8 @@ pub fn status_codes() -> Vec<&'static str> {
 ///     verify_crc: also read every member and check its CRC-32 (`crc_mismatch`).
 ///     check_finite: also read the latents and report NaN or Inf (`non_finite`).
 ///     workers: threads for this call (default: `LATENTCACHE_NUM_THREADS`, else 2 per core when
-///         a sample of the files is already in the page cache, else `clamp(8 * cores, 8, 32)` for
-///         reads that wait on the disk).
+///         a sample of the files (64 or more) is already in the page cache, else
+///         `clamp(8 * cores, 8, 32)` for reads that wait on the disk).
 ///
 /// Returns:
 ///     One `CacheStatus` per path, in input order. A broken file is a status, never an exception.
