@@ -211,6 +211,35 @@ fn uninit_bytearray<'py>(
     Ok((obj, address))
 }
 
+/// One array of [`load_arrays`]: its file offset when `map_it` and it can be mapped; else a new
+/// buffer, queued in `reads` to be filled.
+fn array_out<'py, 'a>(
+    py: Python<'py>,
+    path: &std::path::Path,
+    spec: &'a core_load::ArraySpec,
+    map_it: bool,
+    reads: &mut Vec<(usize, usize, &'a core_load::ArraySpec)>,
+) -> PyResult<ArrayOut<'py>> {
+    let data = match spec.mappable_offset() {
+        Some(off) if map_it => off.into_pyobject(py)?.into_any(),
+        _ => {
+            let (obj, address) = uninit_bytearray(
+                py,
+                || format!("{}: entry '{}'", path.display(), spec.entry.key),
+                spec.nbytes(),
+            )?;
+            reads.push((address, spec.nbytes() as usize, spec));
+            obj
+        }
+    };
+    Ok((
+        spec.descr(),
+        spec.shape().to_vec(),
+        spec.fortran_order(),
+        data,
+    ))
+}
+
 /// Plan one cache file for one bucket and read the arrays that are to be read, in one call with
 /// the interpreter lock released for the file work.
 ///
@@ -219,7 +248,8 @@ fn uninit_bytearray<'py>(
 /// (unaligned, deflated) is always read.
 ///
 /// Args:
-///     fd: the file's descriptor (as for `load_plan`); the caller maps this same file.
+///     fd: the file's descriptor (`f.fileno()`; on Windows `msvcrt.get_osfhandle(f.fileno())`);
+///         the caller maps this same file.
 ///     path: the file's path, for error messages.
 ///     bucket_reso: `(W, H)` in pixels.
 ///     map_latents: leave the latents to be mapped when they can be.
@@ -243,38 +273,14 @@ pub fn load_arrays<'py>(
 ) -> PyResult<LoadTuple<'py>> {
     let file = borrow_file(fd)?;
     let plan = super::detached(py, || core_load::plan_from(&file, &path, bucket_reso))?;
-    let specs = [
-        Some(&plan.latents),
-        plan.flipped.as_ref(),
-        plan.alpha_mask.as_ref(),
-    ];
-    let mut outs: Vec<Option<ArrayOut<'py>>> = Vec::with_capacity(3);
     let mut reads: Vec<(usize, usize, &core_load::ArraySpec)> = Vec::new();
-    for (i, spec) in specs.iter().enumerate() {
-        let Some(spec) = spec else {
-            outs.push(None);
-            continue;
-        };
-        let map_it = !copy && (i > 0 || map_latents);
-        let data = match spec.mappable_offset() {
-            Some(off) if map_it => off.into_pyobject(py)?.into_any(),
-            _ => {
-                let (obj, address) = uninit_bytearray(
-                    py,
-                    || format!("{}: entry '{}'", path.display(), spec.entry.key),
-                    spec.nbytes(),
-                )?;
-                reads.push((address, spec.nbytes() as usize, spec));
-                obj
-            }
-        };
-        outs.push(Some((
-            spec.descr(),
-            spec.shape().to_vec(),
-            spec.fortran_order(),
-            data,
-        )));
-    }
+    let latents = array_out(py, &path, &plan.latents, map_latents && !copy, &mut reads)?;
+    let flipped = (plan.flipped.as_ref())
+        .map(|s| array_out(py, &path, s, !copy, &mut reads))
+        .transpose()?;
+    let alpha = (plan.alpha_mask.as_ref())
+        .map(|s| array_out(py, &path, s, !copy, &mut reads))
+        .transpose()?;
     if !reads.is_empty() {
         super::detached(py, || {
             for (address, len, spec) in &reads {
@@ -287,12 +293,10 @@ pub fn load_arrays<'py>(
             Ok(())
         })?;
     }
-    let mut it = outs.into_iter();
-    let latents = it.next().flatten().expect("the latents are always planned");
     Ok((
         latents,
-        it.next().flatten(),
-        it.next().flatten(),
+        flipped,
+        alpha,
         scalars(py, &plan.original_size)?,
         scalars(py, &plan.crop_ltrb)?,
     ))
