@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,115 @@ def test_scan_reports_and_removes_writer_temp_files(
     assert "writer temp files:     1" in capsys.readouterr().out
     assert main(["scan", str(tmp_path), "--remove-temp"]) == 0
     assert not leftover.exists() and Path(target).exists()
+
+
+_EXTS = ".png .jpg .jpeg .webp .bmp .avif .jxl"
+IMAGE_EXTS = {*_EXTS.split(), *_EXTS.upper().split()}
+
+
+def _strip_layer(name: str, suffix: str) -> tuple[str, tuple[int, int]] | None:
+    """The reference for one `_<W>x<H><suffix>` layer, written from the documented rule."""
+    if not name.endswith(suffix):
+        return None
+    rest = name[: -len(suffix)]
+    cut = rest.rfind("_")
+    if cut <= 0:
+        return None
+    w, sep, h = rest[cut + 1 :].partition("x")
+    digits = set("0123456789")
+    if not sep or not w or not h or not set(w) <= digits or not set(h) <= digits:
+        return None
+    if int(w) >= 2**32 or int(h) >= 2**32:
+        return None
+    return rest[:cut], (int(w), int(h))
+
+
+def _reference_scan(folders: dict[Path, list[str]]) -> dict[str, object]:
+    """What scan_directory must report, from plain Python over the same names."""
+    images, orphans, doubled, shared, temps = [], [], [], [], []
+    for d, names in folders.items():
+        groups: dict[str, tuple[list[str], list[tuple[str, tuple[int, int]]]]] = {}
+        pending_doubled = []
+        for name in reversed(names):  # any order: the report's order must come from sorting
+            layer = _strip_layer(name, "_anima.npz")
+            if layer is not None:
+                stem, size = layer
+                inner = _strip_layer(stem, "_anima")
+                if inner is not None:
+                    pending_doubled.append((inner[0], str(d / name), size))
+                else:
+                    groups.setdefault(stem, ([], []))[1].append((str(d / name), size))
+                continue
+            root, ext = os.path.splitext(name)
+            if ext in IMAGE_EXTS:
+                groups.setdefault(root, ([], []))[0].append(str(d / name))
+            elif name.startswith(".") and name.endswith(".lctmp") and len(name) > len("..lctmp"):
+                temps.append(str(d / name))
+        for inner, path, size in pending_doubled:
+            imgs = groups.get(inner, ([], []))[0]
+            doubled.append((path, size, min(imgs) if imgs else None))
+        for stem, (imgs, caches) in groups.items():
+            caches = sorted(caches)
+            if not imgs:
+                orphans.extend(caches)
+                continue
+            if len(imgs) > 1:
+                shared.append((str(d / stem), sorted(imgs)))
+            images.extend((img, caches) for img in imgs)
+    return {
+        "images": sorted(images),
+        "orphans": sorted(orphans),
+        "doubled": sorted(doubled),
+        "shared": sorted(shared),
+        "temps": sorted(temps),
+    }
+
+
+_stem = st.text(st.sampled_from(list("ab_x1.")), min_size=1, max_size=5).filter(lambda s: s.strip(".") != "")
+_size = st.sampled_from(["0001x0001", "1024x0768", "12x3", "1x", "x2", "99999999999x1", "0512x0512"])
+
+
+def _names(stems: list[str]) -> st.SearchStrategy[str]:
+    """Names built from a few shared stems, so that images, caches and doubled caches collide."""
+    stem = st.sampled_from(stems)
+    return st.one_of(
+        st.builds(lambda s, e: s + e, stem, st.sampled_from([".png", ".JPG", ".webp", ".txt", ""])),
+        st.builds(lambda s, z: f"{s}_{z}_anima.npz", stem, _size),
+        st.builds(lambda s, z, y: f"{s}_{z}_anima_{y}_anima.npz", stem, _size, _size),
+        st.builds(lambda s: f".{s}_0001x0001_anima.npz.lctmp", stem),
+        st.sampled_from(["_0001x0001_anima.npz", "ab.lctmp", "..lctmp", ".png", "b_1x1_sd.npz"]),
+    )
+
+
+@given(data=st.data(), stems=st.lists(_stem, min_size=1, max_size=4))
+def test_scan_matches_a_reference_model(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject, stems: list[str]
+) -> None:
+    """Random names in two folders: pairing, doubled caches, shared stems, temp files and order."""
+    top = data.draw(st.sets(_names(stems), max_size=25))
+    sub = data.draw(st.sets(_names(stems), max_size=10))
+    d = tmp_path_factory.mktemp("model")
+    (d / "sub").mkdir()
+    folders = {d: sorted(top - {"sub"}), d / "sub": sorted(sub)}
+    for folder, names in folders.items():
+        touch(folder, *names)
+    r = lc.scan_directory(d, recursive=True)
+    want = _reference_scan(folders)
+    got_images = [(i.path, [(c.path, c.size) for c in i.caches]) for i in r.images]
+    assert got_images == want["images"]
+    assert [(c.path, c.size) for c in r.orphan_caches] == want["orphans"]
+    assert [(c.path, c.size, c.image) for c in r.doubled_caches] == want["doubled"]
+    assert [(g.stem, g.images) for g in r.shared_stems] == want["shared"]
+    assert r.temp_files == want["temps"]
+    assert r.files == len(folders[d]) + len(folders[d / "sub"])
+    assert r.images_without_cache == [p for p, caches in want["images"] if not caches]
+    assert [i.path for i in r.multi_size] == [p for p, caches in want["images"] if len(caches) > 1]
+
+
+def test_scan_report_lists_are_made_once(tmp_path: Path) -> None:
+    make_dataset(tmp_path)
+    r = lc.scan_directory(tmp_path)
+    # The same list object on every read: indexing report.images in a loop does not rebuild it.
+    assert r.images is r.images and r.orphan_caches is r.orphan_caches
+    assert r.images_without_cache is r.images_without_cache
+    assert len(r.images) == 8 and r.images[0] is r.images[0]

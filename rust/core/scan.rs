@@ -1,5 +1,7 @@
 //! Directory scan: one listing per folder, images and caches paired exactly by stem.
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::core::cache_path::{split_ext, strip_cache_layer, IMAGE_EXTENSIONS};
@@ -77,35 +79,36 @@ impl ScanReport {
     }
 }
 
-enum Kind {
-    Image(String),
-    Cache(String, (u32, u32)),
-    Doubled(String, (u32, u32)),
+enum Kind<'a> {
+    Image(&'a str),
+    Cache(&'a str, (u32, u32)),
+    Doubled(&'a str, (u32, u32)),
     Other,
 }
 
-fn classify(name: &str, suffix: &str) -> Kind {
+fn classify<'a>(name: &'a str, suffix: &str) -> Kind<'a> {
     if let Some((stem, size)) = strip_cache_layer(name, suffix) {
         // sd-scripts' doubled name is `splitext(cache)[0] + "_WxH" + suffix`: the inner layer lost the
         // suffix's extension (`a_0602x0429_anima_0602x0429_anima.npz`).
         let inner_suffix = split_ext(suffix).0;
         return match strip_cache_layer(stem, inner_suffix) {
-            Some((inner, _)) => Kind::Doubled(inner.to_owned(), size),
-            None => Kind::Cache(stem.to_owned(), size),
+            Some((inner, _)) => Kind::Doubled(inner, size),
+            None => Kind::Cache(stem, size),
         };
     }
     let (stem, ext) = split_ext(name);
     if IMAGE_EXTENSIONS.contains(&ext) {
-        Kind::Image(stem.to_owned())
+        Kind::Image(stem)
     } else {
         Kind::Other
     }
 }
 
-#[derive(Default)]
-struct Group {
-    images: Vec<PathBuf>,
-    caches: Vec<CacheFile>,
+/// One stem's images and caches, as indices into the folder's names.
+struct Group<'a> {
+    stem: &'a str,
+    images: Vec<usize>,
+    caches: Vec<(usize, (u32, u32))>,
 }
 
 /// Scan one folder (and its subfolders when `recursive`; symlinked folders are not followed, so a
@@ -121,22 +124,23 @@ pub fn scan_directory(dir: &Path, suffix: &str, recursive: bool) -> Result<ScanR
     while let Some(d) = pending.pop() {
         scan_one(&d, suffix, recursive, &mut pending, &mut report)?;
     }
-    // Sort by the raw bytes: `Path`'s component-wise comparison costs several times more.
+    // Sort by the raw bytes: `Path`'s component-wise comparison costs several times more. Each
+    // folder's entries arrive sorted by name, so for one folder these sorts are a linear check.
     report
         .images
-        .sort_unstable_by(|a, b| a.path.as_os_str().cmp(b.path.as_os_str()));
+        .sort_by(|a, b| a.path.as_os_str().cmp(b.path.as_os_str()));
     report
         .orphan_caches
-        .sort_unstable_by(|a, b| a.path.as_os_str().cmp(b.path.as_os_str()));
+        .sort_by(|a, b| a.path.as_os_str().cmp(b.path.as_os_str()));
     report
         .doubled_caches
-        .sort_unstable_by(|a, b| a.cache.path.as_os_str().cmp(b.cache.path.as_os_str()));
+        .sort_by(|a, b| a.cache.path.as_os_str().cmp(b.cache.path.as_os_str()));
     report
         .shared_stems
-        .sort_unstable_by(|a, b| a.stem.as_os_str().cmp(b.stem.as_os_str()));
+        .sort_by(|a, b| a.stem.as_os_str().cmp(b.stem.as_os_str()));
     report
         .temp_files
-        .sort_unstable_by(|a, b| a.as_os_str().cmp(b.as_os_str()));
+        .sort_by(|a, b| a.as_os_str().cmp(b.as_os_str()));
     Ok(report)
 }
 
@@ -148,8 +152,9 @@ fn scan_one(
     report: &mut ScanReport,
 ) -> Result<()> {
     report.directories += 1;
-    let mut groups: HashMap<String, Group> = HashMap::new();
-    let mut doubled: Vec<(String, CacheFile)> = Vec::new();
+    // The listing first, sorted by name; then stems are grouped as slices of these names, and a
+    // path is made only for what the report holds.
+    let mut names: Vec<OsString> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         // d_type from the listing: no stat on Linux, Windows and macOS.
@@ -161,52 +166,101 @@ fn scan_one(
             }
             continue;
         }
-        report.files += 1;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let path = entry.path();
-        match classify(&name, suffix) {
-            Kind::Image(stem) => groups.entry(stem).or_default().images.push(path),
-            Kind::Cache(stem, size) => groups
-                .entry(stem)
-                .or_default()
-                .caches
-                .push(CacheFile { path, size }),
-            Kind::Doubled(inner, size) => doubled.push((inner, CacheFile { path, size })),
-            Kind::Other => {
-                if temp_target(&name).is_some() {
-                    report.temp_files.push(path);
-                }
+        names.push(entry.file_name());
+    }
+    report.files += names.len();
+    names.sort_unstable();
+    let text: Vec<Cow<'_, str>> = names.iter().map(|n| n.to_string_lossy()).collect();
+    // `dir.join(name)` for listed names, with one allocation each: `join("")` gives the folder with
+    // its separator, by the platform's own rules.
+    let prefix = dir.join("").into_os_string();
+    let path = |i: usize| {
+        let mut p = OsString::with_capacity(prefix.len() + names[i].len());
+        p.push(&prefix);
+        p.push(&names[i]);
+        PathBuf::from(p)
+    };
+
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(names.len());
+    let mut groups: Vec<Group<'_>> = Vec::new();
+    let mut doubled: Vec<(&str, usize, (u32, u32))> = Vec::new();
+    for (i, name) in text.iter().enumerate() {
+        let (stem, cache) = match classify(name, suffix) {
+            Kind::Image(stem) => (stem, None),
+            Kind::Cache(stem, size) => (stem, Some(size)),
+            Kind::Doubled(inner, size) => {
+                doubled.push((inner, i, size));
+                continue;
             }
+            Kind::Other => {
+                if temp_target(name).is_some() {
+                    report.temp_files.push(path(i));
+                }
+                continue;
+            }
+        };
+        let g = *index.entry(stem).or_insert_with(|| {
+            groups.push(Group {
+                stem,
+                images: Vec::new(),
+                caches: Vec::new(),
+            });
+            groups.len() - 1
+        });
+        match cache {
+            None => groups[g].images.push(i),
+            Some(size) => groups[g].caches.push((i, size)),
         }
     }
-    for (inner, cache) in doubled {
-        let image = groups
-            .get(&inner)
-            .and_then(|g| g.images.iter().min().cloned());
-        report.doubled_caches.push(DoubledCache { cache, image });
+    // Names were sorted, so every group's lists are in path order, and groups come nearly in the
+    // order of their images' paths.
+    for (inner, i, size) in doubled {
+        let image = index
+            .get(inner)
+            .and_then(|&g| groups[g].images.first())
+            .map(|&im| path(im));
+        report.doubled_caches.push(DoubledCache {
+            cache: CacheFile {
+                path: path(i),
+                size,
+            },
+            image,
+        });
     }
-    for (stem, mut g) in groups {
-        g.caches
-            .sort_unstable_by(|a, b| a.path.as_os_str().cmp(b.path.as_os_str()));
-        g.images
-            .sort_unstable_by(|a, b| a.as_os_str().cmp(b.as_os_str()));
-        if g.images.is_empty() {
-            report.orphan_caches.extend(g.caches);
+    for Group {
+        stem,
+        images,
+        caches,
+    } in &groups
+    {
+        let caches: Vec<CacheFile> = caches
+            .iter()
+            .map(|&(i, size)| CacheFile {
+                path: path(i),
+                size,
+            })
+            .collect();
+        if images.is_empty() {
+            report.orphan_caches.extend(caches);
             continue;
         }
-        if g.images.len() > 1 {
+        if images.len() > 1 {
             report.shared_stems.push(SharedStem {
-                stem: dir.join(&stem),
-                images: g.images.clone(),
+                stem: dir.join(stem),
+                images: images.iter().map(|&i| path(i)).collect(),
             });
         }
-        for path in g.images {
+        let (&last, rest) = images.split_last().expect("a group with images");
+        for &i in rest {
             report.images.push(ImageEntry {
-                path,
-                caches: g.caches.clone(),
+                path: path(i),
+                caches: caches.clone(),
             });
         }
+        report.images.push(ImageEntry {
+            path: path(last),
+            caches,
+        });
     }
     Ok(())
 }

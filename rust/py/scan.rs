@@ -1,13 +1,11 @@
 //! Bindings for `core::scan`: frozen report classes and `scan_directory`.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyList;
 
 use crate::core::scan as core_scan;
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
 
 /// A cache file and the original image size `(W, H)` from its name.
 #[pyclass(frozen, get_all, name = "CacheFile", module = "latentcache._core")]
@@ -21,15 +19,6 @@ pub struct PyCacheFile {
 impl PyCacheFile {
     fn __repr__(&self) -> String {
         format!("CacheFile(path={:?}, size={:?})", self.path, self.size)
-    }
-}
-
-impl From<&core_scan::CacheFile> for PyCacheFile {
-    fn from(c: &core_scan::CacheFile) -> Self {
-        PyCacheFile {
-            path: s(&c.path),
-            size: c.size,
-        }
     }
 }
 
@@ -69,81 +58,171 @@ pub struct PySharedStem {
     images: Vec<String>,
 }
 
-/// What `scan_directory` found; every list is sorted by path.
-#[pyclass(frozen, get_all, name = "ScanReport", module = "latentcache._core")]
+/// What `scan_directory` found; every list is sorted by path. Each list is made on its first read
+/// and the same list object is returned after that (reading `images` in a loop costs nothing).
+#[pyclass(frozen, name = "ScanReport", module = "latentcache._core")]
 pub struct PyScanReport {
-    /// Every image with its caches (possibly none).
-    images: Vec<PyImageEntry>,
-    /// Caches with no image of exactly their stem.
-    orphan_caches: Vec<PyCacheFile>,
-    /// Caches whose name carries the suffix twice (sd-scripts #2362 leftovers).
-    doubled_caches: Vec<PyDoubledCache>,
-    /// Images that share a stem with another image.
-    shared_stems: Vec<PySharedStem>,
-    /// Temporary files of the crash-safe writer (left by a killed writer, or in flight).
-    temp_files: Vec<String>,
-    /// Images with no cache.
-    images_without_cache: Vec<String>,
-    /// Images whose stem has caches for more than one image size.
-    multi_size: Vec<PyImageEntry>,
+    images: Lazy<PyImageEntry>,
+    orphan_caches: Lazy<PyCacheFile>,
+    doubled_caches: Lazy<PyDoubledCache>,
+    shared_stems: Lazy<PySharedStem>,
+    temp_files: Lazy<String>,
+    images_without_cache: Lazy<String>,
+    multi_size: Lazy<PyImageEntry>,
     /// Directories listed.
+    #[pyo3(get)]
     directories: usize,
     /// Files looked at.
+    #[pyo3(get)]
     files: usize,
     /// True when nothing is wrong (images without a cache are not wrong).
+    #[pyo3(get)]
     is_clean: bool,
+}
+
+/// Items kept in Rust until their Python list is first asked for, then that one list.
+struct Lazy<T> {
+    items: Vec<T>,
+    list: PyOnceLock<Py<PyList>>,
+}
+
+impl<T> Lazy<T>
+where
+    T: Clone + for<'py> IntoPyObject<'py>,
+{
+    fn new(items: Vec<T>) -> Self {
+        Lazy {
+            items,
+            list: PyOnceLock::new(),
+        }
+    }
+
+    fn get(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+        self.list
+            .get_or_try_init(py, || {
+                PyList::new(py, self.items.iter().cloned()).map(Bound::unbind)
+            })
+            .map(|l| l.clone_ref(py))
+    }
 }
 
 #[pymethods]
 impl PyScanReport {
+    /// Every image with its caches (possibly none).
+    #[getter]
+    fn images(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+        self.images.get(py)
+    }
+
+    /// Caches with no image of exactly their stem.
+    #[getter]
+    fn orphan_caches(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+        self.orphan_caches.get(py)
+    }
+
+    /// Caches whose name carries the suffix twice (sd-scripts #2362 leftovers).
+    #[getter]
+    fn doubled_caches(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+        self.doubled_caches.get(py)
+    }
+
+    /// Images that share a stem with another image.
+    #[getter]
+    fn shared_stems(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+        self.shared_stems.get(py)
+    }
+
+    /// Temporary files of the crash-safe writer (left by a killed writer, or in flight).
+    #[getter]
+    fn temp_files(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+        self.temp_files.get(py)
+    }
+
+    /// Images with no cache.
+    #[getter]
+    fn images_without_cache(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+        self.images_without_cache.get(py)
+    }
+
+    /// Images whose stem has caches for more than one image size.
+    #[getter]
+    fn multi_size(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+        self.multi_size.get(py)
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "ScanReport(images={}, without_cache={}, orphan_caches={}, doubled_caches={}, multi_size={}, shared_stems={})",
-            self.images.len(),
-            self.images_without_cache.len(),
-            self.orphan_caches.len(),
-            self.doubled_caches.len(),
-            self.multi_size.len(),
-            self.shared_stems.len()
+            self.images.items.len(),
+            self.images_without_cache.items.len(),
+            self.orphan_caches.items.len(),
+            self.doubled_caches.items.len(),
+            self.multi_size.items.len(),
+            self.shared_stems.items.len()
         )
     }
 }
 
-fn image_entry(i: &core_scan::ImageEntry) -> PyImageEntry {
+/// A path as a `str`, moved when it is valid Unicode (the usual case), else with replacement
+/// characters.
+fn text(p: PathBuf) -> String {
+    p.into_os_string()
+        .into_string()
+        .unwrap_or_else(|o| o.to_string_lossy().into_owned())
+}
+
+fn cache_file(c: core_scan::CacheFile) -> PyCacheFile {
+    PyCacheFile {
+        path: text(c.path),
+        size: c.size,
+    }
+}
+
+fn image_entry(i: core_scan::ImageEntry) -> PyImageEntry {
     PyImageEntry {
-        path: s(&i.path),
-        caches: i.caches.iter().map(PyCacheFile::from).collect(),
+        path: text(i.path),
+        caches: i.caches.into_iter().map(cache_file).collect(),
     }
 }
 
 impl From<core_scan::ScanReport> for PyScanReport {
     fn from(r: core_scan::ScanReport) -> Self {
+        let is_clean = r.is_clean();
+        let multi_size: Vec<PyImageEntry> = r.multi_size().cloned().map(image_entry).collect();
+        let images: Vec<PyImageEntry> = r.images.into_iter().map(image_entry).collect();
+        let images_without_cache = images
+            .iter()
+            .filter(|i| i.caches.is_empty())
+            .map(|i| i.path.clone())
+            .collect();
         PyScanReport {
-            images_without_cache: r.images_without_cache().map(|i| s(&i.path)).collect(),
-            multi_size: r.multi_size().map(image_entry).collect(),
-            is_clean: r.is_clean(),
-            images: r.images.iter().map(image_entry).collect(),
-            orphan_caches: r.orphan_caches.iter().map(PyCacheFile::from).collect(),
-            doubled_caches: r
-                .doubled_caches
-                .iter()
-                .map(|d| PyDoubledCache {
-                    path: s(&d.cache.path),
-                    size: d.cache.size,
-                    image: d.image.as_deref().map(s),
-                })
-                .collect(),
-            shared_stems: r
-                .shared_stems
-                .iter()
-                .map(|g| PySharedStem {
-                    stem: s(&g.stem),
-                    images: g.images.iter().map(|p| s(p)).collect(),
-                })
-                .collect(),
-            temp_files: r.temp_files.iter().map(|p| s(p)).collect(),
+            images: Lazy::new(images),
+            orphan_caches: Lazy::new(r.orphan_caches.into_iter().map(cache_file).collect()),
+            doubled_caches: Lazy::new(
+                r.doubled_caches
+                    .into_iter()
+                    .map(|d| PyDoubledCache {
+                        path: text(d.cache.path),
+                        size: d.cache.size,
+                        image: d.image.map(text),
+                    })
+                    .collect(),
+            ),
+            shared_stems: Lazy::new(
+                r.shared_stems
+                    .into_iter()
+                    .map(|g| PySharedStem {
+                        stem: text(g.stem),
+                        images: g.images.into_iter().map(text).collect(),
+                    })
+                    .collect(),
+            ),
+            temp_files: Lazy::new(r.temp_files.into_iter().map(text).collect()),
+            images_without_cache: Lazy::new(images_without_cache),
+            multi_size: Lazy::new(multi_size),
             directories: r.directories,
             files: r.files,
+            is_clean,
         }
     }
 }
