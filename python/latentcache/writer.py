@@ -103,11 +103,14 @@ def write_latents(
         latents_flipped: latents of the horizontally flipped image, the same shape as ``latents``.
         alpha_mask: float ``(H, W)`` mask in [0, 1] at bucket pixel size; stored as float32.
         meta: JSON-serialisable metadata; the keys ``format`` and ``writer`` are reserved.
-        durable: fsync the file and its folder, so the write survives a power loss.
+        durable: fsync the file and its folder, so the write survives a power loss. A file system
+            that cannot flush a folder (some network and FUSE ones) is not an error.
 
     Raises:
         ValueError: an argument has the wrong shape or dtype (the message names file and argument).
-        OSError: the file could not be written (errno and filename set; the old file is untouched).
+        OSError: the file could not be written (errno and filename set; the old file is untouched),
+            or, with ``durable``, flushing the folder after the rename failed (the message says the new
+            file is in place).
     """
     spath = os.fspath(path)
     lat = _float_array(latents, spath, "latents", "<f4")

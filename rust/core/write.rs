@@ -179,7 +179,7 @@ pub fn write_npz(
     replace_file(&guard.path, path).map_err(|e| Error::io(path, e))?;
     guard.disarm();
     if opts.durable {
-        sync_dir(&dir).map_err(|e| Error::io(path, e))?;
+        after_rename(sync_dir(&dir), &dir, path)?;
     }
     drop(lock);
     Ok(report)
@@ -862,6 +862,35 @@ fn replace_file(from: &Path, to: &Path) -> io::Result<()> {
     fs::rename(from, to)
 }
 
+/// The outcome of flushing the folder after the rename, when the new file is already in place.
+///
+/// A file system that cannot flush a folder (`EINVAL`, `ENOTSUP`, `ENOSYS`: some network and FUSE
+/// file systems) or a folder that cannot be opened for reading (write and search permission only)
+/// leaves the rename to the file system's own ordering: the write has succeeded and nothing better
+/// can be done, so that is not an error. Any other failure (`EIO`) is, and its message says that the
+/// new cache is in place.
+fn after_rename(flushed: io::Result<()>, dir: &Path, path: &Path) -> Result<()> {
+    let Err(e) = flushed else {
+        return Ok(());
+    };
+    #[cfg(unix)]
+    // ENOTSUP and EOPNOTSUPP are one value on Linux, two on macOS.
+    let unsupported = e.raw_os_error().is_some_and(|n| {
+        [libc::EINVAL, libc::ENOTSUP, libc::EOPNOTSUPP, libc::ENOSYS].contains(&n)
+    });
+    #[cfg(not(unix))]
+    let unsupported = false;
+    if unsupported || e.kind() == io::ErrorKind::PermissionDenied {
+        return Ok(());
+    }
+    let message = format!(
+        "the new cache is in place, but flushing its folder {} failed, so the rename may not \
+         survive a power loss: {e}",
+        dir.display()
+    );
+    Err(Error::io(path, io::Error::new(e.kind(), message)))
+}
+
 /// Make a rename in `dir` durable. Windows has no directory handle to flush; NTFS journals the rename.
 fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
@@ -979,6 +1008,32 @@ mod tests {
     }
 
     const DURABLE: WriteOptions = WriteOptions { durable: true };
+
+    #[test]
+    fn a_folder_flush_failure_after_the_rename_says_the_file_is_in_place() {
+        let (dir, path) = (
+            Path::new("/data/imgs"),
+            Path::new("/data/imgs/a_0064x0064_anima.npz"),
+        );
+        assert!(after_rename(Ok(()), dir, path).is_ok());
+        #[cfg(unix)]
+        for errno in [libc::EINVAL, libc::ENOTSUP, libc::ENOSYS] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(after_rename(Err(e), dir, path).is_ok(), "errno {errno}");
+        }
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert!(after_rename(Err(denied), dir, path).is_ok());
+        let eio = io::Error::other("Input/output error");
+        let err = after_rename(Err(eio), dir, path).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("/data/imgs/a_0064x0064_anima.npz: the new cache is in place"));
+        assert!(
+            text.contains("flushing its folder /data/imgs failed") && text.contains("Input/output")
+        );
+        assert!(
+            matches!(err, Error::Io { ref source, .. } if source.kind() == io::ErrorKind::Other)
+        );
+    }
 
     #[test]
     fn kept_deflated_members_are_crc_checked() {
