@@ -842,14 +842,45 @@ fn sample_cached<P: AsRef<Path>>(paths: &[P]) -> Option<bool> {
 /// reads and `lseek`s skip the reference counting (and the position lock) a shared table needs;
 /// 4-12% faster on 2 cores. The copy only adds references to the descriptors open at that moment,
 /// released when the worker ends with the call; where `unshare` is refused (a seccomp filter), the
-/// worker keeps the shared table, which is only slower.
+/// worker keeps the shared table, which is only slower. The copy costs time in proportion to the
+/// table, so a process whose table has grown past [`MAX_PRIVATE_FD_TABLE`] slots keeps it shared.
 fn call_pool(n: usize) -> Result<rayon::ThreadPool> {
+    let private = wants_private_table(fd_table_size());
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .thread_name(|i| format!("latentcache-validate-{i}"))
-        .start_handler(|_| private_fd_table())
+        .start_handler(move |_| {
+            if private {
+                private_fd_table()
+            }
+        })
         .build()
         .map_err(|e| Error::Value(format!("could not start {n} worker threads: {e}")))
+}
+
+/// The largest descriptor table a worker copies: about 50 us per copy (a reference taken and later
+/// dropped per open descriptor), the time of some 15 files' checks.
+const MAX_PRIVATE_FD_TABLE: usize = 1024;
+
+fn wants_private_table(table_slots: Option<usize>) -> bool {
+    table_slots.is_some_and(|n| n <= MAX_PRIVATE_FD_TABLE)
+}
+
+/// The slots in this process's descriptor table (`FDSize` in `/proc/self/status`: it grows in powers
+/// of two past the highest descriptor ever open, and never shrinks). `None` off Linux or unreadable.
+fn fd_table_size() -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("FDSize:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
 }
 
 /// Give the calling thread its own descriptor table (Linux; a no-op elsewhere). Only for threads
@@ -1355,19 +1386,15 @@ mod tests {
         }
     }
 
+    /// Whether a descriptor a call-pool worker opens (and leaves open) is in the caller's table.
     #[cfg(target_os = "linux")]
-    #[test]
-    fn call_pool_workers_have_their_own_descriptor_table() {
+    fn worker_fd_seen_by_caller(p: &Path) -> bool {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("probe.npz");
-        std::fs::write(&p, b"probe").unwrap();
-        let ino = std::fs::metadata(&p).unwrap().ino();
+        let ino = std::fs::metadata(p).unwrap().ino();
         let pool = call_pool(2).unwrap();
-        // A worker opens the file and leaves it open (the table goes with the thread).
         let fd = pool.install(|| {
-            let f = File::open(&p).unwrap();
+            let f = File::open(p).unwrap();
             let fd = f.as_raw_fd();
             std::mem::forget(f);
             fd
@@ -1375,12 +1402,75 @@ mod tests {
         // SAFETY: an all-zero `stat` is a valid value to be overwritten.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: fstat on a number that may not be open here only fails; `st` is a valid out-pointer.
-        let seen_here = unsafe { libc::fstat(fd, &mut st) } == 0 && st.st_ino == ino;
+        unsafe { libc::fstat(fd, &mut st) == 0 && st.st_ino == ino }
+    }
+
+    #[test]
+    fn only_small_descriptor_tables_are_copied() {
+        assert!(wants_private_table(Some(64)) && wants_private_table(Some(1024)));
+        assert!(!wants_private_table(Some(2048)) && !wants_private_table(None));
+        #[cfg(target_os = "linux")]
+        assert!(fd_table_size().is_some_and(|n| n >= 64 && n.is_power_of_two()));
+    }
+
+    /// In a child process (a grown table lasts for the process, so not in this one): once the
+    /// table has grown past the limit, workers share it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_large_descriptor_table_stays_shared() {
+        const CHILD: &str = "LATENTCACHE_TEST_BIG_FD_TABLE";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "core::validate::tests::a_large_descriptor_table_stays_shared",
+                ])
+                .args(["--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(text.contains("1 passed"), "the child ran no test: {text}");
+            return;
+        }
+        // SAFETY: plain rlimit calls on valid out/in pointers.
+        unsafe {
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+            if lim.rlim_max < 2100 {
+                println!("skipped: RLIMIT_NOFILE hard limit {} < 2100", lim.rlim_max);
+                return;
+            }
+            lim.rlim_cur = lim.rlim_cur.max(2100);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("probe.npz");
+        std::fs::write(&p, b"probe").unwrap();
+        assert!(!worker_fd_seen_by_caller(&p), "a small table is private");
+        // SAFETY: dup2 onto a free high number; closed again below.
+        assert!(unsafe { libc::dup2(0, 2000) } == 2000);
+        assert!(fd_table_size().unwrap() > MAX_PRIVATE_FD_TABLE);
+        assert!(worker_fd_seen_by_caller(&p), "a large table stays shared");
+        // SAFETY: closing the descriptor made above.
+        unsafe { libc::close(2000) };
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn call_pool_workers_have_their_own_descriptor_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("probe.npz");
+        std::fs::write(&p, b"probe").unwrap();
         assert!(
-            !seen_here,
+            !worker_fd_seen_by_caller(&p),
             "a worker's descriptor must not be in the caller's table"
         );
-        drop(pool);
         // And validation through such workers gives the same statuses as the caller's thread.
         let good = dir.path().join("good.npz");
         std::fs::write(&good, Cache::anima().bytes(false)).unwrap();
