@@ -142,8 +142,46 @@ pub fn plan(path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
 }
 
 /// [`plan`] on an already open file, so that the caller can map the very file it planned.
+///
+/// When the file's first byte is not in the page cache, read-ahead of the latents (at the start of
+/// every sd-scripts and latentcache file, their size known from the bucket) and of the end is asked
+/// for before the headers are read, so the disk fetches the payload while the index is parsed
+/// instead of after it.
 pub fn plan_from(file: &File, path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
-    plan_via(&Src::new(file, path)?, path, bucket_reso)
+    let src = Src::new(file, path)?;
+    if is_cold(file) == Some(true) {
+        let (h, w) = (u64::from(bucket_reso.1 / 8), u64::from(bucket_reso.0 / 8));
+        advise_willneed(file, src.file_len(), 16 * h * w * 4);
+    }
+    plan_via(&src, path, bucket_reso)
+}
+
+/// Whether the file's first byte would have to come from the disk: a one-byte `RWF_NOWAIT` read,
+/// which fails with `EAGAIN` instead of waiting. `None` where that cannot be told.
+pub(crate) fn is_cold(file: &File) -> Option<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let mut byte = [0u8; 1];
+        let iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: `file` is open and `iov` points at one writable byte; the result is checked.
+        let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
+        if r >= 0 {
+            return Some(false);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN) => Some(true),
+            _ => None,
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = file;
+        None
+    }
 }
 
 fn plan_via(src: &Src<'_>, path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
@@ -334,6 +372,38 @@ pub fn load_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cold file's latents are asked for before the headers are parsed: after planning, a page in
+    /// the middle of the 1 MiB payload is cached (or in flight), far from the read-ahead that the
+    /// header reads at both ends start by themselves.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn planning_a_cold_file_prefetches_its_latents() {
+        use crate::core::zip::testutil::{evict, resident_pages};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a_1024x1024_anima.npz");
+        let bytes = crate::core::npy::testutil::savez_cache((128, 128), false, false, false, true);
+        std::fs::write(&p, &bytes).unwrap();
+        let f = File::open(&p).unwrap();
+        assert_eq!(is_cold(&f), Some(false));
+        if !evict(&p) {
+            eprintln!("this file system keeps the file cached; the cold case is not checked");
+            return;
+        }
+        assert_eq!(is_cold(&f), Some(true));
+        let plan = plan_from(&f, &p, (1024, 1024)).unwrap();
+        let e = &plan.latents.entry;
+        let middle = (e.array_offset.unwrap() + e.array_len / 2) as usize / 4096;
+        assert!(
+            middle >= 100,
+            "the payload must reach past the header reads' read-ahead"
+        );
+        assert!(
+            resident_pages(&p)[middle],
+            "the latents were not prefetched"
+        );
+        assert_eq!(is_cold(&f), Some(false));
+    }
 
     #[test]
     fn half_floats() {

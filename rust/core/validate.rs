@@ -1492,7 +1492,6 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn cached_files_are_told_from_evicted_ones() {
-        use std::os::fd::AsRawFd;
         let dir = tempfile::tempdir().unwrap();
         let bytes = Cache::anima().bytes(false);
         let paths: Vec<PathBuf> = (0..12)
@@ -1506,31 +1505,10 @@ mod tests {
         assert_ne!(sample_cached(&paths), Some(false));
         assert_eq!(sample_cached::<PathBuf>(&[]), None);
         assert_eq!(sample_cached(&[dir.path().join("missing.npz")]), None);
-        // Evict them where the file system allows it, then the sample must say so. Whether a page
-        // left is asked with mincore, which (unlike a probing read) starts no readahead.
+        // Evict them where the file system allows it, then the sample must say so.
         let mut evicted = true;
         for p in &paths {
-            let f = File::open(p).unwrap();
-            f.sync_all().unwrap();
-            let len = bytes.len();
-            // SAFETY: `f` is open; the advice only drops clean cached pages. The mapping is read
-            // only, checked, only passed to mincore and unmapped at once.
-            unsafe {
-                libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-                let m = libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED,
-                    f.as_raw_fd(),
-                    0,
-                );
-                assert_ne!(m, libc::MAP_FAILED);
-                let mut vec = vec![0u8; len.div_ceil(4096)];
-                assert_eq!(libc::mincore(m, len, vec.as_mut_ptr()), 0);
-                libc::munmap(m, len);
-                evicted &= vec.iter().all(|v| v & 1 == 0);
-            }
+            evicted &= crate::core::zip::testutil::evict(p);
         }
         if evicted {
             assert_eq!(sample_cached(&paths), Some(false));

@@ -250,6 +250,11 @@ impl std::ops::Deref for Chunk {
 }
 
 impl<'a> Src<'a> {
+    /// The file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.len
+    }
+
     /// Open a reader over `file` (one `fstat` for its length).
     pub fn new(file: &'a File, path: &'a Path) -> ReadResult<Self> {
         let len = file
@@ -1113,6 +1118,44 @@ fn src_for<'a>(file: &'a File, path: &'a Path) -> ReadResult<Src<'a>> {
 #[cfg(test)]
 pub(crate) mod testutil {
     use std::io::Write;
+
+    /// Which 4 KiB pages of the file at `path` are in the page cache, asked with mincore (which,
+    /// unlike a probing read, starts no readahead).
+    #[cfg(target_os = "linux")]
+    pub fn resident_pages(path: &std::path::Path) -> Vec<bool> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: a read-only shared mapping of an open file, checked, only passed to mincore and
+        // unmapped at once.
+        unsafe {
+            let m = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(m, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(m, len, vec.as_mut_ptr()), 0);
+            libc::munmap(m, len);
+        }
+        vec.iter().map(|v| v & 1 == 1).collect()
+    }
+
+    /// Drop the file's pages from the page cache; true when none is left (some file systems, such
+    /// as tmpfs, keep them).
+    #[cfg(target_os = "linux")]
+    pub fn evict(path: &std::path::Path) -> bool {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: advice on an open descriptor; it only drops clean cached pages.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        !resident_pages(path).contains(&true)
+    }
 
     /// The fuzz targets' edit: overwrite bytes at the given places, then cut the file there when
     /// `cut` says so. An empty input is left alone.
