@@ -305,7 +305,14 @@ def test_meta_and_fingerprint(tmp_path: Path) -> None:
         ({"latents": np.zeros((16, 2, 2, 2))}, "latents must have shape"),
         ({"latents": np.zeros((16, 2, 2), np.int32)}, "latents must be a floating-point"),
         ({"latents_flipped": np.zeros((16, 2, 3))}, "latents_flipped has shape"),
-        ({"alpha_mask": np.zeros((2, 2, 1))}, "alpha_mask must have shape"),
+        ({"alpha_mask": np.zeros((2, 2, 1))}, "alpha_mask must have the bucket's pixel shape"),
+        # The latents' own size, not the bucket's pixels: validate would call it bad_shape.
+        (
+            {"alpha_mask": np.zeros((2, 2))},
+            r"alpha_mask must have the bucket's pixel shape \(H, W\) = \(16, 16\)",
+        ),
+        ({"latents": np.full((16, 2, 2), np.nan)}, "latents has 64 NaN or Inf values of 64"),
+        ({"latents_flipped": np.array([np.inf] + [0.0] * 63).reshape(16, 2, 2)}, "latents_flipped has 1 NaN"),
         ({"original_size": (1.5, 2)}, "original_size must be two integers"),
         ({"original_size": (1, 2, 3)}, "original_size must be two integers"),
         ({"crop_ltrb": (0, 0, 1)}, "crop_ltrb must be four numbers"),

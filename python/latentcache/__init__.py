@@ -17,11 +17,10 @@ from latentcache._core import (
     parse_cache_path,
     path_key,
     scan_directory,
-    status_codes,
 )
 from latentcache.errors import CachePathError, CorruptCacheWarning, LatentCacheError, NpzFormatError
 from latentcache.loader import CachedLatents, load, load_batch
-from latentcache.validation import stale_reason, validate
+from latentcache.validation import stale_reason, status_codes, validate
 from latentcache.writer import (
     find_temp_files,
     read_meta,

@@ -9,9 +9,14 @@ from latentcache import _core
 from latentcache.errors import LatentCacheError
 from latentcache.writer import read_meta, source_fingerprint
 
-__all__ = ["stale_reason", "validate"]
+__all__ = ["stale_reason", "status_codes", "validate"]
 
 _PathLike = str | os.PathLike[str]
+
+
+def status_codes() -> list[str]:
+    """Every code ``validate`` can return: the core's set, then ``stale`` (``check_source=True``)."""
+    return [*_core.status_codes(), "stale"]
 
 
 def stale_reason(cache: _PathLike, suffix: str = _core.DEFAULT_SUFFIX) -> str | None:
@@ -19,7 +24,10 @@ def stale_reason(cache: _PathLike, suffix: str = _core.DEFAULT_SUFFIX) -> str | 
 
     Only caches whose ``latentcache_meta`` records a ``source`` fingerprint can be stale; stock
     caches never are. Size and mtime are compared first; when they differ, the content hash decides,
-    so a copied dataset (new mtimes, same bytes) is not stale, while an edit that keeps the size is.
+    so a copied dataset (new mtimes, same bytes) is not stale. The hash covers the first and the last
+    64 KiB of the image: an edit that keeps the file's size and changes only bytes in between is not
+    seen. Compressed formats (PNG, JPEG, WebP) change size or their ends on nearly any edit;
+    uncompressed ones (BMP, some TIFF) can keep both.
     """
     meta = read_meta(cache)
     if not meta or not isinstance(meta.get("source"), dict):

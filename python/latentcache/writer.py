@@ -67,6 +67,10 @@ def _check_latents(arr: np.ndarray, path: str, arg: str) -> None:
         raise ValueError(
             f"{path}: {arg} must have shape (C, h, w) or (C, 1, h, w) with no zero dimension, got {arr.shape}"
         )
+    # A NaN or Inf latent (a float16 VAE that overflowed) would poison every step that samples it.
+    bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise ValueError(f"{path}: {arg} has {bad} NaN or Inf values of {arr.size}; nothing was written")
 
 
 def write_latents(
@@ -101,13 +105,15 @@ def write_latents(
         original_size: ``(W, H)`` of the source image; stored as int64 ``(2,)``.
         crop_ltrb: ``(L, T, R, B)`` in bucket pixels; stored as float64 ``(4,)``.
         latents_flipped: latents of the horizontally flipped image, the same shape as ``latents``.
-        alpha_mask: float ``(H, W)`` mask in [0, 1] at bucket pixel size; stored as float32.
+        alpha_mask: float ``(H, W)`` mask in [0, 1] at bucket pixel size (``H, W = 8h, 8w``); stored
+            as float32.
         meta: JSON-serialisable metadata; the keys ``format`` and ``writer`` are reserved.
         durable: fsync the file and its folder, so the write survives a power loss. A file system
             that cannot flush a folder (some network and FUSE ones) is not an error.
 
     Raises:
-        ValueError: an argument has the wrong shape or dtype (the message names file and argument).
+        ValueError: an argument has the wrong shape or dtype, or the latents hold NaN or Inf (the
+            message names file and argument; nothing is written).
         OSError: the file could not be written (errno and filename set; the old file is untouched),
             or, with ``durable``, flushing the folder after the rename failed (the message says the new
             file is in place).
@@ -130,11 +136,15 @@ def write_latents(
             raise ValueError(
                 f"{spath}: latents_flipped has shape {flipped.shape}, latents {lat.shape}; they must match"
             )
+        _check_latents(flipped, spath, "latents_flipped")
         add("latents_flipped", flipped)
     if alpha_mask is not None:
         mask = _float_array(alpha_mask, spath, "alpha_mask", "<f4")
-        if mask.ndim != 2 or 0 in mask.shape:
-            raise ValueError(f"{spath}: alpha_mask must have shape (H, W), got {mask.shape}")
+        if mask.shape != (8 * h, 8 * w):
+            raise ValueError(
+                f"{spath}: alpha_mask must have the bucket's pixel shape (H, W) = ({8 * h}, {8 * w}) for "
+                f"latents of {h}x{w}, got {mask.shape}"
+            )
         add("alpha_mask", mask)
 
     size = _to_numpy(original_size, spath, "original_size")
