@@ -781,3 +781,17 @@ def test_run_puts_the_script_folder_on_sys_path_and_installs(fake_sd: Path) -> N
         [PY, "-m", "latentcache", "run", str(fake_sd / "nope.py")], capture_output=True, text=True
     )
     assert out.returncode == 2 and "nope.py" in out.stderr
+
+
+def test_run_outside_an_sd_scripts_checkout_is_a_one_line_error(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("print('must not run')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [PY, "-m", "latentcache", "run", str(script)], capture_output=True, text=True, cwd="/", env=env
+    )
+    assert out.returncode == 2 and "must not run" not in out.stdout
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "not an sd-scripts checkout" in out.stderr and str(tmp_path) in out.stderr
+    out = subprocess.run([PY, "-m", "latentcache", "run"], capture_output=True, text=True)
+    assert out.returncode == 2 and "training script is required" in out.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,29 @@ def test_bench_command_prints_every_row_and_json(tmp_path: Path) -> None:
     ).stdout
     for needle in ("validate: floor", "load vs raw read", "load vs sd-scripts load path", "load_batch"):
         assert needle in text, needle
+
+
+def test_bench_on_a_folder_skips_what_it_cannot_measure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = generate(tmp_path, 4)
+    (tmp_path / "t_0064x0064_anima.npz").write_bytes(Path(items[0].path).read_bytes()[:300])
+    (tmp_path / "e_0064x0064_anima.npz").write_bytes(b"")
+    (tmp_path / "w_0064x0064_anima.npz").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    found = discover(tmp_path, None)
+    assert sorted(i.path for i in found) == sorted(i.path for i in items)
+    err = capsys.readouterr().err
+    assert "skipped 3 cache file(s)" in err and "_0064x0064_anima.npz" in err
+
+
+@pytest.mark.parametrize(
+    "args", [["--files", "0"], ["--files", "-5"], ["--workers", "0"], ["--workers", "-1"]]
+)
+def test_bench_rejects_bad_numbers_without_a_traceback_or_leftovers(tmp_path: Path, args: list[str]) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "latentcache", "bench", *args], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert args[0] in out.stderr and "at least 1" in out.stderr
+    assert list(tmp_path.iterdir()) == [], "bench left temporary files behind"

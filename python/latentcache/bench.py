@@ -106,35 +106,52 @@ def generate(directory: Path, n: int, seed: int = 0) -> list[CacheItem]:
 
 
 def discover(directory: Path, limit: int | None) -> list[CacheItem]:
-    """Caches already in a folder, with the bucket of their first latents key."""
+    """Caches already in a folder that validate, with the bucket of their first latents key.
+
+    Files that cannot be measured (not a zip, no ``latents_{h}x{w}`` key, failing validation) are
+    skipped, and a line on stderr says how many and why the first one was.
+    """
     items = []
+    skipped: list[str] = []
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         if not entry.name.endswith(lc.DEFAULT_SUFFIX):
             continue
         try:
             with zipfile.ZipFile(entry.path) as z:
                 names = z.namelist()
-        except (OSError, zipfile.BadZipFile):
+        except (OSError, zipfile.BadZipFile) as e:
+            skipped.append(f"{entry.path}: {e}")
             continue
-        keys = [
-            n[len("latents_") : -4]
-            for n in names
-            if n.startswith("latents_") and not n.startswith("latents_f")
-        ]
-        if not keys:
+        sizes = []
+        for n in names:
+            hs, x, ws = n.removeprefix("latents_").removesuffix(".npy").partition("x")
+            digits = x and (hs + ws).isascii() and hs.isdigit() and ws.isdigit()
+            if n.startswith("latents_") and n.endswith(".npy") and digits:
+                sizes.append((int(hs), int(ws)))
+        if not sizes:
+            skipped.append(f"{entry.path}: no latents_{{h}}x{{w}} entry")
             continue
-        h, w = (int(x) for x in keys[0].split("x"))
-        sfx = keys[0]
-        items.append(
-            CacheItem(
-                entry.path,
-                (w * 8, h * 8),
-                flip=f"latents_flipped_{sfx}.npy" in names,
-                alpha=f"alpha_mask_{sfx}.npy" in names,
-            )
+        h, w = sizes[0]
+        sfx = f"{h}x{w}"
+        item = CacheItem(
+            entry.path,
+            (w * 8, h * 8),
+            flip=f"latents_flipped_{sfx}.npy" in names,
+            alpha=f"alpha_mask_{sfx}.npy" in names,
         )
+        status = lc.validate([item.path], item.bucket, flip_aug=item.flip, alpha_mask=item.alpha)[0]
+        if not status.ok:
+            skipped.append(status.message)
+            continue
+        items.append(item)
         if limit and len(items) >= limit:
             break
+    if skipped:
+        print(
+            f"latentcache bench: skipped {len(skipped)} cache file(s) that cannot be measured, "
+            f"e.g. {skipped[0]}",
+            file=sys.stderr,
+        )
     return items
 
 
@@ -202,33 +219,53 @@ def run_bench(
     directory: Path | None, n_files: int, as_json: bool = False, workers: int = 2
 ) -> dict[str, Any]:
     """Generate (or discover) caches, measure, and print one table. Returns the figures."""
+    if n_files < 1:
+        raise ValueError(f"--files must be at least 1, got {n_files}")
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     tmp = None
-    if directory is None:
-        tmp = Path(tempfile.mkdtemp(prefix="latentcache-bench-"))
-        items = generate(tmp, n_files)
-    else:
-        items = discover(Path(directory), n_files or None)
-        if not items:
-            raise ValueError(f"{directory}: no readable *{lc.DEFAULT_SUFFIX} caches found")
     try:
+        if directory is None:
+            tmp = Path(tempfile.mkdtemp(prefix="latentcache-bench-"))
+            items = generate(tmp, n_files)
+        else:
+            items = discover(Path(directory), n_files)
+            if not items:
+                raise ValueError(f"{directory}: no valid *{lc.DEFAULT_SUFFIX} caches found")
         return _measure(items, as_json, workers)
     finally:
+        # Also on an error or Ctrl-C: the generated caches are gigabytes.
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, Any]:
     can_drop = drop_caches()
+    file_bytes = sum(os.path.getsize(i.path) for i in items)
+    lat_bytes = sum(16 * (i.bucket[0] // 8) * (i.bucket[1] // 8) * 4 for i in items)
+    # safetensors copies of the same arrays, for the comparison (outside any timing), removed even
+    # when the measurement fails or is interrupted.
+    st_dir = Path(tempfile.mkdtemp(prefix="latentcache-bench-st-"))
+    try:
+        return _measure_with(items, as_json, workers, st_dir, file_bytes, lat_bytes, can_drop)
+    finally:
+        shutil.rmtree(st_dir, ignore_errors=True)
+
+
+def _measure_with(
+    items: list[CacheItem],
+    as_json: bool,
+    workers: int,
+    st_dir: Path,
+    file_bytes: int,
+    lat_bytes: int,
+    can_drop: bool,
+) -> dict[str, Any]:
     paths = [i.path for i in items]
     buckets = [i.bucket for i in items]
     flips = [i.flip for i in items]
     alphas = [i.alpha for i in items]
     n = len(items)
-    file_bytes = sum(os.path.getsize(p) for p in paths)
-    lat_bytes = sum(16 * (b[0] // 8) * (b[1] // 8) * 4 for b in buckets)
-
-    # safetensors copies of the same arrays, for the comparison (outside any timing).
-    st_dir = Path(tempfile.mkdtemp(prefix="latentcache-bench-st-"))
     st_paths: list[str] = []
     load_file: Callable[..., dict[str, np.ndarray]] | None = None
     save_file: Callable[..., None] | None = None
@@ -343,7 +380,6 @@ def _measure(items: list[CacheItem], as_json: bool, workers: int) -> dict[str, A
             table.append((mode, name, n / t, nbytes / t / 1e9))
         results[f"load_{mode}"] = {name: {"fps": n / t, "seconds": t} for name, t in times.items()}
 
-    shutil.rmtree(st_dir, ignore_errors=True)
     if as_json:
         json.dump(results, sys.stdout, indent=1)
         print()

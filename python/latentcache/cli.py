@@ -96,10 +96,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from latentcache.sd_scripts import run
+    from latentcache.sd_scripts import prepare_run, run_prepared
 
+    try:
+        path = prepare_run(args.script)
+    except (OSError, ImportError) as exc:
+        print(f"latentcache run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     # The script's own exceptions and exit status pass through unchanged.
-    run(args.script, args.args)
+    run_prepared(path, args.args)
     return EXIT_OK
 
 
@@ -139,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Put SCRIPT's folder on sys.path, install latentcache into sd-scripts and run SCRIPT as "
         "__main__ with ARGS, e.g. `latentcache run anima_train_network.py --cache_latents_to_disk ...`.",
     )
-    run.add_argument("script", help="the sd-scripts training script (e.g. anima_train_network.py)")
+    run.add_argument("script", nargs="?", help="the sd-scripts training script (e.g. anima_train_network.py)")
     run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     run.set_defaults(func=_cmd_run)
     return parser
@@ -150,6 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "run":
+        if args.script is None:
+            print(
+                "latentcache run: error: the training script is required (latentcache run SCRIPT [ARGS...])",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         if not os.path.isfile(args.script):
             print(f"latentcache run: error: no such script: {args.script}", file=sys.stderr)
             return EXIT_USAGE

@@ -477,6 +477,15 @@ def run(script: str, args: Sequence[str] = ()) -> None:
 
     Raises:
         FileNotFoundError: ``script`` does not exist.
+        ImportError: the script's folder is not an sd-scripts checkout with the Anima strategy.
+    """
+    run_prepared(prepare_run(script), args)
+
+
+def prepare_run(script: str) -> str:
+    """The first half of ``run``: check the script, put its folder on ``sys.path`` and ``install()``.
+
+    Returns the script's absolute path. Raises as ``run`` does, before any of the script runs.
     """
     path = os.path.abspath(script)
     if not os.path.isfile(path):
@@ -484,6 +493,17 @@ def run(script: str, args: Sequence[str] = ()) -> None:
     folder = os.path.dirname(path)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    install()
+    try:
+        install()
+    except ImportError as e:
+        raise ImportError(
+            f"{script}: its folder {folder} is not an sd-scripts checkout with the Anima strategy "
+            f"(library/strategy_anima.py): {e}"
+        ) from e
+    return path
+
+
+def run_prepared(path: str, args: Sequence[str] = ()) -> None:
+    """The second half of ``run``: the script as ``__main__``; its exceptions pass through."""
     sys.argv = [path, *args]
     runpy.run_path(path, run_name="__main__")
