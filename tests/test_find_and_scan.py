@@ -309,3 +309,22 @@ def test_scan_report_lists_are_made_once(tmp_path: Path) -> None:
     assert r.images is r.images and r.orphan_caches is r.orphan_caches
     assert r.images_without_cache is r.images_without_cache
     assert len(r.images) == 8 and r.images[0] is r.images[0]
+
+
+def test_doubled_names_find_the_inner_stems_image(tmp_path: Path) -> None:
+    touch(tmp_path, "a.png")
+    doubled = tmp_path / "a_0602x0429_anima_0602x0429_anima.npz"
+    # The image scan pairs it with; cache_path keeps its one-layer rule.
+    assert lc.find_source_image(doubled) == str(tmp_path / "a.png")
+    assert lc.cache_path(doubled, (602, 429)) == str(doubled)
+    with pytest.raises(ValueError, match="invalid cache suffix"):
+        lc.scan_directory(tmp_path, suffix="")
+    assert main(["scan", str(tmp_path), "--suffix", ""]) == 2
+
+
+@pytest.mark.parametrize("single", ["a_0008x0008_anima.npz", Path("a_0008x0008_anima.npz")])
+def test_a_single_path_where_a_list_is_expected_is_named(single: str | Path) -> None:
+    with pytest.raises(TypeError, match="validate: paths must be a sequence of paths, got the single path"):
+        lc.validate(single, (64, 64))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="load_batch: paths must be a sequence"):
+        lc.load_batch(single, (64, 64))  # type: ignore[arg-type]

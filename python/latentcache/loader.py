@@ -12,6 +12,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from latentcache import _core
+from latentcache.validation import _check_many
 
 __all__ = ["CachedLatents", "load", "load_batch"]
 
@@ -148,6 +149,7 @@ def load_batch(
             names the file and the entry.
         ValueError: ``out`` or ``flipped`` does not fit the batch.
     """
+    _check_many(paths, "load_batch")
     strs = [os.fspath(p) for p in paths]
     w, h = bucket_reso
     shape = (len(strs), 16, h // 8, w // 8)

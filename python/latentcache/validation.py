@@ -14,6 +14,15 @@ __all__ = ["stale_reason", "status_codes", "validate"]
 _PathLike = str | os.PathLike[str]
 
 
+def _check_many(paths: object, what: str) -> None:
+    """A single path where a sequence of them is expected is a mistake worth naming (a str would
+    otherwise read as a sequence of one-letter paths)."""
+    if isinstance(paths, str | bytes | os.PathLike):
+        raise TypeError(
+            f"{what}: paths must be a sequence of paths, got the single path {os.fsdecode(paths)!r}"
+        )
+
+
 def status_codes() -> list[str]:
     """Every code ``validate`` can return: the core's set, then ``stale`` (``check_source=True``)."""
     return [*_core.status_codes(), "stale"]
@@ -65,6 +74,7 @@ def validate(
     With ``check_source=True``, a cache that is otherwise ``ok`` but whose recorded source
     fingerprint no longer matches its image gets the code ``stale`` (see ``stale_reason``).
     """
+    _check_many(paths, "validate")
     statuses = _core.validate(
         paths,
         bucket_resos,

@@ -58,7 +58,7 @@ pub fn split_ext(path: &str) -> (&str, &str) {
     (path, "")
 }
 
-fn check_suffix(suffix: &str) -> Result<()> {
+pub(crate) fn check_suffix(suffix: &str) -> Result<()> {
     if suffix.is_empty() || suffix.contains('/') || suffix.contains('\\') {
         return Err(Error::Value(format!(
             "invalid cache suffix {suffix:?}: it must be a non-empty file-name ending such as \"_anima.npz\""
@@ -90,10 +90,21 @@ pub fn strip_cache_layer<'a>(path: &'a str, suffix: &str) -> Option<(&'a str, (u
     Some((stem, size))
 }
 
+/// The inner stem of a doubled cache stem (sd-scripts #2362: `a_0602x0429_anima_0602x0429_anima.npz`
+/// has the stem `a_0602x0429_anima`, whose layer lost the suffix's extension): `a`.
+fn doubled_inner<'a>(stem: &'a str, suffix: &str) -> Option<&'a str> {
+    let inner = split_ext(suffix).0;
+    (inner.len() < suffix.len())
+        .then(|| strip_cache_layer(stem, inner))
+        .flatten()
+        .map(|(s, _)| s)
+}
+
 /// The cache file name for `image_path` at original image size `size = (W, H)`.
 ///
 /// When `image_path` is itself a cache name for `suffix`, exactly one layer is stripped first, so the
 /// result never carries the suffix twice: `cache_path(cache_path(p, s1), s2) == cache_path(p, s2)`.
+/// (A doubled name keeps its inner layer: an image may really be named `a_0602x0429_anima.png`.)
 pub fn cache_path(image_path: &str, size: (u32, u32), suffix: &str) -> Result<String> {
     check_suffix(suffix)?;
     if image_path.is_empty() {
@@ -128,9 +139,21 @@ pub fn parse_cache_path(path: &str, suffix: &str) -> Result<(String, (u32, u32))
         })
 }
 
-/// The image whose stem is exactly the cache's stem, trying sd-scripts' extensions in order.
+/// The image whose stem is exactly the cache's stem, trying sd-scripts' extensions in order; for a
+/// doubled name with no such image, the image of its inner stem (the one `scan_directory` pairs it
+/// with).
 pub fn find_source_image(cache: &str, suffix: &str) -> Result<Option<String>> {
     let (stem, _) = parse_cache_path(cache, suffix)?;
+    if let Some(found) = image_with_stem(&stem)? {
+        return Ok(Some(found));
+    }
+    match doubled_inner(&stem, suffix) {
+        Some(inner) => image_with_stem(inner),
+        None => Ok(None),
+    }
+}
+
+fn image_with_stem(stem: &str) -> Result<Option<String>> {
     for ext in IMAGE_EXTENSIONS {
         let candidate = format!("{stem}{ext}");
         match std::fs::metadata(&candidate) {
@@ -267,6 +290,29 @@ mod tests {
             parse_cache_path("a_0602x0429_anima_0602x0429_anima.npz", DEFAULT_SUFFIX).unwrap();
         assert_eq!(stem, "a_0602x0429_anima");
         assert_eq!(size, (602, 429));
+    }
+
+    #[test]
+    fn a_doubled_name_finds_its_inner_stems_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let doubled = format!("{d}/a_0602x0429_anima_0602x0429_anima.npz");
+        assert_eq!(find_source_image(&doubled, DEFAULT_SUFFIX).unwrap(), None);
+        std::fs::write(dir.path().join("a.png"), b"").unwrap();
+        let found = find_source_image(&doubled, DEFAULT_SUFFIX).unwrap();
+        assert_eq!(found, Some(format!("{d}/a.png")));
+        // An image really named like a cache stem is its cache's exact match, and wins.
+        std::fs::write(dir.path().join("a_0602x0429_anima.webp"), b"").unwrap();
+        let found = find_source_image(&doubled, DEFAULT_SUFFIX).unwrap();
+        assert_eq!(found, Some(format!("{d}/a_0602x0429_anima.webp")));
+        // Only a layer of this suffix's stem is an inner layer.
+        let other = format!("{d}/a_0602x0429_sd_0602x0429_anima.npz");
+        assert_eq!(find_source_image(&other, DEFAULT_SUFFIX).unwrap(), None);
+        // cache_path keeps its one-layer rule (idempotence for such images).
+        assert_eq!(
+            cache_path(&doubled, (1, 2), DEFAULT_SUFFIX).unwrap(),
+            format!("{d}/a_0602x0429_anima_0001x0002_anima.npz")
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::core::cache_path::{split_ext, strip_cache_layer, IMAGE_EXTENSIONS};
+use crate::core::cache_path::{check_suffix, split_ext, strip_cache_layer, IMAGE_EXTENSIONS};
 use crate::core::error::{Error, Result};
 use crate::core::write::{temp_target, LOCK_DIR};
 
@@ -115,6 +115,7 @@ struct Group<'a> {
 /// cycle cannot make the scan endless). Names are classified from one directory listing, without a
 /// per-file `stat`.
 pub fn scan_directory(dir: &Path, suffix: &str, recursive: bool) -> Result<ScanReport> {
+    check_suffix(suffix)?;
     let mut report = ScanReport::default();
     let mut pending = vec![dir.to_path_buf()];
     let md = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
@@ -321,5 +322,9 @@ mod tests {
             r.temp_files,
             vec![t.path().join(".a_0602x0429_anima.npz.lctmp")]
         );
+        for bad in ["", "a/b.npz"] {
+            let err = scan_directory(t.path(), bad, false).unwrap_err();
+            assert!(err.to_string().contains("invalid cache suffix"), "{err}");
+        }
     }
 }
