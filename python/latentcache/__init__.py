@@ -20,7 +20,7 @@ from latentcache._core import (
 )
 from latentcache.errors import CachePathError, CorruptCacheWarning, LatentCacheError, NpzFormatError
 from latentcache.loader import CachedLatents, load, load_batch
-from latentcache.validation import stale_reason, status_codes, validate
+from latentcache.validation import stale_reason, status_codes, validate, verify_directory
 from latentcache.writer import (
     find_temp_files,
     read_meta,
@@ -58,5 +58,6 @@ __all__ = [
     "status_codes",
     "stale_reason",
     "validate",
+    "verify_directory",
     "write_latents",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "status_codes",
     "validate",
     "_header_read_floor",
+    "_npz_keys",
     "_read_buffer",
     "_read_pool_stats",
     "find_temp_files",
@@ -140,6 +141,7 @@ def validate(
     workers: int | None = None,
 ) -> list[CacheStatus]: ...
 def _header_read_floor(paths: Sequence[_Path], workers: int | None = None) -> tuple[float, int]: ...
+def _npz_keys(paths: Sequence[_Path], workers: int | None = None) -> list[list[str] | None]: ...
 
 # the npz writer (rust/py/write.rs)
 def write_npz(

@@ -9,7 +9,7 @@ from latentcache import _core
 from latentcache.errors import LatentCacheError
 from latentcache.writer import read_meta, source_fingerprint
 
-__all__ = ["stale_reason", "status_codes", "validate"]
+__all__ = ["stale_reason", "status_codes", "validate", "verify_directory"]
 
 _PathLike = str | os.PathLike[str]
 
@@ -102,3 +102,79 @@ def validate(
             continue
         out.append(_core.CacheStatus(s.path, "stale", f"{s.path}: stale: {reason}") if reason else s)
     return out
+
+
+def _resolutions(keys: list[str]) -> list[tuple[int, int]]:
+    """The ``(h, w)`` of every ``latents_{h}x{w}`` key, in archive order."""
+    found = []
+    for key in keys:
+        hs, x, ws = key.removeprefix("latents_").partition("x")
+        if key.startswith("latents_") and x and (hs + ws).isascii() and hs.isdigit() and ws.isdigit():
+            found.append((int(hs), int(ws)))
+    return found
+
+
+def verify_directory(
+    path: _PathLike,
+    *,
+    recursive: bool = False,
+    suffix: str = _core.DEFAULT_SUFFIX,
+    verify_crc: bool = False,
+    check_finite: bool = False,
+    check_source: bool = False,
+    workers: int | None = None,
+) -> list[_core.CacheStatus]:
+    """Check every cache in a folder for every resolution it holds, without knowing the buckets.
+
+    The caches are found by name as ``scan_directory`` finds them (paired, orphan and doubled-suffix
+    ones). Each file's keys are read header-only; it is then validated once per ``latents_{h}x{w}``
+    key, for the bucket ``(8w, 8h)``, with its flipped latents and alpha mask checked when it holds
+    them. A file that cannot be read as an npz gets one status with its code (``truncated``,
+    ``not_npz``, ...), and a readable one without any ``latents_{h}x{w}`` key gets ``missing_key``.
+
+    Returns:
+        One status per file and resolution, in path order, then archive order.
+
+    Raises:
+        FileNotFoundError: the folder does not exist. ValueError: it is not a folder.
+    """
+    report = _core.scan_directory(path, suffix, recursive)
+    caches = sorted(
+        {c.path for i in report.images for c in i.caches}
+        | {c.path for c in report.orphan_caches}
+        | {d.path for d in report.doubled_caches}
+    )
+    # Each slot is a status made here, or the index of its check in the one validate call.
+    slots: list[_core.CacheStatus | int] = []
+    paths: list[str] = []
+    buckets: list[tuple[int, int]] = []
+    flips: list[bool] = []
+    alphas: list[bool] = []
+    for cache, keys in zip(caches, _core._npz_keys(caches, workers), strict=True):
+        if keys is None:
+            # Unreadable as an npz: validate names the problem; the bucket plays no part in it.
+            checks = [(1, 1)]
+        else:
+            checks = _resolutions(keys)
+            if not checks:
+                held = ", ".join(sorted(keys)) or "no arrays"
+                message = f"{cache}: no latents_{{h}}x{{w}} entry (the file holds: {held})"
+                slots.append(_core.CacheStatus(cache, "missing_key", message))
+                continue
+        for h, w in checks:
+            slots.append(len(paths))
+            paths.append(cache)
+            buckets.append((8 * w, 8 * h))
+            flips.append(keys is not None and f"latents_flipped_{h}x{w}" in keys)
+            alphas.append(keys is not None and f"alpha_mask_{h}x{w}" in keys)
+    checked = validate(
+        paths,
+        buckets,
+        flip_aug=flips,
+        alpha_mask=alphas,
+        verify_crc=verify_crc,
+        check_finite=check_finite,
+        check_source=check_source,
+        workers=workers,
+    )
+    return [checked[s] if isinstance(s, int) else s for s in slots]

@@ -951,6 +951,33 @@ pub fn validate_many<P: AsRef<Path> + Sync>(
 /// file as [`validate_many`] does, then only the two reads every check needs (the first member's
 /// headers and the end of the file) and close, on the same number of threads. No parsing, no
 /// results. Returns the elapsed time and how many files could be opened.
+/// The array keys of each file (without `.npy`, in archive order), read header-only in parallel, or
+/// `None` for a file whose zip directory or npy headers cannot be read (`validate` says why).
+pub fn keys_many<P: AsRef<Path> + Sync>(
+    paths: &[P],
+    workers: Option<usize>,
+) -> Result<Vec<Option<Vec<String>>>> {
+    if workers == Some(0) {
+        return Err(Error::Value("workers must be at least 1".to_owned()));
+    }
+    if paths.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = workers
+        .unwrap_or_else(|| auto_workers(paths))
+        .min(paths.len());
+    let keys = |p: &P| {
+        let index = crate::core::npy::read_npz_index(p.as_ref()).ok()?;
+        let arrays = index.arrays.iter().map(|a| a.key.clone());
+        Some(
+            arrays
+                .chain(index.unsupported.iter().map(|u| u.key.clone()))
+                .collect(),
+        )
+    };
+    Ok(call_pool(n)?.install(|| paths.par_iter().with_min_len(16).map(keys).collect()))
+}
+
 pub fn header_read_floor(
     paths: &[PathBuf],
     workers: Option<usize>,
@@ -1532,6 +1559,29 @@ mod tests {
             assert_eq!(auto_workers(&many), (2 * cores).max(2));
             assert_eq!(auto_workers(&paths), default_workers());
         }
+    }
+
+    #[test]
+    fn keys_of_many_files_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.npz");
+        std::fs::write(&good, Cache::anima().bytes(false)).unwrap();
+        let bad = dir.path().join("bad.npz");
+        std::fs::write(&bad, b"PK\x03\x04 not really").unwrap();
+        let paths = [good.clone(), bad, dir.path().join("missing.npz"), good];
+        let got = keys_many(&paths, Some(2)).unwrap();
+        let want: Vec<String> = [
+            "latents_2x4",
+            "latents_flipped_2x4",
+            "alpha_mask_2x4",
+            "original_size_2x4",
+            "crop_ltrb_2x4",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(got, vec![Some(want.clone()), None, None, Some(want)]);
+        assert!(keys_many(&paths, Some(0)).is_err());
+        assert!(keys_many::<PathBuf>(&[], None).unwrap().is_empty());
     }
 
     #[test]

@@ -184,6 +184,19 @@ pub fn validate(
         .collect())
 }
 
+/// The array keys of each file (without `.npy`), read header-only in parallel with the interpreter
+/// lock released, or None for a file that cannot be indexed (`validate` tells why). For
+/// `verify_directory`, which checks every resolution a cache holds.
+#[pyfunction]
+#[pyo3(signature = (paths, workers = None))]
+pub fn _npz_keys(
+    py: Python<'_>,
+    paths: Vec<PathBuf>,
+    workers: Option<usize>,
+) -> PyResult<Vec<Option<Vec<String>>>> {
+    super::detached(py, || core_validate::keys_many(&paths, workers))
+}
+
 /// The floor under `validate` on this machine, for `latentcache bench`: the same opens and the two
 /// header reads per file on `workers` threads, with no parsing. Returns (seconds, files opened).
 #[pyfunction]
