@@ -72,13 +72,16 @@ def test_bench_command_prints_every_row_and_json(tmp_path: Path) -> None:
         "load: raw file read (limit)",
     ):
         assert loads[row]["fps"] > 0, row
-    text = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "latentcache", "bench", "--files", "8"],
         check=True,
         capture_output=True,
         text=True,
         timeout=600,
-    ).stdout
+    )
+    text = done.stdout
+    # stderr is not a terminal here: progress is one line per stage, no carriage-return animation.
+    assert "\r" not in done.stderr and "generating caches: 8 ..." in done.stderr
     for needle in ("validate: floor", "load vs raw read", "load vs sd-scripts load path", "load_batch"):
         assert needle in text, needle
 

@@ -332,6 +332,15 @@ def test_bad_arguments(tmp_path: Path) -> None:
         lc.validate([p], BUCKET, workers=-1)
 
 
+def test_a_bucket_smaller_than_one_latent_is_refused(tmp_path: Path) -> None:
+    p = write_stock(tmp_path / "a.npz", arrays_for(BUCKET))
+    for bad in [(0, 0), (64, 4)]:
+        with pytest.raises(ValueError, match=rf"bucket_resos: \({bad[0]}, {bad[1]}\) is not a bucket"):
+            lc.validate([p], bad)
+    with pytest.raises(ValueError, match="is not a bucket"):
+        lc.validate([p, p], [BUCKET, (0, 8)])
+
+
 def test_status_codes_are_the_documented_set() -> None:
     assert lc.status_codes() == [
         "ok",

@@ -316,6 +316,7 @@ def test_meta_and_fingerprint(tmp_path: Path) -> None:
         ({"original_size": (1.5, 2)}, "original_size must be two integers"),
         ({"original_size": (1, 2, 3)}, "original_size must be two integers"),
         ({"crop_ltrb": (0, 0, 1)}, "crop_ltrb must be four numbers"),
+        ({"meta": {"format": 99, "writer": "me"}}, r"meta keys \['format', 'writer'\] are reserved"),
     ],
 )
 def test_bad_arguments_name_file_and_argument(tmp_path: Path, kwargs: dict[str, Any], match: str) -> None:

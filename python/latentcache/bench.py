@@ -40,6 +40,11 @@ def _progress(it: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
         from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
         tqdm = None
+    if not sys.stderr.isatty():
+        # A log file gets one line, not a carriage-return animation.
+        print(f"{desc}: {total} ...", file=sys.stderr, flush=True)
+        yield from it
+        return
     if tqdm is not None:
         yield from tqdm(it, total=total, desc=desc, file=sys.stderr, leave=False)
         return

@@ -109,7 +109,8 @@ def _resolutions(keys: list[str]) -> list[tuple[int, int]]:
     found = []
     for key in keys:
         hs, x, ws = key.removeprefix("latents_").partition("x")
-        if key.startswith("latents_") and x and (hs + ws).isascii() and hs.isdigit() and ws.isdigit():
+        digits = x and (hs + ws).isascii() and hs.isdigit() and ws.isdigit()
+        if key.startswith("latents_") and digits and int(hs) > 0 and int(ws) > 0:
             found.append((int(hs), int(ws)))
     return found
 

@@ -107,7 +107,8 @@ def write_latents(
         latents_flipped: latents of the horizontally flipped image, the same shape as ``latents``.
         alpha_mask: float ``(H, W)`` mask in [0, 1] at bucket pixel size (``H, W = 8h, 8w``); stored
             as float32.
-        meta: JSON-serialisable metadata; the keys ``format`` and ``writer`` are reserved.
+        meta: JSON-serialisable metadata; the keys ``format`` and ``writer`` are reserved (a
+            ``ValueError``).
         durable: fsync the file and its folder, so the write survives a power loss. A file system
             that cannot flush a folder (some network and FUSE ones) is not an error.
 
@@ -157,6 +158,9 @@ def write_latents(
     add("crop_ltrb", np.ascontiguousarray(crop, dtype="<f8"))
 
     doc: dict[str, Any] = dict(meta or {})
+    reserved = sorted({"format", "writer"} & doc.keys())
+    if reserved:
+        raise ValueError(f"{spath}: meta keys {reserved} are reserved for latentcache's own use")
     doc["format"] = META_FORMAT
     doc["writer"] = f"latentcache {_core.__version__}"
     try:

@@ -141,6 +141,11 @@ pub fn validate(
         bufs.push(Cow::Owned(buf));
     }
     let resos: Vec<(u32, u32)> = per_path(bucket_resos, "bucket_resos", n)?;
+    if let Some(&(w, h)) = resos.iter().find(|&&(w, h)| w < 8 || h < 8) {
+        return Err(PyValueError::new_err(format!(
+            "bucket_resos: ({w}, {h}) is not a bucket: W and H are pixels, at least 8 each"
+        )));
+    }
     let flips: Vec<bool> = match flip_aug {
         Some(o) => per_path(o, "flip_aug", n)?,
         None => vec![false],
