@@ -795,3 +795,18 @@ def test_run_outside_an_sd_scripts_checkout_is_a_one_line_error(tmp_path: Path) 
     assert "not an sd-scripts checkout" in out.stderr and str(tmp_path) in out.stderr
     out = subprocess.run([PY, "-m", "latentcache", "run"], capture_output=True, text=True)
     assert out.returncode == 2 and "training script is required" in out.stderr
+
+
+def test_run_names_an_sd_scripts_import_failure(tmp_path: Path) -> None:
+    (tmp_path / "library").mkdir()
+    (tmp_path / "library" / "__init__.py").write_text("")
+    (tmp_path / "library" / "strategy_anima.py").write_text("import latentcache_test_missing_dependency\n")
+    script = tmp_path / "train.py"
+    script.write_text("print('must not run')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [PY, "-m", "latentcache", "run", str(script)], capture_output=True, text=True, cwd="/", env=env
+    )
+    assert out.returncode == 2 and "must not run" not in out.stdout and "Traceback" not in out.stderr
+    assert "library.strategy_anima could not be imported" in out.stderr
+    assert "latentcache_test_missing_dependency" in out.stderr

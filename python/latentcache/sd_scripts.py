@@ -496,10 +496,12 @@ def prepare_run(script: str) -> str:
     try:
         install()
     except ImportError as e:
-        raise ImportError(
-            f"{script}: its folder {folder} is not an sd-scripts checkout with the Anima strategy "
-            f"(library/strategy_anima.py): {e}"
-        ) from e
+        if not os.path.isfile(os.path.join(folder, "library", "strategy_anima.py")):
+            raise ImportError(
+                f"{script}: its folder {folder} is not an sd-scripts checkout with the Anima strategy "
+                f"(no library/strategy_anima.py): {e}"
+            ) from e
+        raise ImportError(f"{script}: sd-scripts' library.strategy_anima could not be imported: {e}") from e
     return path
 
 
