@@ -2,6 +2,10 @@
 //! directory and small members sit in the last two kilobytes, as np.savez and latentcache's writer
 //! lay them out.
 //!
+//! Two entries: [`quick_unsized`] walks the file from its head and learns its length from the read
+//! that comes back short (no `lseek`, no read of bytes it does not need), and [`quick_ok`] takes a
+//! known length, for files the walk cannot follow.
+//!
 //! It answers only "ok": every check the general reader ([`crate::core::npy::read_npz_index_with_len`]
 //! plus the rules in [`crate::core::validate`]) makes must pass. Anything it does not handle
 //! (deflated or encrypted members, data descriptors, comments, non-ASCII names, npy headers not in
@@ -21,7 +25,7 @@ use crate::core::zip::{
 /// Members handled without the general reader.
 pub(crate) const MAX_MEMBERS: usize = 16;
 const TAIL: usize = 2 << 10;
-const MID: usize = 1 << 10;
+const MID: usize = 2 << 10;
 const MIDS: usize = 4;
 
 /// A worker's read buffers, reused from file to file (no per-file zeroing or allocation).
@@ -130,7 +134,6 @@ fn quick_check(
     if !head.starts_with(LOCAL_SIG) {
         return None;
     }
-    let (head, tail): (&[u8], &[u8]) = (head, tail);
     let mut r = Regions {
         file,
         len,
@@ -142,6 +145,130 @@ fn quick_check(
         n_mids: 0,
         reads: 2,
     };
+    Some((check(&mut r, exp)?, r.reads))
+}
+
+/// The quick check without the file's length: the head is read first, then the file is walked
+/// from one large member's end to the next with one read each (the small members and the next
+/// local header sit right after a payload in np.savez's and latentcache's layouts), until a read
+/// comes back short: that read ends at the end of the file, so it is the tail and gives the length.
+/// A non-flipped sd-scripts cache takes two reads and no `lseek`; each flipped latent or alpha mask
+/// adds one read, as the sized path's middle reads do.
+///
+/// Returns `(ok, length)` once the length is known, `ok` as [`quick_ok`] gives it; `None` when the
+/// walk cannot tell the length (not a zip, a data descriptor, more large members than it follows, a
+/// read error such as a directory's): the caller sizes the file and goes on as before.
+pub(crate) fn quick_unsized(
+    scratch: &mut Scratch,
+    file: &File,
+    exp: &Expectation,
+) -> Option<(bool, u64)> {
+    quick_unsized_reads(scratch, file, exp).map(|(ok, len, _)| (ok, len))
+}
+
+/// [`quick_unsized`] with the reads it made.
+fn quick_unsized_reads(
+    scratch: &mut Scratch,
+    file: &File,
+    exp: &Expectation,
+) -> Option<(bool, u64, u32)> {
+    let Scratch { head, tail, mids } = scratch;
+    let got = read_upto(file, &mut head[..], 0)?;
+    // An empty read may be a device or an empty file; the sized path tells them apart.
+    if got == 0 || !head[..got].starts_with(LOCAL_SIG) {
+        return None;
+    }
+    let mut mid_at = [(0u64, 0usize); MIDS];
+    let mut n_mids = 0;
+    let mut reads = 1;
+    // The whole file fits in the head read.
+    let (tail_start, tail_len, len) = if got < head.len() {
+        tail[..got].copy_from_slice(&head[..got]);
+        (0, got, got as u64)
+    } else {
+        let mut pos = walk_to_payload_end(&head[..got], 0)?;
+        loop {
+            let n = read_upto(file, &mut tail[..], pos)?;
+            reads += 1;
+            // Nothing read: the file ends at or before `pos` (cut inside a payload); where
+            // exactly, only sizing it tells.
+            if n == 0 {
+                return None;
+            }
+            if n < TAIL {
+                break (pos, n, pos + n as u64);
+            }
+            if n_mids == MIDS {
+                return None;
+            }
+            mids[n_mids].copy_from_slice(&tail[..MID]);
+            mid_at[n_mids] = (pos, MID);
+            n_mids += 1;
+            pos = walk_to_payload_end(&tail[..], pos)?;
+        }
+    };
+    let head_len = (len as usize).min(head.len());
+    let mut r = Regions {
+        file,
+        len,
+        head: &head[..head_len],
+        tail: &tail[..tail_len],
+        tail_start,
+        mids,
+        mid_at,
+        n_mids,
+        reads,
+    };
+    let ok = check(&mut r, exp).unwrap_or(false);
+    Some((ok, len, r.reads))
+}
+
+/// One read of up to `buf.len()` bytes at `offset` (retried only when interrupted): a regular
+/// file's read comes back short only at its end.
+fn read_upto(file: &File, buf: &mut [u8], offset: u64) -> Option<usize> {
+    loop {
+        match crate::core::zip::read_some_at(file, buf, offset) {
+            Ok(n) => return Some(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// From the local header at `buf`'s start (file offset `at`), follow the members wholly inside
+/// `buf` and return the file offset where the first member that runs past it ends. `None` for
+/// anything but stored members with their sizes in the local header.
+fn walk_to_payload_end(buf: &[u8], at: u64) -> Option<u64> {
+    let mut p = 0usize;
+    loop {
+        let h = buf.get(p..p + LOCAL_LEN)?;
+        if &h[..4] != LOCAL_SIG || u16_at(h, 6) & 0x0049 != 0 || u16_at(h, 8) != 0 {
+            return None;
+        }
+        let (csize32, usize32) = (u32_at(h, 18), u32_at(h, 22));
+        let (nlen, elen) = (usize::from(u16_at(h, 26)), usize::from(u16_at(h, 28)));
+        let var = buf.get(p + LOCAL_LEN..p + LOCAL_LEN + nlen + elen)?;
+        let need = Zip64Need {
+            usize: usize32 == 0xFFFF_FFFF,
+            csize: csize32 == 0xFFFF_FFFF,
+            offset: false,
+        };
+        let z = parse_zip64_extra(&var[nlen..], &need).ok()?;
+        let csize = z[1].unwrap_or(u64::from(csize32));
+        if z[0].unwrap_or(u64::from(usize32)) != csize {
+            return None;
+        }
+        let end = (p + LOCAL_LEN + nlen + elen) as u64 + csize;
+        if end > buf.len() as u64 {
+            return at.checked_add(end);
+        }
+        p = end as usize;
+    }
+}
+
+/// Every check of the quick path on the regions read (see the module docs).
+fn check(r: &mut Regions<'_, '_>, exp: &Expectation) -> Option<bool> {
+    let len = r.len;
 
     // The end record, exactly at the end (no comment), and its ZIP64 records when present.
     let eocd_pos = len - EOCD_LEN as u64;
@@ -197,7 +324,10 @@ fn quick_check(
         return None;
     }
 
-    // The central directory, from the tail window.
+    // The central directory, from the tail window (not from a middle read).
+    if cd_offset < r.tail_start {
+        return None;
+    }
     let cd = r.slice(cd_offset, cd_size as usize)?;
     let cd_in_tail = (cd_offset - r.tail_start) as usize;
     let mut ents = [Entry::default(); MAX_MEMBERS];
@@ -248,6 +378,7 @@ fn quick_check(
     if p != cd.len() {
         return None;
     }
+    let tail = r.tail;
     let name = |e: &Entry| &tail[e.name_at..e.name_at + e.name_len];
     for i in 0..n {
         if (0..i).any(|j| name(&ents[j]) == name(&ents[i])) {
@@ -343,7 +474,7 @@ fn quick_check(
             }
         }
     }
-    Some((found[..req.list().len()].iter().all(|&f| f), r.reads))
+    Some(found[..req.list().len()].iter().all(|&f| f))
 }
 
 #[cfg(test)]
@@ -373,6 +504,13 @@ mod tests {
         quick_check(&mut Scratch::new(), &f, bytes.len() as u64, exp)
     }
 
+    /// The walk from the head: (ok, length learnt, reads).
+    fn walked(bytes: &[u8], exp: &Expectation) -> Option<(bool, u64, u32)> {
+        let t = temp_file(bytes);
+        let f = File::open(t.path()).unwrap();
+        quick_unsized_reads(&mut Scratch::new(), &f, exp)
+    }
+
     fn general(bytes: &[u8], exp: &Expectation) -> Code {
         let t = temp_file(bytes);
         validate_one(t.path(), exp, &Options::default()).code
@@ -392,6 +530,18 @@ mod tests {
                         };
                         let (ok, reads) = quick(&b, &exp).expect("the quick path must decide");
                         assert!(ok, "flip {flip} alpha {alpha} other {other} z64 {z64}");
+                        // The walk from the head decides too, sized right, with no more reads
+                        // than one per large member plus the tail.
+                        let (ok, len, walk_reads) = walked(&b, &exp).expect("the walk must decide");
+                        assert!(
+                            ok && len == b.len() as u64,
+                            "walk: flip {flip} alpha {alpha}"
+                        );
+                        let large = 1 + u32::from(flip) + u32::from(alpha) + u32::from(other);
+                        assert!(
+                            walk_reads <= large + 1,
+                            "{walk_reads} reads for {large} members"
+                        );
                         assert_eq!(general(&b, &exp), Code::Ok);
                         // Never more positional reads than the general reader makes.
                         let t = temp_file(&b);
@@ -462,6 +612,14 @@ mod tests {
             let exp = Expectation { flip_aug: want_flip, alpha_mask: want_alpha, ..EXP };
             if quick(&b, &exp).is_some_and(|r| r.0) {
                 prop_assert_eq!(general(&b, &exp), Code::Ok);
+            }
+            // The walk from the head: its ok is the general reader's, and the length it learns
+            // from a short read is the file's.
+            if let Some((ok, len, _)) = walked(&b, &exp) {
+                prop_assert_eq!(len, b.len() as u64);
+                if ok {
+                    prop_assert_eq!(general(&b, &exp), Code::Ok);
+                }
             }
         }
     }

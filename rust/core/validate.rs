@@ -178,6 +178,13 @@ impl Opener {
     /// Open `path` for reading without blocking (a FIFO named like a cache cannot hang a worker) and
     /// without an access-time update where allowed; return the file, its kind and its length.
     fn open(&mut self, path: &Path) -> io::Result<(File, FileKind, u64)> {
+        let file = self.open_file(path)?;
+        let (kind, len) = size_of(&file)?;
+        Ok((file, kind, len))
+    }
+
+    /// Open `path` only (see [`Opener::open`]); [`size_of`] tells what it is.
+    fn open_file(&mut self, path: &Path) -> io::Result<File> {
         #[cfg(target_os = "linux")]
         {
             self.open_linux(path)
@@ -191,21 +198,12 @@ impl Opener {
                 use std::os::unix::fs::OpenOptionsExt;
                 opts.custom_flags(libc::O_NONBLOCK);
             }
-            let file = opts.open(path)?;
-            let meta = file.metadata()?;
-            let kind = if meta.is_file() {
-                FileKind::Regular
-            } else if meta.is_dir() {
-                FileKind::Dir
-            } else {
-                FileKind::Other
-            };
-            Ok((file, kind, meta.len()))
+            opts.open(path)
         }
     }
 
     #[cfg(target_os = "linux")]
-    fn open_linux(&mut self, path: &Path) -> io::Result<(File, FileKind, u64)> {
+    fn open_linux(&mut self, path: &Path) -> io::Result<File> {
         use std::ffi::CString;
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         use std::os::unix::ffi::OsStrExt;
@@ -277,13 +275,22 @@ impl Opener {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,
             other => other?,
         };
-        // The length from lseek, which is cheaper than fstat; a directory that reports one fails its
-        // first read with EISDIR (see `validate_with`). Anything lseek cannot size (a FIFO, some
-        // folders) or sizes at 0 bytes gets an fstat to say what it is.
+        Ok(file)
+    }
+}
+
+/// What an open file is and its length. On Linux the length comes from lseek, which is cheaper than
+/// fstat; a directory that reports one fails its first read with EISDIR (see `validate_with`).
+/// Anything lseek cannot size (a FIFO, some folders) or sizes at 0 bytes gets an fstat to say what
+/// it is.
+fn size_of(file: &File) -> io::Result<(FileKind, u64)> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
         // SAFETY: `file` is an open descriptor; the result is checked.
         let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
         if end > 0 {
-            return Ok((file, FileKind::Regular, end as u64));
+            return Ok((FileKind::Regular, end as u64));
         }
         // SAFETY: an all-zero `stat` is a valid value to be overwritten; the result is checked.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -296,7 +303,19 @@ impl Opener {
             libc::S_IFDIR => FileKind::Dir,
             _ => FileKind::Other,
         };
-        Ok((file, kind, st.st_size as u64))
+        Ok((kind, st.st_size as u64))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let meta = file.metadata()?;
+        let kind = if meta.is_file() {
+            FileKind::Regular
+        } else if meta.is_dir() {
+            FileKind::Dir
+        } else {
+            FileKind::Other
+        };
+        Ok((kind, meta.len()))
     }
 }
 
@@ -409,10 +428,9 @@ pub fn validate_with(
     exp: &Expectation,
     opts: &Options,
 ) -> Status {
-    // Open first and stat the descriptor: one path lookup per file instead of two. A failed open
-    // is classified by path.
-    let (file, kind, len) = match opener.open(path) {
-        Ok(fm) => fm,
+    // Open first: one path lookup per file. A failed open is classified by path.
+    let file = match opener.open_file(path) {
+        Ok(f) => f,
         Err(e) => {
             return match std::fs::metadata(path) {
                 Ok(m) if m.is_dir() => {
@@ -422,26 +440,58 @@ pub fn validate_with(
             }
         }
     };
-    match kind {
-        FileKind::Dir => {
-            return Status::new(Code::NotNpz, path, None, "is a directory, not an npz file")
-        }
-        FileKind::Other => return Status::new(Code::NotNpz, path, None, "is not a regular file"),
-        FileKind::Regular => {}
-    }
-    if len == 0 {
-        return Status::new(Code::Empty, path, None, "the file is empty (0 bytes)");
-    }
-    // The common layout, checked without an allocation; anything else (and every failure, for
-    // its message) takes the general reader below.
-    if !(opts.verify_crc || opts.check_finite) {
+    // The common layout, checked without an allocation and, when the walk from the head finds the
+    // end of the file, without sizing it first; anything else (and every failure, for its message)
+    // takes the general reader below.
+    let quick = !(opts.verify_crc || opts.check_finite);
+    let mut walked_len = None;
+    if quick {
         let scratch = opener
             .scratch
             .get_or_insert_with(crate::core::quick::Scratch::new);
-        if crate::core::quick::quick_ok(scratch, &file, len, exp) {
-            return Status::ok();
+        if let Some((ok, len)) = crate::core::quick::quick_unsized(scratch, &file, exp) {
+            if ok {
+                return Status::ok();
+            }
+            walked_len = Some(len);
         }
     }
+    let len = match walked_len {
+        // A file that reads as a zip from its start up to a short read is regular, and a short
+        // read ends it on local file systems; the general reader sizes it anyway, so that its
+        // verdict never rests on that (a network file system may read short mid-file).
+        Some(_) => match size_of(&file) {
+            Ok((_, len)) => len,
+            Err(e) => return io_status(path, &e),
+        },
+        None => {
+            let (kind, len) = match size_of(&file) {
+                Ok(kl) => kl,
+                Err(e) => return io_status(path, &e),
+            };
+            match kind {
+                FileKind::Dir => {
+                    return Status::new(Code::NotNpz, path, None, "is a directory, not an npz file")
+                }
+                FileKind::Other => {
+                    return Status::new(Code::NotNpz, path, None, "is not a regular file")
+                }
+                FileKind::Regular => {}
+            }
+            if len == 0 {
+                return Status::new(Code::Empty, path, None, "the file is empty (0 bytes)");
+            }
+            if quick {
+                let scratch = opener
+                    .scratch
+                    .get_or_insert_with(crate::core::quick::Scratch::new);
+                if crate::core::quick::quick_ok(scratch, &file, len, exp) {
+                    return Status::ok();
+                }
+            }
+            len
+        }
+    };
     let index = match read_npz_index_with_len(&file, path, len) {
         Ok(i) => i,
         Err(e) if is_dir_error(&e) => {

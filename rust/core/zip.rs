@@ -180,6 +180,21 @@ pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     file.read_exact_at(buf, offset)
 }
 
+/// One positional read into `buf` at `offset`: the bytes read, fewer than asked only at the end
+/// of the file (or when interrupted).
+#[cfg(unix)]
+pub fn read_some_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    file.read_at(buf, offset)
+}
+
+/// One positional read into `buf` at `offset` (see the Unix version).
+#[cfg(windows)]
+pub fn read_some_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::windows::fs::FileExt;
+    file.seek_read(buf, offset)
+}
+
 /// Fill `buf` from `offset` with positional reads (no shared cursor, so threads may share a file).
 #[cfg(windows)]
 pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
