@@ -258,7 +258,7 @@ fn walk_to_payload_end(buf: &[u8], at: u64) -> Option<u64> {
         if z[0].unwrap_or(u64::from(usize32)) != csize {
             return None;
         }
-        let end = (p + LOCAL_LEN + nlen + elen) as u64 + csize;
+        let end = ((p + LOCAL_LEN + nlen + elen) as u64).checked_add(csize)?;
         if end > buf.len() as u64 {
             return at.checked_add(end);
         }
@@ -271,7 +271,7 @@ fn check(r: &mut Regions<'_, '_>, exp: &Expectation) -> Option<bool> {
     let len = r.len;
 
     // The end record, exactly at the end (no comment), and its ZIP64 records when present.
-    let eocd_pos = len - EOCD_LEN as u64;
+    let eocd_pos = len.checked_sub(EOCD_LEN as u64)?;
     let e = r.slice(eocd_pos, EOCD_LEN)?;
     if &e[..4] != EOCD_SIG || u16_at(e, 20) != 0 {
         return None;
