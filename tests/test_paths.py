@@ -161,3 +161,9 @@ def test_path_key_agrees_with_normpath(parts: list[str]) -> None:
     assert lc.path_key(p, casefold=False) == unicodedata.normalize("NFC", posixpath.normpath(p))
     w = "C:\\" + "\\".join(parts)
     assert lc.path_key(w) == unicodedata.normalize("NFC", ntpath.normpath(w)).replace("\\", "/").lower()
+
+
+@pytest.mark.parametrize("size", [(-1, 0), (0, 10), (10, 0), (2**32, 1)])
+def test_cache_path_refuses_a_size_that_is_not_two_positive_integers(size: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match=rf"a\.png: image_size must be two positive integers .*{size[0]}"):
+        lc.cache_path("d/a.png", size)

@@ -810,7 +810,7 @@ pub fn default_workers() -> usize {
 /// set to a positive integer; else 2 per core when a sample of the files is already in the page
 /// cache (the work is then system calls on the CPU, and more threads only add start-up and
 /// switching: about 5% on 2 cores); else [`default_workers`], for reads that wait on the disk.
-/// A call of fewer than [`PROBE_FROM`] files is not probed: the probe would add reads to a call that
+/// A call of fewer than `PROBE_FROM` (64) files is not probed: the probe would add reads to a call that
 /// has few to make, and [`default_workers`] capped at the file count serves it.
 pub fn auto_workers<P: AsRef<Path>>(paths: &[P]) -> usize {
     if let Some(n) = crate::core::pool::env_workers() {

@@ -27,10 +27,24 @@ pub(crate) fn path_str(p: PathBuf) -> PyResult<String> {
 ///
 /// Returns:
 ///     `splitext(image_path)[0] + f"_{W:04d}x{H:04d}" + suffix`.
+///
+/// Raises:
+///     ValueError: `image_size` is not two positive integers that fit 32 bits.
+///     CachePathError: the path has no file name.
 #[pyfunction]
 #[pyo3(signature = (image_path, image_size, suffix = "_anima.npz"))]
-pub fn cache_path(image_path: PathBuf, image_size: (u32, u32), suffix: &str) -> PyResult<String> {
-    Ok(cp::cache_path(&path_str(image_path)?, image_size, suffix)?)
+pub fn cache_path(image_path: PathBuf, image_size: (i64, i64), suffix: &str) -> PyResult<String> {
+    let (w, h) = image_size;
+    let size = match (u32::try_from(w), u32::try_from(h)) {
+        (Ok(w), Ok(h)) if w > 0 && h > 0 => (w, h),
+        _ => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "{}: image_size must be two positive integers (W, H) in pixels, got ({w}, {h})",
+                image_path.display()
+            )))
+        }
+    };
+    Ok(cp::cache_path(&path_str(image_path)?, size, suffix)?)
 }
 
 /// Split a cache name into its image stem path and the original image size.
