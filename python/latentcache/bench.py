@@ -138,19 +138,25 @@ def discover(directory: Path, limit: int | None) -> list[CacheItem]:
             continue
         h, w = sizes[0]
         sfx = f"{h}x{w}"
-        item = CacheItem(
-            entry.path,
-            (w * 8, h * 8),
-            flip=f"latents_flipped_{sfx}.npy" in names,
-            alpha=f"alpha_mask_{sfx}.npy" in names,
+        items.append(
+            CacheItem(
+                entry.path,
+                (w * 8, h * 8),
+                flip=f"latents_flipped_{sfx}.npy" in names,
+                alpha=f"alpha_mask_{sfx}.npy" in names,
+            )
         )
-        status = lc.validate([item.path], item.bucket, flip_aug=item.flip, alpha_mask=item.alpha)[0]
-        if not status.ok:
-            skipped.append(status.message)
-            continue
-        items.append(item)
         if limit and len(items) >= limit:
             break
+    # One parallel validation of the candidates; the valid ones are measured.
+    statuses = lc.validate(
+        [i.path for i in items],
+        [i.bucket for i in items],
+        flip_aug=[i.flip for i in items],
+        alpha_mask=[i.alpha for i in items],
+    )
+    skipped += [s.message for s in statuses if not s.ok]
+    items = [i for i, s in zip(items, statuses, strict=True) if s.ok]
     if skipped:
         print(
             f"latentcache bench: skipped {len(skipped)} cache file(s) that cannot be measured, "

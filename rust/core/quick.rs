@@ -155,18 +155,14 @@ fn quick_check(
 /// A non-flipped sd-scripts cache takes two reads and no `lseek`; each flipped latent or alpha mask
 /// adds one read, as the sized path's middle reads do.
 ///
-/// Returns `(ok, length)` once the length is known, `ok` as [`quick_ok`] gives it; `None` when the
-/// walk cannot tell the length (not a zip, a data descriptor, more large members than it follows, a
-/// read error such as a directory's): the caller sizes the file and goes on as before.
-pub(crate) fn quick_unsized(
-    scratch: &mut Scratch,
-    file: &File,
-    exp: &Expectation,
-) -> Option<(bool, u64)> {
-    quick_unsized_reads(scratch, file, exp).map(|(ok, len, _)| (ok, len))
+/// Returns `ok` as [`quick_ok`] gives it once the walk found the end; `None` when it cannot (not a
+/// zip, a data descriptor, more large members than it follows, a read error such as a
+/// directory's): the caller sizes the file and goes on as before.
+pub(crate) fn quick_unsized(scratch: &mut Scratch, file: &File, exp: &Expectation) -> Option<bool> {
+    quick_unsized_reads(scratch, file, exp).map(|(ok, _, _)| ok)
 }
 
-/// [`quick_unsized`] with the reads it made.
+/// [`quick_unsized`] with the length it learnt and the reads it made.
 fn quick_unsized_reads(
     scratch: &mut Scratch,
     file: &File,

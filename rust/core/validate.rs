@@ -444,54 +444,42 @@ pub fn validate_with(
     // end of the file, without sizing it first; anything else (and every failure, for its message)
     // takes the general reader below.
     let quick = !(opts.verify_crc || opts.check_finite);
-    let mut walked_len = None;
+    // Whether the walk from the head already gave its verdict (then sizing the file only serves
+    // the general reader, which never trusts the walk's short read for the length).
+    let mut walked = false;
     if quick {
         let scratch = opener
             .scratch
             .get_or_insert_with(crate::core::quick::Scratch::new);
-        if let Some((ok, len)) = crate::core::quick::quick_unsized(scratch, &file, exp) {
-            if ok {
-                return Status::ok();
-            }
-            walked_len = Some(len);
+        match crate::core::quick::quick_unsized(scratch, &file, exp) {
+            Some(true) => return Status::ok(),
+            Some(false) => walked = true,
+            None => {}
         }
     }
-    let len = match walked_len {
-        // A file that reads as a zip from its start up to a short read is regular, and a short
-        // read ends it on local file systems; the general reader sizes it anyway, so that its
-        // verdict never rests on that (a network file system may read short mid-file).
-        Some(_) => match size_of(&file) {
-            Ok((_, len)) => len,
-            Err(e) => return io_status(path, &e),
-        },
-        None => {
-            let (kind, len) = match size_of(&file) {
-                Ok(kl) => kl,
-                Err(e) => return io_status(path, &e),
-            };
-            match kind {
-                FileKind::Dir => {
-                    return Status::new(Code::NotNpz, path, None, "is a directory, not an npz file")
-                }
-                FileKind::Other => {
-                    return Status::new(Code::NotNpz, path, None, "is not a regular file")
-                }
-                FileKind::Regular => {}
-            }
-            if len == 0 {
-                return Status::new(Code::Empty, path, None, "the file is empty (0 bytes)");
-            }
-            if quick {
-                let scratch = opener
-                    .scratch
-                    .get_or_insert_with(crate::core::quick::Scratch::new);
-                if crate::core::quick::quick_ok(scratch, &file, len, exp) {
-                    return Status::ok();
-                }
-            }
-            len
-        }
+    let (kind, len) = match size_of(&file) {
+        Ok(kl) => kl,
+        Err(e) => return io_status(path, &e),
     };
+    match kind {
+        FileKind::Dir => {
+            return Status::new(Code::NotNpz, path, None, "is a directory, not an npz file")
+        }
+        FileKind::Other => return Status::new(Code::NotNpz, path, None, "is not a regular file"),
+        FileKind::Regular => {}
+    }
+    if len == 0 {
+        return Status::new(Code::Empty, path, None, "the file is empty (0 bytes)");
+    }
+    // A file the walk could not follow (many large members, say) may still be the common layout.
+    if quick && !walked {
+        let scratch = opener
+            .scratch
+            .get_or_insert_with(crate::core::quick::Scratch::new);
+        if crate::core::quick::quick_ok(scratch, &file, len, exp) {
+            return Status::ok();
+        }
+    }
     let index = match read_npz_index_with_len(&file, path, len) {
         Ok(i) => i,
         Err(e) if is_dir_error(&e) => {
@@ -947,6 +935,18 @@ fn private_fd_table() {
     }
 }
 
+/// The threads for a call over `paths`: `workers`, else [`auto_workers`], at most one per path and
+/// at least one; `workers == Some(0)` is an error.
+fn worker_count<P: AsRef<Path>>(paths: &[P], workers: Option<usize>) -> Result<usize> {
+    if workers == Some(0) {
+        return Err(Error::Value("workers must be at least 1".to_owned()));
+    }
+    Ok(workers
+        .unwrap_or_else(|| auto_workers(paths))
+        .min(paths.len())
+        .max(1))
+}
+
 /// Validate many files on a per-call thread pool; statuses come back in input order.
 ///
 /// Args: `paths`; `exps` of length 1 (shared) or `paths.len()`; `opts`; `workers` (default
@@ -965,15 +965,11 @@ pub fn validate_many<P: AsRef<Path> + Sync>(
             exps.len()
         )));
     }
-    if workers == Some(0) {
-        return Err(Error::Value("workers must be at least 1".to_owned()));
-    }
     if paths.is_empty() {
+        worker_count(paths, workers)?;
         return Ok(Vec::new());
     }
-    let n = workers
-        .unwrap_or_else(|| auto_workers(paths))
-        .min(paths.len());
+    let n = worker_count(paths, workers)?;
     let exp_for = |i: usize| if exps.len() == 1 { &exps[0] } else { &exps[i] };
     if n == 1 {
         let mut opener = Opener::default();
@@ -997,27 +993,24 @@ pub fn validate_many<P: AsRef<Path> + Sync>(
     }))
 }
 
-/// The cost floor of header-only validation on this machine, for `latentcache bench`: open each
-/// file as [`validate_many`] does, then only the two reads every check needs (the first member's
-/// headers and the end of the file) and close, on the same number of threads. No parsing, no
-/// results. Returns the elapsed time and how many files could be opened.
 /// The array keys of each file (without `.npy`, in archive order), read header-only in parallel, or
 /// `None` for a file whose zip directory or npy headers cannot be read (`validate` says why).
 pub fn keys_many<P: AsRef<Path> + Sync>(
     paths: &[P],
     workers: Option<usize>,
 ) -> Result<Vec<Option<Vec<String>>>> {
-    if workers == Some(0) {
-        return Err(Error::Value("workers must be at least 1".to_owned()));
-    }
     if paths.is_empty() {
+        worker_count(paths, workers)?;
         return Ok(Vec::new());
     }
-    let n = workers
-        .unwrap_or_else(|| auto_workers(paths))
-        .min(paths.len());
-    let keys = |p: &P| {
-        let index = crate::core::npy::read_npz_index(p.as_ref()).ok()?;
+    let n = worker_count(paths, workers)?;
+    // Opened as `validate` opens (a FIFO named like a cache cannot hang a worker).
+    let keys = |opener: &mut Opener, p: &P| {
+        let (file, kind, len) = opener.open(p.as_ref()).ok()?;
+        if kind != FileKind::Regular || len == 0 {
+            return None;
+        }
+        let index = read_npz_index_with_len(&file, p.as_ref(), len).ok()?;
         let arrays = index.arrays.iter().map(|a| a.key.clone());
         Some(
             arrays
@@ -1025,21 +1018,24 @@ pub fn keys_many<P: AsRef<Path> + Sync>(
                 .collect(),
         )
     };
-    Ok(call_pool(n)?.install(|| paths.par_iter().with_min_len(16).map(keys).collect()))
+    Ok(call_pool(n)?.install(|| {
+        paths
+            .par_iter()
+            .with_min_len(16)
+            .map_init(Opener::default, keys)
+            .collect()
+    }))
 }
 
+/// The cost floor of header-only validation on this machine, for `latentcache bench`: open each
+/// file as [`validate_many`] does, then only the two reads every check needs (the first member's
+/// headers and the end of the file) and close, on the same number of threads. No parsing, no
+/// results. Returns the elapsed time and how many files could be opened.
 pub fn header_read_floor(
     paths: &[PathBuf],
     workers: Option<usize>,
 ) -> Result<(std::time::Duration, usize)> {
-    if workers == Some(0) {
-        return Err(Error::Value("workers must be at least 1".to_owned()));
-    }
-    let n = workers
-        .unwrap_or_else(|| auto_workers(paths))
-        .min(paths.len())
-        .max(1);
-    let pool = call_pool(n)?;
+    let pool = call_pool(worker_count(paths, workers)?)?;
     let t0 = std::time::Instant::now();
     let opened = pool.install(|| {
         paths
@@ -1632,6 +1628,18 @@ mod tests {
         assert_eq!(got, vec![Some(want.clone()), None, None, Some(want)]);
         assert!(keys_many(&paths, Some(0)).is_err());
         assert!(keys_many::<PathBuf>(&[], None).unwrap().is_empty());
+        // A FIFO named like a cache has no keys, and opening it does not wait for a writer.
+        #[cfg(unix)]
+        {
+            let fifo = dir.path().join("fifo.npz");
+            let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+            // SAFETY: a valid NUL-terminated path; the result is checked.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            assert_eq!(
+                keys_many(&[fifo, dir.path().to_path_buf()], Some(1)).unwrap(),
+                vec![None, None]
+            );
+        }
     }
 
     #[test]
