@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 import latentcache as lc
+from latentcache.validation import _resolutions
 
 __all__ = ["CacheItem", "drop_caches", "generate", "run_bench"]
 
@@ -127,12 +128,7 @@ def discover(directory: Path, limit: int | None) -> list[CacheItem]:
         except (OSError, zipfile.BadZipFile) as e:
             skipped.append(f"{entry.path}: {e}")
             continue
-        sizes = []
-        for n in names:
-            hs, x, ws = n.removeprefix("latents_").removesuffix(".npy").partition("x")
-            digits = x and (hs + ws).isascii() and hs.isdigit() and ws.isdigit()
-            if n.startswith("latents_") and n.endswith(".npy") and digits:
-                sizes.append((int(hs), int(ws)))
+        sizes = _resolutions([n.removesuffix(".npy") for n in names if n.endswith(".npy")])
         if not sizes:
             skipped.append(f"{entry.path}: no latents_{{h}}x{{w}} entry")
             continue
