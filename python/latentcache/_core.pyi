@@ -101,7 +101,8 @@ class ScanReport:
 
 def scan_directory(path: _Path, suffix: str = "_anima.npz", recursive: bool = False) -> ScanReport: ...
 
-_LoadedArray = tuple[str, list[int], bool, bytearray | int]
+# A numpy array the core read, or (descr, shape, fortran_order, file offset) to be mapped.
+_LoadedArray = np.ndarray | tuple[str, list[int], bool, int]
 
 def load_arrays(
     fd: int, path: _Path, bucket_reso: tuple[int, int], *, map_latents: bool = False, copy: bool = False

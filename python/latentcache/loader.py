@@ -38,25 +38,24 @@ def _os_handle(fd: int) -> int:
 
 
 def _array(item: _core._LoadedArray, fd: int, mm: list[mmap.mmap | None]) -> np.ndarray:
-    descr, dims, fortran_order, data = item
+    if not isinstance(item, tuple):
+        # Read by the core into an owned bytearray (aligned by the allocator, writable, rounded up
+        # to a 64 KiB step), which the array views.
+        return item
+    descr, dims, fortran_order, offset = item
     dtype = np.dtype(descr)
     shape = tuple(dims)
     order: Literal["C", "F"] = "F" if fortran_order else "C"
     count = math.prod(shape)
     if not count:
         return np.empty(shape, dtype=dtype, order=order)
-    if isinstance(data, int):
-        mapping = mm[0]
-        if mapping is None:
-            # A private copy-on-write mapping: the arrays are writable (torch takes them without a
-            # warning) and a write never reaches the file. The mapping lives as long as an array
-            # that uses it (numpy keeps it as the base).
-            mapping = mm[0] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-        flat = np.frombuffer(mapping, dtype=dtype, count=count, offset=data)
-    else:
-        # Read once into an owned bytearray (aligned by the allocator, writable), which the core
-        # rounds up to a 64 KiB step: the array views its first bytes.
-        flat = np.frombuffer(data, dtype=dtype, count=count)
+    mapping = mm[0]
+    if mapping is None:
+        # A private copy-on-write mapping: the arrays are writable (torch takes them without a
+        # warning) and a write never reaches the file. The mapping lives as long as an array that
+        # uses it (numpy keeps it as the base).
+        mapping = mm[0] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    flat = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
     return flat.reshape(shape, order=order)
 
 

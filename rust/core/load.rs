@@ -184,6 +184,165 @@ pub(crate) fn is_cold(file: &File) -> Option<bool> {
     }
 }
 
+/// Bytes past the end of the latents read in the same read as them (see [`plan_reading_latents`]):
+/// in an sd-scripts or latentcache file, the small members and the zip directory that follow.
+pub const AFTER_LATENTS: usize = 4 << 10;
+
+/// The bytes of a bucket's latents in the layout sd-scripts writes: float32 `(16, H/8, W/8)`.
+pub fn latents_nbytes(bucket_reso: (u32, u32)) -> u64 {
+    16 * u64::from(bucket_reso.1 / 8) * u64::from(bucket_reso.0 / 8) * 4
+}
+
+/// A [`LoadPlan`], and whether the latents' bytes are already in the caller's buffer.
+#[derive(Debug)]
+pub struct PlannedRead {
+    pub plan: LoadPlan,
+    pub latents_read: bool,
+    /// Positional reads the one-read path made (tests hold it to its budget).
+    #[cfg(test)]
+    reads: Option<u32>,
+}
+
+/// [`plan_from`], reading the latents into `buf` on the way when the file is laid out as sd-scripts
+/// and latentcache write it (this bucket's latents first, stored, float32 of
+/// [`latents_nbytes`] bytes) and its start is in the page cache.
+///
+/// Then one read of the first 512 bytes finds where the latents' data starts, and one read brings
+/// the data and the [`AFTER_LATENTS`] bytes after it; when that read ends at the end of the file,
+/// it holds the small members and the zip directory too, and gives the file's length: the index is
+/// parsed from those bytes, with no `fstat`, no read of the end and no probe for a cold cache.
+/// The index is the same full, checked one the other path reads; `latents_read` is true only when
+/// it puts the latents exactly where they were read from.
+///
+/// Any other file (another layout, a deflated or cut file, a cold start) takes [`plan_from`]'s
+/// path, whose errors are the ones returned. `buf` must hold `latents_nbytes + AFTER_LATENTS`
+/// bytes for the fast path to be tried; its contents are undefined unless `latents_read`.
+pub fn plan_reading_latents(
+    file: &File,
+    path: &Path,
+    bucket_reso: (u32, u32),
+    buf: &mut [u8],
+) -> Result<PlannedRead> {
+    if let Some(done) = plan_in_one_read(file, path, bucket_reso, buf) {
+        return Ok(done);
+    }
+    Ok(PlannedRead {
+        plan: plan_from(file, path, bucket_reso)?,
+        latents_read: false,
+        #[cfg(test)]
+        reads: None,
+    })
+}
+
+fn plan_in_one_read(
+    file: &File,
+    path: &Path,
+    bucket_reso: (u32, u32),
+    buf: &mut [u8],
+) -> Option<PlannedRead> {
+    let n = usize::try_from(latents_nbytes(bucket_reso)).ok()?;
+    let want = n.checked_add(AFTER_LATENTS)?;
+    let buf = buf.get_mut(..want)?;
+    let mut head = vec![0u8; crate::core::zip::HEAD_READ as usize];
+    let got = read_head_if_cached(file, &mut head)?;
+    head.truncate(got);
+    let name = format!("latents{}.npy", key_suffix(bucket_reso));
+    let data_at = stored_data_offset(&head, &name)?;
+    let mut total = 0usize;
+    #[cfg(test)]
+    let mut reads = 1u32;
+    while total < want {
+        #[cfg(test)]
+        {
+            reads += 1;
+        }
+        match crate::core::zip::read_some_at(file, &mut buf[total..], data_at + total as u64) {
+            Ok(k) => {
+                total += k;
+                // A regular file's read comes back short only at its end (were it short
+                // elsewhere, the index would not parse at the wrong length, and the general path
+                // would take over).
+                if total < want {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    if total < n {
+        return None;
+    }
+    let len = if total < want {
+        data_at + total as u64
+    } else {
+        file.metadata().ok()?.len()
+    };
+    let src = Src::with_len(file, path, len);
+    src.preload(0, head);
+    let keep = total.min(8 << 10);
+    src.preload(
+        data_at + (total - keep) as u64,
+        buf[total - keep..total].to_vec(),
+    );
+    let plan = plan_via(&src, path, bucket_reso).ok()?;
+    let e = &plan.latents.entry;
+    let latents_read = e.member.compression == Compression::Stored
+        && e.array_offset == Some(data_at)
+        && e.array_len == n as u64;
+    Some(PlannedRead {
+        #[cfg(test)]
+        reads: Some(reads + src.reads.get()),
+        plan,
+        latents_read,
+    })
+}
+
+/// The first bytes of the file, read only if they are in the page cache (Linux; elsewhere always
+/// read). `None` when they are not, or on any error: the caller takes the general path.
+fn read_head_if_cached(file: &File, head: &mut [u8]) -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let iov = libc::iovec {
+            iov_base: head.as_mut_ptr().cast(),
+            iov_len: head.len(),
+        };
+        // SAFETY: `file` is open and `iov` points at `head`, writable for its length; the result
+        // is checked before any byte is used.
+        let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
+        if r >= 0 {
+            return Some(r as usize);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            // Not supported by this file system: an ordinary read.
+            Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => {}
+            _ => return None,
+        }
+    }
+    crate::core::zip::read_some_at(file, head, 0).ok()
+}
+
+/// Where the data of the stored array `name` starts, when it is the first member of the zip whose
+/// start is `head`: its local header and npy header wholly inside `head`. Only a position: the
+/// index read afterwards checks the member and the header against the directory.
+fn stored_data_offset(head: &[u8], name: &str) -> Option<u64> {
+    use crate::core::zip::{u16_at, LOCAL_LEN, LOCAL_SIG};
+    let h = head.get(..LOCAL_LEN)?;
+    // Stored (method 0), not encrypted, no data descriptor.
+    if &h[..4] != LOCAL_SIG || u16_at(h, 6) & 0x0009 != 0 || u16_at(h, 8) != 0 {
+        return None;
+    }
+    let nlen = usize::from(u16_at(h, 26));
+    let elen = usize::from(u16_at(h, 28));
+    let npy_at = LOCAL_LEN + nlen + elen;
+    if head.get(LOCAL_LEN..LOCAL_LEN + nlen)? != name.as_bytes() {
+        return None;
+    }
+    let header = crate::core::npy::parse_npy_header(head.get(npy_at..)?).ok()?;
+    (npy_at as u64).checked_add(header.header_len)
+}
+
 fn plan_via(src: &Src<'_>, path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
     let index = read_npz_index_via(src)?;
     let sfx = key_suffix(bucket_reso);
@@ -372,6 +531,7 @@ pub fn load_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     /// A cold file's latents are asked for before the headers are parsed: after planning, a page in
     /// the middle of the 1 MiB payload is cached (or in flight), far from the read-ahead that the
@@ -403,6 +563,167 @@ mod tests {
             "the latents were not prefetched"
         );
         assert_eq!(is_cold(&f), Some(false));
+    }
+
+    /// The plan and error of the general path, as text, for comparing the two paths.
+    fn general(p: &Path, bucket: (u32, u32)) -> std::result::Result<String, String> {
+        let f = File::open(p).unwrap();
+        plan_from(&f, p, bucket)
+            .map(|plan| format!("{plan:?}"))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The one-read path on `bytes`: its plan (or error) as text, whether it read the latents, its
+    /// read count, and the latents' bytes in the buffer when it did.
+    fn one_read(
+        bytes: &[u8],
+        bucket: (u32, u32),
+        buf_len: usize,
+    ) -> (
+        std::result::Result<String, String>,
+        std::result::Result<String, String>,
+        bool,
+        Option<u32>,
+    ) {
+        let t = crate::core::zip::testutil::temp_file(bytes);
+        let f = File::open(t.path()).unwrap();
+        let mut buf = vec![0xA5u8; buf_len];
+        let got = plan_reading_latents(&f, t.path(), bucket, &mut buf);
+        let (latents_read, reads) = match &got {
+            Ok(p) => (p.latents_read, p.reads),
+            Err(_) => (false, None),
+        };
+        if let Ok(p) = &got {
+            if p.latents_read {
+                let e = &p.plan.latents.entry;
+                let off = e.array_offset.unwrap() as usize;
+                assert_eq!(
+                    &buf[..e.array_len as usize],
+                    &bytes[off..off + e.array_len as usize],
+                    "the buffer must hold the file's latents"
+                );
+            }
+        }
+        let got = got
+            .map(|p| format!("{:?}", p.plan))
+            .map_err(|e| e.to_string());
+        (got, general(t.path(), bucket), latents_read, reads)
+    }
+
+    fn room(bucket: (u32, u32)) -> usize {
+        latents_nbytes(bucket) as usize + AFTER_LATENTS
+    }
+
+    #[test]
+    fn one_read_plans_the_common_layouts_as_the_general_path_does() {
+        use crate::core::npy::testutil::savez_cache;
+        let b = (512, 512);
+        for zip64 in [false, true] {
+            // Plain: the head, then one read that reaches the end of the file; nothing else.
+            let (got, want, read, reads) = one_read(
+                &savez_cache((64, 64), false, false, false, zip64),
+                b,
+                room(b),
+            );
+            assert_eq!(got, want);
+            assert!(read && reads == Some(2), "reads {reads:?}");
+            // More data after the latents: the head, the read, then the end of the file (and,
+            // with a second resolution, the header of its latents, which lie before the end).
+            for (flip, alpha, other, budget) in [(true, false, false, 3), (false, true, true, 4)] {
+                let bytes = savez_cache((64, 64), flip, alpha, other, zip64);
+                let (got, want, read, reads) = one_read(&bytes, b, room(b));
+                assert_eq!(got, want);
+                assert!(read && reads == Some(budget), "reads {reads:?}");
+            }
+            // The second resolution is not first in the file: planned, latents not read.
+            let bytes = savez_cache((64, 64), false, false, true, zip64);
+            let (got, want, read, _) = one_read(&bytes, (256, 256), room((256, 256)));
+            assert_eq!(got, want);
+            assert!(got.is_ok() && !read);
+            // A buffer too small for the latents and what follows: the general path alone.
+            let bytes = savez_cache((64, 64), false, false, false, zip64);
+            let (got, want, read, reads) = one_read(&bytes, b, room(b) - 1);
+            assert_eq!(got, want);
+            assert!(!read && reads.is_none());
+        }
+    }
+
+    #[test]
+    fn one_read_leaves_other_files_to_the_general_path() {
+        use crate::core::npy::testutil::{npy, savez_cache, zeros_f32};
+        use crate::core::zip::testutil::{deflate, zip_bytes, ZipOpts};
+        let b = (512, 512);
+        let size = npy("<i8", &[2], &[0u8; 16]);
+        let crop = npy("<f8", &[4], &[0u8; 32]);
+        let lat = zeros_f32(&[16, 64, 64]);
+        let half = npy("<f2", &[16, 64, 64], &vec![0u8; 16 * 64 * 64 * 2]);
+        let deflated = deflate(&lat);
+        let cases: Vec<Vec<u8>> = vec![
+            // Deflated latents (np.savez_compressed).
+            zip_bytes(
+                &[
+                    ("latents_64x64.npy", &deflated, true),
+                    ("original_size_64x64.npy", &size, false),
+                    ("crop_ltrb_64x64.npy", &crop, false),
+                ],
+                ZipOpts::default(),
+            ),
+            // float16 latents: half the bytes the bucket's float32 latents take.
+            zip_bytes(
+                &[
+                    ("latents_64x64.npy", &half, false),
+                    ("original_size_64x64.npy", &size, false),
+                    ("crop_ltrb_64x64.npy", &crop, false),
+                ],
+                ZipOpts::default(),
+            ),
+            // Not a zip; empty.
+            b"version https://git-lfs.github.com/spec/v1\n".to_vec(),
+            Vec::new(),
+        ];
+        for bytes in &cases {
+            let (got, want, read, _) = one_read(bytes, b, room(b));
+            assert_eq!(got, want);
+            assert!(!read);
+        }
+        // Cut anywhere: the same verdict as the general path, which names the problem.
+        let full = savez_cache((64, 64), true, false, false, true);
+        for cut in (0..full.len())
+            .step_by(997)
+            .chain([full.len() - 1, full.len() - 30])
+        {
+            let (got, want, read, _) = one_read(&full[..cut], b, room(b));
+            assert_eq!(got, want, "cut at {cut}");
+            if read {
+                assert!(got.is_ok());
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(512)))]
+        /// Whatever the bytes, the one-read path plans as the general path does, and the buffer
+        /// holds the latents whenever it says so (checked inside `one_read`).
+        #[test]
+        fn one_read_agrees_with_the_general_path(
+            flip in any::<bool>(),
+            zip64 in any::<bool>(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+        ) {
+            let mut bytes = crate::core::npy::testutil::savez_cache((16, 16), flip, false, false, zip64);
+            for (at, v) in &edits {
+                let i = at.index(bytes.len());
+                bytes[i] = *v;
+            }
+            if let Some(c) = cut {
+                let n = c.index(bytes.len());
+                bytes.truncate(n);
+            }
+            let b = (128, 128);
+            let (got, want, _, _) = one_read(&bytes, b, room(b));
+            prop_assert_eq!(got, want);
+        }
     }
 
     #[test]

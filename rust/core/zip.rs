@@ -290,6 +290,16 @@ impl<'a> Src<'a> {
         }
     }
 
+    /// Hand the reader bytes the caller already read from the file at `offset`, so that a later
+    /// read inside them costs no system call. `data` must be the file's bytes there.
+    pub(crate) fn preload(&self, offset: u64, data: Vec<u8>) {
+        let mut blocks = self.blocks.borrow_mut();
+        if blocks.len() >= MAX_BLOCKS {
+            blocks.remove(0);
+        }
+        blocks.push((offset, std::rc::Rc::new(data)));
+    }
+
     fn err(&self, kind: ReadErrorKind, entry: Option<&str>, msg: impl Into<String>) -> ReadError {
         ReadError::new(kind, self.path, entry, msg)
     }

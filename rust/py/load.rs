@@ -124,23 +124,84 @@ pub fn load_batch_into(
     })
 }
 
-/// One array of [`load_arrays`]: `(descr, shape, fortran_order, data)`, where `data` is a filled
-/// `bytearray` (read) or the file offset at which to map it (an int).
-type ArrayOut<'py> = (String, Vec<u64>, bool, Bound<'py, PyAny>);
-
+/// One array of [`load_arrays`]: a finished numpy array (read), or `(descr, shape, fortran_order,
+/// offset)` for the caller to map at that file offset.
 type LoadTuple<'py> = (
-    ArrayOut<'py>,
-    Option<ArrayOut<'py>>,
-    Option<ArrayOut<'py>>,
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
     Bound<'py, PyList>,
     Bound<'py, PyList>,
 );
+
+/// One array while [`load_arrays`] works: a buffer to be read (or already read) into, or a mapping
+/// offset.
+enum Out<'py, 'a> {
+    Read(&'a core_load::ArraySpec, Bound<'py, PyAny>),
+    Map(&'a core_load::ArraySpec, u64),
+}
+
+impl<'py> Out<'py, '_> {
+    fn into_py(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match self {
+            Out::Read(spec, buf) => ndarray_over(py, spec, buf),
+            Out::Map(spec, off) => Ok((
+                spec.descr(),
+                spec.shape().to_vec(),
+                spec.fortran_order(),
+                off,
+            )
+                .into_pyobject(py)?
+                .into_any()),
+        }
+    }
+}
+
+/// `numpy.dtype(descr)`, made once per descr.
+fn dtype_of<'py>(py: Python<'py>, descr: &str) -> PyResult<Bound<'py, PyAny>> {
+    static KEPT: std::sync::Mutex<Vec<(String, Py<PyAny>)>> = std::sync::Mutex::new(Vec::new());
+    static DTYPE: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
+    if let Ok(kept) = KEPT.lock() {
+        if let Some((_, d)) = kept.iter().find(|(k, _)| k == descr) {
+            return Ok(d.bind(py).clone());
+        }
+    }
+    // Made without the lock held: numpy runs Python code here.
+    let d = DTYPE.import(py, "numpy", "dtype")?.call1((descr,))?;
+    if let Ok(mut kept) = KEPT.lock() {
+        // The descrs a cache holds are few; a file with odd ones cannot grow this without bound.
+        if kept.len() < 32 {
+            kept.push((descr.to_owned(), d.clone().unbind()));
+        }
+    }
+    Ok(d)
+}
+
+/// A numpy array of `spec`'s dtype, shape and order over the first bytes of `buf` (a filled
+/// bytearray, which becomes the array's base).
+fn ndarray_over<'py>(
+    py: Python<'py>,
+    spec: &core_load::ArraySpec,
+    buf: Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    static NDARRAY: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
+    let ndarray = NDARRAY.import(py, "numpy", "ndarray")?;
+    let dtype = dtype_of(py, &spec.descr())?;
+    let shape = pyo3::types::PyTuple::new(py, spec.shape())?;
+    let order = if spec.fortran_order() { "F" } else { "C" };
+    ndarray.call1((shape, dtype, buf, 0, py.None(), order))
+}
 
 /// Read buffers of 64 KiB and more are allocated in whole 64 KiB steps: the latents of neighbouring
 /// buckets (1024x1024, 896x1152, 832x1216, ...) then ask the allocator for the same size, so a buffer
 /// freed by one sample is reused as it is by the next, instead of the allocator taking fresh memory
 /// (and a page fault per 4 KiB) whenever sizes differ by a few KiB.
 const READ_STEP: u64 = 64 << 10;
+
+/// Latents up to this size (a 16384x16384 bucket's are 256 MiB) are read while the file is planned,
+/// into a buffer made before the file is looked at; beyond it, after planning (a nonsensical bucket
+/// must not allocate before the file says it has no such latents).
+const PLAN_READ_MAX: u64 = 256 << 20;
 
 /// Ask for transparent huge pages under a new buffer of 4 MiB or more (a `load_batch` result), as
 /// numpy does for its own large arrays: the read into it then takes far fewer TLB misses (on the
@@ -219,9 +280,9 @@ fn array_out<'py, 'a>(
     spec: &'a core_load::ArraySpec,
     map_it: bool,
     reads: &mut Vec<(usize, usize, &'a core_load::ArraySpec)>,
-) -> PyResult<ArrayOut<'py>> {
-    let data = match spec.mappable_offset() {
-        Some(off) if map_it => off.into_pyobject(py)?.into_any(),
+) -> PyResult<Out<'py, 'a>> {
+    Ok(match spec.mappable_offset() {
+        Some(off) if map_it => Out::Map(spec, off),
         _ => {
             let (obj, address) = uninit_bytearray(
                 py,
@@ -229,15 +290,9 @@ fn array_out<'py, 'a>(
                 spec.nbytes(),
             )?;
             reads.push((address, spec.nbytes() as usize, spec));
-            obj
+            Out::Read(spec, obj)
         }
-    };
-    Ok((
-        spec.descr(),
-        spec.shape().to_vec(),
-        spec.fortran_order(),
-        data,
-    ))
+    })
 }
 
 /// Plan one cache file for one bucket and read the arrays that are to be read, in one call with
@@ -257,7 +312,8 @@ fn array_out<'py, 'a>(
 ///
 /// Returns:
 ///     `(latents, latents_flipped | None, alpha_mask | None, original_size, crop_ltrb)`; each array
-///     as `(descr, shape, fortran_order, bytearray | offset)`.
+///     read is a numpy array over an owned bytearray; each to be mapped is
+///     `(descr, shape, fortran_order, offset)`.
 ///
 /// Raises:
 ///     NpzFormatError: the file is not a valid npz or lacks this bucket's keys.
@@ -272,9 +328,36 @@ pub fn load_arrays<'py>(
     copy: bool,
 ) -> PyResult<LoadTuple<'py>> {
     let file = borrow_file(fd)?;
-    let plan = super::detached(py, || core_load::plan_from(&file, &path, bucket_reso))?;
+    // Latents that will be read are read while the file is planned, into a buffer made for the
+    // bucket's float32 latents and the bytes after them (see `plan_reading_latents`).
+    let want = core_load::latents_nbytes(bucket_reso) + core_load::AFTER_LATENTS as u64;
+    let pre = if (copy || !map_latents) && want <= PLAN_READ_MAX {
+        Some(uninit_bytearray(
+            py,
+            || format!("{}: the latents", path.display()),
+            want,
+        )?)
+    } else {
+        None
+    };
+    let pre_at = pre.as_ref().map(|(_, address)| *address);
+    let planned = super::detached(py, || match pre_at {
+        Some(address) => {
+            // SAFETY: the bytearray made above holds at least `want` bytes, and only this call
+            // references it until it returns.
+            let buf = unsafe { out_slice(address, want as usize) }
+                .map_err(|e| crate::core::error::Error::Value(e.to_string()))?;
+            core_load::plan_reading_latents(&file, &path, bucket_reso, buf)
+        }
+        // No buffer: planned only.
+        None => core_load::plan_reading_latents(&file, &path, bucket_reso, &mut []),
+    })?;
+    let plan = &planned.plan;
     let mut reads: Vec<(usize, usize, &core_load::ArraySpec)> = Vec::new();
-    let latents = array_out(py, &path, &plan.latents, map_latents && !copy, &mut reads)?;
+    let latents = match pre {
+        Some((obj, _)) if planned.latents_read => Out::Read(&plan.latents, obj),
+        _ => array_out(py, &path, &plan.latents, map_latents && !copy, &mut reads)?,
+    };
     let flipped = (plan.flipped.as_ref())
         .map(|s| array_out(py, &path, s, !copy, &mut reads))
         .transpose()?;
@@ -293,10 +376,11 @@ pub fn load_arrays<'py>(
             Ok(())
         })?;
     }
+    // The arrays are made only now, over buffers that are filled.
     Ok((
-        latents,
-        flipped,
-        alpha,
+        latents.into_py(py)?,
+        flipped.map(|a| a.into_py(py)).transpose()?,
+        alpha.map(|a| a.into_py(py)).transpose()?,
         scalars(py, &plan.original_size)?,
         scalars(py, &plan.crop_ltrb)?,
     ))
