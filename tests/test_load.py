@@ -68,6 +68,7 @@ def test_load_equals_np_load(tmp_path: Path, writer: str, flip: bool, alpha: boo
         write_stock(p, arrays, compressed=writer == "compressed")
     for bucket in (BUCKET, (64, 64)):
         got = lc.load(p, bucket)
+        assert type(got) is lc.CachedLatents and got.latents is got[0]
         assert_same(got, np_reference(p, bucket))
         assert got.latents.flags.aligned and got.latents.flags.writeable
 

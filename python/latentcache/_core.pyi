@@ -5,6 +5,8 @@ from typing import final
 
 import numpy as np
 
+from latentcache.loader import CachedLatents
+
 __all__ = [
     "CacheFile",
     "CacheStatus",
@@ -18,7 +20,7 @@ __all__ = [
     "cache_path",
     "find_source_image",
     "load_batch_into",
-    "load_arrays",
+    "load_file",
     "parse_cache_path",
     "path_key",
     "scan_directory",
@@ -100,13 +102,14 @@ class ScanReport:
     def is_clean(self) -> bool: ...
 
 def scan_directory(path: _Path, suffix: str = "_anima.npz", recursive: bool = False) -> ScanReport: ...
-
-# A numpy array the core read, or (descr, shape, fortran_order, file offset) to be mapped.
-_LoadedArray = np.ndarray | tuple[str, list[int], bool, int]
-
-def load_arrays(
-    fd: int, path: _Path, bucket_reso: tuple[int, int], *, map_latents: bool = False, copy: bool = False
-) -> tuple[_LoadedArray, _LoadedArray | None, _LoadedArray | None, list[int | float], list[int | float]]: ...
+def load_file(
+    fd: int,
+    handle: int,
+    path: _Path,
+    bucket_reso: tuple[int, int],
+    map_latents: bool = False,
+    copy: bool = False,
+) -> CachedLatents: ...
 def _read_pool_stats() -> tuple[int, int, int]: ...
 def _read_buffer(nbytes: int) -> bytearray: ...
 def load_batch_into(

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -37,26 +36,7 @@ def _os_handle(fd: int) -> int:
     return int(fd)
 
 
-def _array(item: _core._LoadedArray, fd: int, mm: list[mmap.mmap | None]) -> np.ndarray:
-    if not isinstance(item, tuple):
-        # Read by the core into an owned bytearray (aligned by the allocator, writable, rounded up
-        # to a 64 KiB step), which the array views.
-        return item
-    descr, dims, fortran_order, offset = item
-    dtype = np.dtype(descr)
-    shape = tuple(dims)
-    order: Literal["C", "F"] = "F" if fortran_order else "C"
-    count = math.prod(shape)
-    if not count:
-        return np.empty(shape, dtype=dtype, order=order)
-    mapping = mm[0]
-    if mapping is None:
-        # A private copy-on-write mapping: the arrays are writable (torch takes them without a
-        # warning) and a write never reaches the file. The mapping lives as long as an array that
-        # uses it (numpy keeps it as the base).
-        mapping = mm[0] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-    flat = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
-    return flat.reshape(shape, order=order)
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
 
 
 def load(
@@ -99,21 +79,11 @@ def load(
         FileNotFoundError: the file does not exist.
     """
     p = os.fspath(path)
-    # A raw descriptor: no buffered file object per load. The mapping keeps its own reference to
-    # the file, so the descriptor is closed at once.
-    fd = os.open(p, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    # A raw descriptor: no buffered file object per load. A mapping keeps its own copy of it, so
+    # it is closed at once.
+    fd = os.open(p, _OPEN_FLAGS)
     try:
-        latents, flipped, alpha, original_size, crop_ltrb = _core.load_arrays(
-            _os_handle(fd), p, bucket_reso, map_latents=map_latents, copy=copy
-        )
-        mm: list[mmap.mmap | None] = [None]
-        return CachedLatents(
-            _array(latents, fd, mm),
-            original_size,
-            crop_ltrb,
-            None if flipped is None else _array(flipped, fd, mm),
-            None if alpha is None else _array(alpha, fd, mm),
-        )
+        return _core.load_file(fd, _os_handle(fd), p, bucket_reso, map_latents, copy)
     finally:
         os.close(fd)
 

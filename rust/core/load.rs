@@ -280,7 +280,9 @@ fn plan_in_one_read(
     };
     let src = Src::with_len(file, path, len);
     src.preload(0, head);
-    let keep = total.min(8 << 10);
+    // What follows the latents, and 2 KiB before it: the first read at the end of a file (at most
+    // that far back) is then served from memory too.
+    let keep = total.min(total - n + (2 << 10));
     src.preload(
         data_at + (total - keep) as u64,
         buf[total - keep..total].to_vec(),

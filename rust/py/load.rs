@@ -124,50 +124,93 @@ pub fn load_batch_into(
     })
 }
 
-/// One array of [`load_arrays`]: a finished numpy array (read), or `(descr, shape, fortran_order,
-/// offset)` for the caller to map at that file offset.
-type LoadTuple<'py> = (
-    Bound<'py, PyAny>,
-    Option<Bound<'py, PyAny>>,
-    Option<Bound<'py, PyAny>>,
-    Bound<'py, PyList>,
-    Bound<'py, PyList>,
-);
-
-/// One array while [`load_arrays`] works: a buffer to be read (or already read) into, or a mapping
-/// offset.
+/// One array while [`load_file`] works: a buffer to be read (or already read) into, or a file
+/// offset to map.
 enum Out<'py, 'a> {
     Read(&'a core_load::ArraySpec, Bound<'py, PyAny>),
     Map(&'a core_load::ArraySpec, u64),
 }
 
+/// Python objects `load_file` uses, imported once.
+struct Imports {
+    ndarray: Py<PyAny>,
+    dtype: Py<PyAny>,
+    mmap: Py<PyAny>,
+    access_copy: Py<PyAny>,
+    tuple_new: Py<PyAny>,
+    cached_latents: Py<PyAny>,
+}
+
+fn imports(py: Python<'_>) -> PyResult<&Imports> {
+    static IMPORTS: pyo3::sync::PyOnceLock<Imports> = pyo3::sync::PyOnceLock::new();
+    IMPORTS.get_or_try_init(py, || {
+        let np = py.import("numpy")?;
+        let mmap = py.import("mmap")?;
+        let tuple = py.get_type::<pyo3::types::PyTuple>();
+        Ok(Imports {
+            ndarray: np.getattr("ndarray")?.unbind(),
+            dtype: np.getattr("dtype")?.unbind(),
+            mmap: mmap.getattr("mmap")?.unbind(),
+            access_copy: mmap.getattr("ACCESS_COPY")?.unbind(),
+            tuple_new: tuple.getattr("__new__")?.unbind(),
+            cached_latents: py
+                .import("latentcache.loader")?
+                .getattr("CachedLatents")?
+                .unbind(),
+        })
+    })
+}
+
 impl<'py> Out<'py, '_> {
-    fn into_py(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        match self {
-            Out::Read(spec, buf) => ndarray_over(py, spec, buf),
-            Out::Map(spec, off) => Ok((
-                spec.descr(),
-                spec.shape().to_vec(),
-                spec.fortran_order(),
-                off,
-            )
-                .into_pyobject(py)?
-                .into_any()),
-        }
+    /// The numpy array: over the filled buffer, or over `mapping` (made on first use: one private
+    /// copy-on-write mapping of the whole file per call, which the arrays keep alive as their base).
+    fn into_array(
+        self,
+        py: Python<'py>,
+        fd: i64,
+        mapping: &mut Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let imp = imports(py)?;
+        let (spec, buf, offset) = match self {
+            Out::Read(spec, buf) => (spec, Some(buf), 0),
+            Out::Map(spec, off) => (spec, None, off),
+        };
+        let dtype = dtype_of(py, imp, &spec.descr())?;
+        let shape = pyo3::types::PyTuple::new(py, spec.shape())?;
+        let order = if spec.fortran_order() { "F" } else { "C" };
+        let buffer = match buf {
+            Some(buf) => buf,
+            // An empty array needs no memory (and an empty file cannot be mapped).
+            None if spec.nbytes() == 0 => py.None().into_bound(py),
+            None => match mapping {
+                Some(m) => m.clone(),
+                None => {
+                    // A private copy-on-write mapping: the arrays are writable (torch takes them
+                    // without a warning) and a write never reaches the file.
+                    let kwargs = pyo3::types::PyDict::new(py);
+                    kwargs.set_item("access", imp.access_copy.bind(py))?;
+                    let m = imp.mmap.bind(py).call((fd, 0), Some(&kwargs))?;
+                    mapping.insert(m).clone()
+                }
+            },
+        };
+        let offset = if buffer.is_none() { 0 } else { offset };
+        imp.ndarray
+            .bind(py)
+            .call1((shape, dtype, buffer, offset, py.None(), order))
     }
 }
 
 /// `numpy.dtype(descr)`, made once per descr.
-fn dtype_of<'py>(py: Python<'py>, descr: &str) -> PyResult<Bound<'py, PyAny>> {
+fn dtype_of<'py>(py: Python<'py>, imp: &Imports, descr: &str) -> PyResult<Bound<'py, PyAny>> {
     static KEPT: std::sync::Mutex<Vec<(String, Py<PyAny>)>> = std::sync::Mutex::new(Vec::new());
-    static DTYPE: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
     if let Ok(kept) = KEPT.lock() {
         if let Some((_, d)) = kept.iter().find(|(k, _)| k == descr) {
             return Ok(d.bind(py).clone());
         }
     }
     // Made without the lock held: numpy runs Python code here.
-    let d = DTYPE.import(py, "numpy", "dtype")?.call1((descr,))?;
+    let d = imp.dtype.bind(py).call1((descr,))?;
     if let Ok(mut kept) = KEPT.lock() {
         // The descrs a cache holds are few; a file with odd ones cannot grow this without bound.
         if kept.len() < 32 {
@@ -175,21 +218,6 @@ fn dtype_of<'py>(py: Python<'py>, descr: &str) -> PyResult<Bound<'py, PyAny>> {
         }
     }
     Ok(d)
-}
-
-/// A numpy array of `spec`'s dtype, shape and order over the first bytes of `buf` (a filled
-/// bytearray, which becomes the array's base).
-fn ndarray_over<'py>(
-    py: Python<'py>,
-    spec: &core_load::ArraySpec,
-    buf: Bound<'py, PyAny>,
-) -> PyResult<Bound<'py, PyAny>> {
-    static NDARRAY: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
-    let ndarray = NDARRAY.import(py, "numpy", "ndarray")?;
-    let dtype = dtype_of(py, &spec.descr())?;
-    let shape = pyo3::types::PyTuple::new(py, spec.shape())?;
-    let order = if spec.fortran_order() { "F" } else { "C" };
-    ndarray.call1((shape, dtype, buf, 0, py.None(), order))
 }
 
 /// Read buffers of 64 KiB and more are allocated in whole 64 KiB steps: the latents of neighbouring
@@ -295,39 +323,40 @@ fn array_out<'py, 'a>(
     })
 }
 
-/// Plan one cache file for one bucket and read the arrays that are to be read, in one call with
-/// the interpreter lock released for the file work.
+/// Load one bucket's arrays from a cache file the caller opened: plan it and read the arrays
+/// that are to be read with the interpreter lock released, then make the numpy arrays.
 ///
-/// The latents are read unless `map_latents`; the flipped latents and the alpha mask are left to be
-/// mapped when they are stored aligned; `copy` reads all of them. An array that cannot be mapped
+/// The latents are read unless `map_latents`; the flipped latents and the alpha mask are mapped
+/// when they are stored aligned; `copy` reads all of them. An array that cannot be mapped
 /// (unaligned, deflated) is always read.
 ///
 /// Args:
-///     fd: the file's descriptor (`f.fileno()`; on Windows `msvcrt.get_osfhandle(f.fileno())`);
-///         the caller maps this same file.
+///     fd: the file's descriptor, which a mapping is made from (`mmap.mmap` takes its own copy).
+///     handle: the same file as the OS sees it, which the core reads (the descriptor on POSIX,
+///         `msvcrt.get_osfhandle(fd)` on Windows).
 ///     path: the file's path, for error messages.
 ///     bucket_reso: `(W, H)` in pixels.
-///     map_latents: leave the latents to be mapped when they can be.
+///     map_latents: map the latents as well when they can be.
 ///     copy: read every array.
 ///
 /// Returns:
-///     `(latents, latents_flipped | None, alpha_mask | None, original_size, crop_ltrb)`; each array
-///     read is a numpy array over an owned bytearray; each to be mapped is
-///     `(descr, shape, fortran_order, offset)`.
+///     `latentcache.CachedLatents(latents, original_size, crop_ltrb, latents_flipped | None,
+///     alpha_mask | None)`.
 ///
 /// Raises:
 ///     NpzFormatError: the file is not a valid npz or lacks this bucket's keys.
 #[pyfunction]
-#[pyo3(signature = (fd, path, bucket_reso, *, map_latents = false, copy = false))]
-pub fn load_arrays<'py>(
+#[pyo3(signature = (fd, handle, path, bucket_reso, map_latents = false, copy = false))]
+pub fn load_file<'py>(
     py: Python<'py>,
     fd: i64,
+    handle: i64,
     path: PathBuf,
     bucket_reso: (u32, u32),
     map_latents: bool,
     copy: bool,
-) -> PyResult<LoadTuple<'py>> {
-    let file = borrow_file(fd)?;
+) -> PyResult<Bound<'py, PyAny>> {
+    let file = borrow_file(handle)?;
     // Latents that will be read are read while the file is planned, into a buffer made for the
     // bucket's float32 latents and the bytes after them (see `plan_reading_latents`).
     let want = core_load::latents_nbytes(bucket_reso) + core_load::AFTER_LATENTS as u64;
@@ -377,13 +406,31 @@ pub fn load_arrays<'py>(
         })?;
     }
     // The arrays are made only now, over buffers that are filled.
-    Ok((
-        latents.into_py(py)?,
-        flipped.map(|a| a.into_py(py)).transpose()?,
-        alpha.map(|a| a.into_py(py)).transpose()?,
-        scalars(py, &plan.original_size)?,
-        scalars(py, &plan.crop_ltrb)?,
-    ))
+    let mut mapping = None;
+    let latents = latents.into_array(py, fd, &mut mapping)?;
+    let flipped = match flipped {
+        Some(a) => a.into_array(py, fd, &mut mapping)?,
+        None => py.None().into_bound(py),
+    };
+    let alpha = match alpha {
+        Some(a) => a.into_array(py, fd, &mut mapping)?,
+        None => py.None().into_bound(py),
+    };
+    let items = pyo3::types::PyTuple::new(
+        py,
+        [
+            latents,
+            scalars(py, &plan.original_size)?.into_any(),
+            scalars(py, &plan.crop_ltrb)?.into_any(),
+            flipped,
+            alpha,
+        ],
+    )?;
+    // `tuple.__new__(CachedLatents, items)`: the named tuple, without its Python-level `__new__`.
+    let imp = imports(py)?;
+    imp.tuple_new
+        .bind(py)
+        .call1((imp.cached_latents.bind(py), items))
 }
 
 /// A writable buffer of at least `nbytes` bytes for `load_batch` to fill: a kept one that nothing

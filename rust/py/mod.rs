@@ -14,7 +14,7 @@ mod _core {
     #[pymodule_export]
     use super::bufpool::_read_pool_stats;
     #[pymodule_export]
-    use super::load::{_read_buffer, load_arrays, load_batch_into};
+    use super::load::{_read_buffer, load_batch_into, load_file};
     #[pymodule_export]
     use super::paths::{cache_path, find_source_image, parse_cache_path, path_key};
     #[pymodule_export]
