@@ -63,15 +63,21 @@ def test_bench_command_prints_every_row_and_json(tmp_path: Path) -> None:
     v = figures["validate_warm"]
     assert v["ours_fps"] > 0 and v["sd_scripts_fps"] > 0 and v["floor_fps"] > 0
     loads = figures["load_warm"]
-    for row in (
-        "load: latentcache.load + touch",
-        "load: latentcache.load(map_latents=True) + touch",
-        "load: np.load + touch",
-        "load: sd-scripts load_latents_from_disk + touch",
-        "load: safetensors load_file + touch",
-        "load: raw file read (limit)",
-    ):
-        assert loads[row]["fps"] > 0, row
+    assert set(loads) == {
+        "load",
+        "load_mapped",
+        "load_batch",
+        "np_load",
+        "sd_scripts_load",
+        "safetensors",
+        "raw_read",
+    }
+    for key, row in loads.items():
+        assert row["fps"] > 0 and row["gbps"] > 0 and row["label"].startswith("load: "), key
+        # The ratios are the row's own figures over the baselines' (one run, one table).
+        assert row["vs_np_load"] == pytest.approx(row["fps"] / loads["np_load"]["fps"]), key
+        assert row["gbps_vs_raw_read"] == pytest.approx(row["gbps"] / loads["raw_read"]["gbps"]), key
+    assert loads["np_load"]["vs_np_load"] == pytest.approx(1.0)
     done = subprocess.run(
         [sys.executable, "-m", "latentcache", "bench", "--files", "8"],
         check=True,

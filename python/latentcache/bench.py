@@ -371,21 +371,32 @@ def _measure_with(
             "ratio": t_sd_v / t_ours_v,
             "floor_ratio": t_sd_v / t_floor_v,
         }
+        # (key in --json, row label, function, bytes it delivers)
         loads = [
-            ("load: latentcache.load + touch", ours_load, lat_bytes),
-            ("load: latentcache.load(map_latents=True) + touch", ours_load_mapped, lat_bytes),
-            (f"load: latentcache.load_batch ({workers} workers)", ours_batch, lat_bytes),
-            ("load: np.load + touch", np_load, lat_bytes),
-            ("load: sd-scripts load_latents_from_disk + touch", sd_load, lat_bytes),
+            ("load", "load: latentcache.load + touch", ours_load, lat_bytes),
+            (
+                "load_mapped",
+                "load: latentcache.load(map_latents=True) + touch",
+                ours_load_mapped,
+                lat_bytes,
+            ),
+            ("load_batch", f"load: latentcache.load_batch ({workers} workers)", ours_batch, lat_bytes),
+            ("np_load", "load: np.load + touch", np_load, lat_bytes),
+            ("sd_scripts_load", "load: sd-scripts load_latents_from_disk + touch", sd_load, lat_bytes),
         ]
         if st_paths:
-            loads.append(("load: safetensors load_file + touch", st_load, lat_bytes))
-        loads.append(("load: raw file read (limit)", raw_read, file_bytes))
-        times = _time({name: fn for name, fn, _ in loads}, cold, 7)
-        for name, _, nbytes in loads:
-            t = times[name]
-            table.append((mode, name, n / t, nbytes / t / 1e9))
-        results[f"load_{mode}"] = {name: {"fps": n / t, "seconds": t} for name, t in times.items()}
+            loads.append(("safetensors", "load: safetensors load_file + touch", st_load, lat_bytes))
+        loads.append(("raw_read", "load: raw file read (limit)", raw_read, file_bytes))
+        times = _time({key: fn for key, _, fn, _ in loads}, cold, 7)
+        rows: dict[str, Any] = {}
+        for key, label, _, nbytes in loads:
+            t = times[key]
+            table.append((mode, label, n / t, nbytes / t / 1e9))
+            rows[key] = {"label": label, "fps": n / t, "gbps": nbytes / t / 1e9, "seconds": t}
+        for row in rows.values():
+            row["vs_np_load"] = row["fps"] / rows["np_load"]["fps"]
+            row["gbps_vs_raw_read"] = row["gbps"] / rows["raw_read"]["gbps"]
+        results[f"load_{mode}"] = rows
 
     if as_json:
         json.dump(results, sys.stdout, indent=1)
