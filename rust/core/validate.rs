@@ -394,8 +394,11 @@ impl Required {
 
     /// `key` is `prefix` followed by the suffix.
     pub(crate) fn is_key(&self, key: &str, prefix: &str) -> bool {
-        let sfx = self.sfx();
-        key.len() == prefix.len() + sfx.len() && key.starts_with(prefix) && key.ends_with(sfx)
+        // Bytes: called for every member of every file, it need not re-check the suffix's UTF-8.
+        let (key, sfx) = (key.as_bytes(), &self.sfx[..self.sfx_len]);
+        key.len() == prefix.len() + sfx.len()
+            && key.starts_with(prefix.as_bytes())
+            && key.ends_with(sfx)
     }
 }
 
