@@ -14,7 +14,7 @@
 //! speed, never a verdict; `tests` hold it to that on mutated files.
 use std::fs::File;
 
-use crate::core::npy::{parse_numpy_layout_ref, DType, MAGIC, MAX_HEADER_LEN};
+use crate::core::npy::{parse_numpy_layout_ref, DType, InlineShape, MAGIC, MAX_HEADER_LEN};
 use crate::core::validate::{Ctx, Expectation, Required};
 use crate::core::zip::{
     parse_zip64_extra, read_at, tail_window, u16_at, u32_at, u64_at, Zip64Need, CENTRAL_LEN,
@@ -28,11 +28,13 @@ const TAIL: usize = 2 << 10;
 const MID: usize = 2 << 10;
 const MIDS: usize = 4;
 
-/// A worker's read buffers, reused from file to file (no per-file zeroing or allocation).
+/// A worker's read buffers, reused from file to file (no per-file zeroing or allocation), and what
+/// it parsed before.
 pub(crate) struct Scratch {
     head: [u8; HEAD_READ as usize],
     tail: [u8; TAIL],
     mids: [[u8; MID]; MIDS],
+    memo: Memo,
 }
 
 impl Scratch {
@@ -41,8 +43,69 @@ impl Scratch {
             head: [0; HEAD_READ as usize],
             tail: [0; TAIL],
             mids: [[0; MID]; MIDS],
+            memo: Memo::default(),
         })
     }
+
+    /// A scratch that parses every header (the reference for the memo's tests).
+    #[cfg(test)]
+    fn without_memo() -> Box<Self> {
+        let mut s = Self::new();
+        s.memo.keep = 0;
+        s
+    }
+}
+
+/// Header dicts a worker parsed before, with what they said, and the required keys of the last
+/// expectation. The caches of one dataset hold the same few npy headers file after file (every
+/// 1024x1024 latent's header is the same bytes), so a header seen before is compared, not parsed
+/// again: the same bytes always parse to the same result.
+struct Memo {
+    dicts: Vec<(Box<[u8]>, DType, bool, InlineShape)>,
+    /// How many dicts to keep ([`MEMO_DICTS`]; none in the tests' reference scratch).
+    keep: usize,
+    required: Option<(Expectation, Required)>,
+}
+
+impl Default for Memo {
+    fn default() -> Self {
+        Memo {
+            dicts: Vec::new(),
+            keep: MEMO_DICTS,
+            required: None,
+        }
+    }
+}
+
+/// Distinct header dicts a worker keeps.
+const MEMO_DICTS: usize = 16;
+
+/// `parse_numpy_layout_ref` and the dtype of its descr, for `dict`, through the memo.
+fn layout_of(
+    dicts: &mut Vec<(Box<[u8]>, DType, bool, InlineShape)>,
+    keep: usize,
+    dict: &[u8],
+) -> Option<(DType, bool, InlineShape)> {
+    if let Some((_, dtype, fortran, shape)) = dicts.iter().find(|(k, ..)| **k == *dict) {
+        return Some((*dtype, *fortran, *shape));
+    }
+    let (descr, fortran, shape) = parse_numpy_layout_ref(dict)?;
+    let dtype = DType::from_descr(descr)?;
+    if dicts.len() < keep {
+        dicts.push((dict.into(), dtype, fortran, shape));
+    }
+    Some((dtype, fortran, shape))
+}
+
+/// The required keys of `exp`, built again only when the expectation changes.
+fn required_for<'m>(
+    required: &'m mut Option<(Expectation, Required)>,
+    exp: &Expectation,
+) -> &'m Required {
+    if !matches!(required, Some((e, _)) if e == exp) {
+        *required = Some((*exp, Required::new(exp)));
+    }
+    &required.as_ref().expect("set above").1
 }
 
 /// The bytes read so far: the head, the tail and up to [`MIDS`] windows in between.
@@ -126,7 +189,12 @@ fn quick_check(
     if (tail_len as usize) < EOCD_LEN || tail_len as usize > TAIL {
         return None;
     }
-    let Scratch { head, tail, mids } = scratch;
+    let Scratch {
+        head,
+        tail,
+        mids,
+        memo,
+    } = scratch;
     let tail = &mut tail[..tail_len as usize];
     read_at(file, tail, tail_start).ok()?;
     let head = &mut head[..len.min(HEAD_READ) as usize];
@@ -145,7 +213,7 @@ fn quick_check(
         n_mids: 0,
         reads: 2,
     };
-    Some((check(&mut r, exp)?, r.reads))
+    Some((check(&mut r, memo, exp)?, r.reads))
 }
 
 /// The quick check without the file's length: the head is read first, then the file is walked
@@ -168,7 +236,12 @@ fn quick_unsized_reads(
     file: &File,
     exp: &Expectation,
 ) -> Option<(bool, u64, u32)> {
-    let Scratch { head, tail, mids } = scratch;
+    let Scratch {
+        head,
+        tail,
+        mids,
+        memo,
+    } = scratch;
     let got = read_upto(file, &mut head[..], 0)?;
     // An empty read may be a device or an empty file; the sized path tells them apart.
     if got == 0 || !head[..got].starts_with(LOCAL_SIG) {
@@ -215,7 +288,7 @@ fn quick_unsized_reads(
         n_mids,
         reads,
     };
-    let ok = check(&mut r, exp).unwrap_or(false);
+    let ok = check(&mut r, memo, exp).unwrap_or(false);
     Some((ok, len, r.reads))
 }
 
@@ -263,7 +336,7 @@ fn walk_to_payload_end(buf: &[u8], at: u64) -> Option<u64> {
 }
 
 /// Every check of the quick path on the regions read (see the module docs).
-fn check(r: &mut Regions<'_, '_>, exp: &Expectation) -> Option<bool> {
+fn check(r: &mut Regions<'_, '_>, memo: &mut Memo, exp: &Expectation) -> Option<bool> {
     let len = r.len;
 
     // The end record, exactly at the end (no comment), and its ZIP64 records when present.
@@ -428,7 +501,12 @@ fn check(r: &mut Regions<'_, '_>, exp: &Expectation) -> Option<bool> {
 
     // Every array's npy header in numpy's own layout, with a supported dtype and a size that adds
     // up; then the required keys and their rules.
-    let req = Required::new(exp);
+    let Memo {
+        dicts,
+        keep,
+        required,
+    } = memo;
+    let req = required_for(required, exp);
     let ctx = Ctx::new(std::path::Path::new(""), exp);
     let mut found = [false; 5];
     for ent in ents.iter().take(n) {
@@ -452,8 +530,7 @@ fn check(r: &mut Regions<'_, '_>, exp: &Expectation) -> Option<bool> {
         }
         r.ensure(ent.data_offset, header_len)?;
         let dict = &r.slice(ent.data_offset, header_len)?[prefix..];
-        let (descr, fortran, shape) = parse_numpy_layout_ref(dict)?;
-        let dtype = DType::from_descr(descr)?;
+        let (dtype, fortran, shape) = layout_of(dicts, *keep, dict)?;
         let data_len = shape
             .dims()
             .iter()
@@ -616,6 +693,48 @@ mod tests {
                 if ok {
                     prop_assert_eq!(general(&b, &exp), Code::Ok);
                 }
+            }
+        }
+
+        /// One worker's scratch, with what it parsed before, gives every file of a sequence the
+        /// verdict a fresh scratch gives it: a header seen before, in a file that is broken
+        /// elsewhere or checked for another expectation, is still checked in full.
+        #[test]
+        fn a_shared_scratch_judges_each_file_alone(
+            files in proptest::collection::vec(
+                (
+                    any::<(bool, bool, bool, bool)>(),
+                    proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+                    proptest::option::of(any::<prop::sample::Index>()),
+                    any::<(bool, bool, bool)>(),
+                ),
+                2..6,
+            ),
+        ) {
+            let mut shared = Scratch::new();
+            for ((flip, alpha, other, z64), edits, cut, (want_flip, want_alpha, small)) in &files {
+                let mut b = cache(*flip, *alpha, *other, *z64);
+                for (at, v) in edits {
+                    let i = at.index(b.len());
+                    b[i] = *v;
+                }
+                if let Some(c) = cut {
+                    b.truncate(c.index(b.len()).max(1));
+                }
+                // The second resolution's bucket now and then: another set of required keys.
+                let bucket = if *small { (32, 16) } else { EXP.bucket_reso };
+                let exp = Expectation { flip_aug: *want_flip, alpha_mask: *want_alpha, bucket_reso: bucket };
+                let t = temp_file(&b);
+                let f = File::open(t.path()).unwrap();
+                let len = b.len() as u64;
+                prop_assert_eq!(
+                    quick_check(&mut shared, &f, len, &exp).map(|r| r.0),
+                    quick_check(&mut Scratch::without_memo(), &f, len, &exp).map(|r| r.0)
+                );
+                prop_assert_eq!(
+                    quick_unsized_reads(&mut shared, &f, &exp).map(|r| r.0),
+                    quick_unsized_reads(&mut Scratch::without_memo(), &f, &exp).map(|r| r.0)
+                );
             }
         }
     }
