@@ -393,9 +393,9 @@ impl Required {
     }
 
     /// `key` is `prefix` followed by the suffix.
-    pub(crate) fn is_key(&self, key: &str, prefix: &str) -> bool {
+    pub(crate) fn is_key(&self, key: &[u8], prefix: &str) -> bool {
         // Bytes: called for every member of every file, it need not re-check the suffix's UTF-8.
-        let (key, sfx) = (key.as_bytes(), &self.sfx[..self.sfx_len]);
+        let sfx = &self.sfx[..self.sfx_len];
         key.len() == prefix.len() + sfx.len()
             && key.starts_with(prefix.as_bytes())
             && key.ends_with(sfx)
@@ -498,8 +498,16 @@ pub fn validate_with(
     let ctx = Ctx::new(path, exp);
     let mut entries: [Option<&ArrayEntry>; 5] = [None; 5];
     for (slot, (prefix, rule)) in entries.iter_mut().zip(required) {
-        *slot = index.arrays.iter().find(|a| req.is_key(&a.key, prefix));
-        if slot.is_none() && !index.unsupported.iter().any(|u| req.is_key(&u.key, prefix)) {
+        *slot = index
+            .arrays
+            .iter()
+            .find(|a| req.is_key(a.key.as_bytes(), prefix));
+        if slot.is_none()
+            && !index
+                .unsupported
+                .iter()
+                .any(|u| req.is_key(u.key.as_bytes(), prefix))
+        {
             let key = format!("{prefix}{sfx}");
             return Status::new(
                 Code::MissingKey,

@@ -112,16 +112,16 @@ pub fn status_codes() -> Vec<&'static str> {
 #[pyfunction]
 #[pyo3(signature = (paths, bucket_resos, *, flip_aug = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None))]
 #[allow(clippy::too_many_arguments)]
-pub fn validate(
-    py: Python<'_>,
-    paths: Vec<Bound<'_, PyAny>>,
+pub fn validate<'py>(
+    py: Python<'py>,
+    paths: Vec<Bound<'py, PyAny>>,
     bucket_resos: &Bound<'_, PyAny>,
     flip_aug: Option<&Bound<'_, PyAny>>,
     alpha_mask: Option<&Bound<'_, PyAny>>,
     verify_crc: bool,
     check_finite: bool,
     workers: Option<usize>,
-) -> PyResult<Vec<PyCacheStatus>> {
+) -> PyResult<Bound<'py, pyo3::types::PyList>> {
     let n = paths.len();
     // Keep each caller's str object for the status; Path objects become their str. A str that is
     // valid UTF-8 (nearly all) is read in place, without a copy: `paths` keeps it alive, and
@@ -169,24 +169,37 @@ pub fn validate(
     let statuses = super::detached(py, || {
         core_validate::validate_many(&bufs, &exps, &opts, workers)
     })?;
-    Ok(names
-        .into_iter()
-        .zip(statuses)
-        .map(|(name, s)| PyCacheStatus {
-            path: name.unbind(),
-            ok: s.code == core_validate::Code::Ok,
-            code: if s.code == core_validate::Code::Ok {
-                pyo3::intern!(py, "ok").clone().unbind()
-            } else {
-                PyString::intern(py, s.code.as_str()).unbind()
+    let ok = pyo3::intern!(py, "ok");
+    let empty = pyo3::intern!(py, "");
+    let list = pyo3::types::PyList::empty(py);
+    for (name, s) in names.into_iter().zip(statuses) {
+        let status = Bound::new(
+            py,
+            PyCacheStatus {
+                path: name.unbind(),
+                ok: s.code == core_validate::Code::Ok,
+                code: if s.code == core_validate::Code::Ok {
+                    ok.clone().unbind()
+                } else {
+                    PyString::intern(py, s.code.as_str()).unbind()
+                },
+                message: if s.message.is_empty() {
+                    empty.clone().unbind()
+                } else {
+                    PyString::new(py, &s.message).unbind()
+                },
             },
-            message: if s.message.is_empty() {
-                pyo3::intern!(py, "").clone().unbind()
-            } else {
-                PyString::new(py, &s.message).unbind()
-            },
-        })
-        .collect())
+        )?;
+        // A status holds only strings, so it can never be part of a reference cycle: it need not
+        // be tracked by the cycle collector (as CPython does for tuples of atoms). A large result
+        // then does not set off collections that walk every status.
+        // SAFETY: `status` is a live object of a GC type, just made and tracked by PyO3;
+        // untracking it only stops the collector from visiting it (its dealloc untracks again,
+        // which is allowed).
+        unsafe { pyo3::ffi::PyObject_GC_UnTrack(status.as_ptr().cast()) };
+        list.append(status)?;
+    }
+    Ok(list)
 }
 
 /// The array keys of each file (without `.npy`), read header-only in parallel with the interpreter
