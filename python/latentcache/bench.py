@@ -388,15 +388,15 @@ def _measure_with(
             loads.append(("safetensors", "load: safetensors load_file + touch", st_load, lat_bytes))
         loads.append(("raw_read", "load: raw file read (limit)", raw_read, file_bytes))
         times = _time({key: fn for key, _, fn, _ in loads}, cold, 7)
-        rows: dict[str, Any] = {}
+        by_key: dict[str, dict[str, Any]] = {}
         for key, label, _, nbytes in loads:
             t = times[key]
             table.append((mode, label, n / t, nbytes / t / 1e9))
-            rows[key] = {"label": label, "fps": n / t, "gbps": nbytes / t / 1e9, "seconds": t}
-        for row in rows.values():
-            row["vs_np_load"] = row["fps"] / rows["np_load"]["fps"]
-            row["gbps_vs_raw_read"] = row["gbps"] / rows["raw_read"]["gbps"]
-        results[f"load_{mode}"] = rows
+            by_key[key] = {"label": label, "fps": n / t, "gbps": nbytes / t / 1e9, "seconds": t}
+        for figures in by_key.values():
+            figures["vs_np_load"] = figures["fps"] / by_key["np_load"]["fps"]
+            figures["gbps_vs_raw_read"] = figures["gbps"] / by_key["raw_read"]["gbps"]
+        results[f"load_{mode}"] = by_key
 
     if as_json:
         json.dump(results, sys.stdout, indent=1)
