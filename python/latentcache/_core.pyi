@@ -27,7 +27,7 @@ __all__ = [
     "status_codes",
     "validate",
     "_header_read_floor",
-    "_npz_keys",
+    "_verify_many",
     "_read_buffer",
     "_read_pool_stats",
     "find_temp_files",
@@ -145,7 +145,12 @@ def validate(
     workers: int | None = None,
 ) -> list[CacheStatus]: ...
 def _header_read_floor(paths: Sequence[_Path], workers: int | None = None) -> tuple[float, int]: ...
-def _npz_keys(paths: Sequence[_Path], workers: int | None = None) -> list[list[str] | None]: ...
+def _verify_many(
+    paths: Sequence[_Path],
+    verify_crc: bool = False,
+    check_finite: bool = False,
+    workers: int | None = None,
+) -> list[tuple[list[str] | None, list[tuple[tuple[int, int] | None, bool, bool, CacheStatus]]]]: ...
 
 # the npz writer (rust/py/write.rs)
 def write_npz(

@@ -9,7 +9,6 @@ import shutil
 import sys
 import tempfile
 import time
-import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 
 import latentcache as lc
-from latentcache.validation import _resolutions
 
 __all__ = ["CacheItem", "drop_caches", "generate", "run_bench"]
 
@@ -114,45 +112,25 @@ def generate(directory: Path, n: int, seed: int = 0) -> list[CacheItem]:
 def discover(directory: Path, limit: int | None) -> list[CacheItem]:
     """Caches already in a folder that validate, with the bucket of their first latents key.
 
-    Files that cannot be measured (not a zip, no ``latents_{h}x{w}`` key, failing validation) are
+    Files that cannot be measured (not an npz, no ``latents_{h}x{w}`` key, failing validation) are
     skipped, and a line on stderr says how many and why the first one was.
     """
-    items = []
+    names = sorted(e.name for e in os.scandir(directory) if e.name.endswith(lc.DEFAULT_SUFFIX))
+    paths = [str(Path(directory) / name) for name in names]
+    items: list[CacheItem] = []
     skipped: list[str] = []
-    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        if not entry.name.endswith(lc.DEFAULT_SUFFIX):
+    # One parallel pass reads each index once and checks every resolution; the first is measured.
+    for path, (keys, checks) in zip(paths, lc._core._verify_many(paths), strict=True):
+        if not checks:
+            skipped.append(f"{path}: no latents_{{h}}x{{w}} entry")
             continue
-        try:
-            with zipfile.ZipFile(entry.path) as z:
-                names = z.namelist()
-        except (OSError, zipfile.BadZipFile) as e:
-            skipped.append(f"{entry.path}: {e}")
+        bucket, flip, alpha, status = checks[0]
+        if keys is None or bucket is None or not status.ok:
+            skipped.append(status.message)
             continue
-        sizes = _resolutions([n.removesuffix(".npy") for n in names if n.endswith(".npy")])
-        if not sizes:
-            skipped.append(f"{entry.path}: no latents_{{h}}x{{w}} entry")
-            continue
-        h, w = sizes[0]
-        sfx = f"{h}x{w}"
-        items.append(
-            CacheItem(
-                entry.path,
-                (w * 8, h * 8),
-                flip=f"latents_flipped_{sfx}.npy" in names,
-                alpha=f"alpha_mask_{sfx}.npy" in names,
-            )
-        )
+        items.append(CacheItem(path, bucket, flip=flip, alpha=alpha))
         if limit and len(items) >= limit:
             break
-    # One parallel validation of the candidates; the valid ones are measured.
-    statuses = lc.validate(
-        [i.path for i in items],
-        [i.bucket for i in items],
-        flip_aug=[i.flip for i in items],
-        alpha_mask=[i.alpha for i in items],
-    )
-    skipped += [s.message for s in statuses if not s.ok]
-    items = [i for i, s in zip(items, statuses, strict=True) if s.ok]
     if skipped:
         print(
             f"latentcache bench: skipped {len(skipped)} cache file(s) that cannot be measured, "

@@ -84,14 +84,17 @@ def validate(
         check_finite=check_finite,
         workers=workers,
     )
-    if not check_source:
-        return statuses
+    return _check_sources(statuses) if check_source else statuses
+
+
+def _check_sources(statuses: list[_core.CacheStatus]) -> list[_core.CacheStatus]:
+    """Each ``ok`` status whose recorded source fingerprint no longer matches its image becomes
+    ``stale``; a broken metadata member or an unreadable image is a status too, never an exception."""
     out = []
     for s in statuses:
         if not s.ok:
             out.append(s)
             continue
-        # A broken metadata member or an unreadable image is a status too, never an exception.
         try:
             reason = stale_reason(s.path)
         except LatentCacheError as e:
@@ -102,17 +105,6 @@ def validate(
             continue
         out.append(_core.CacheStatus(s.path, "stale", f"{s.path}: stale: {reason}") if reason else s)
     return out
-
-
-def _resolutions(keys: list[str]) -> list[tuple[int, int]]:
-    """The ``(h, w)`` of every ``latents_{h}x{w}`` key, in archive order."""
-    found = []
-    for key in keys:
-        hs, x, ws = key.removeprefix("latents_").partition("x")
-        digits = x and (hs + ws).isascii() and hs.isdigit() and ws.isdigit()
-        if key.startswith("latents_") and digits and int(hs) > 0 and int(ws) > 0:
-            found.append((int(hs), int(ws)))
-    return found
 
 
 def verify_directory(
@@ -128,7 +120,7 @@ def verify_directory(
     """Check every cache in a folder for every resolution it holds, without knowing the buckets.
 
     The caches are found by name as ``scan_directory`` finds them (paired, orphan and doubled-suffix
-    ones). Each file's keys are read header-only; it is then validated once per ``latents_{h}x{w}``
+    ones). Each file's index is read once, header-only, and checked once per ``latents_{h}x{w}``
     key, for the bucket ``(8w, 8h)``, with its flipped latents and alpha mask checked when it holds
     them. A file that cannot be read as an npz gets one status with its code (``truncated``,
     ``not_npz``, ...), and a readable one without any ``latents_{h}x{w}`` key gets ``missing_key``.
@@ -145,37 +137,15 @@ def verify_directory(
         | {c.path for c in report.orphan_caches}
         | {d.path for d in report.doubled_caches}
     )
-    # Each slot is a status made here, or the index of its check in the one validate call.
-    slots: list[_core.CacheStatus | int] = []
-    paths: list[str] = []
-    buckets: list[tuple[int, int]] = []
-    flips: list[bool] = []
-    alphas: list[bool] = []
-    for cache, keys in zip(caches, _core._npz_keys(caches, workers), strict=True):
-        if keys is None:
-            # Unreadable as an npz: validate names the problem; the bucket plays no part in it.
-            checks = [(1, 1)]
-        else:
-            checks = _resolutions(keys)
-            if not checks:
-                held = ", ".join(sorted(keys)) or "no arrays"
-                message = f"{cache}: no latents_{{h}}x{{w}} entry (the file holds: {held})"
-                slots.append(_core.CacheStatus(cache, "missing_key", message))
-                continue
-        for h, w in checks:
-            slots.append(len(paths))
-            paths.append(cache)
-            buckets.append((8 * w, 8 * h))
-            flips.append(keys is not None and f"latents_flipped_{h}x{w}" in keys)
-            alphas.append(keys is not None and f"alpha_mask_{h}x{w}" in keys)
-    checked = validate(
-        paths,
-        buckets,
-        flip_aug=flips,
-        alpha_mask=alphas,
-        verify_crc=verify_crc,
-        check_finite=check_finite,
-        check_source=check_source,
-        workers=workers,
-    )
-    return [checked[s] if isinstance(s, int) else s for s in slots]
+    out: list[_core.CacheStatus] = []
+    # One parallel pass that reads each file's index once and checks every resolution in it.
+    for cache, (keys, checks) in zip(
+        caches, _core._verify_many(caches, verify_crc, check_finite, workers), strict=True
+    ):
+        if keys is not None and not checks:
+            held = ", ".join(sorted(keys)) or "no arrays"
+            message = f"{cache}: no latents_{{h}}x{{w}} entry (the file holds: {held})"
+            out.append(_core.CacheStatus(cache, "missing_key", message))
+            continue
+        out.extend(status for _, _, _, status in checks)
+    return _check_sources(out) if check_source else out

@@ -432,16 +432,9 @@ pub fn validate_with(
     opts: &Options,
 ) -> Status {
     // Open first: one path lookup per file. A failed open is classified by path.
-    let file = match opener.open_file(path) {
+    let file = match open_classified(opener, path) {
         Ok(f) => f,
-        Err(e) => {
-            return match std::fs::metadata(path) {
-                Ok(m) if m.is_dir() => {
-                    Status::new(Code::NotNpz, path, None, "is a directory, not an npz file")
-                }
-                _ => io_status(path, &e),
-            }
-        }
+        Err(s) => return s,
     };
     // The common layout, checked without an allocation and, when the walk from the head finds the
     // end of the file, without sizing it first; anything else (and every failure, for its message)
@@ -460,20 +453,10 @@ pub fn validate_with(
             None => {}
         }
     }
-    let (kind, len) = match size_of(&file) {
-        Ok(kl) => kl,
-        Err(e) => return io_status(path, &e),
+    let len = match sized(&file, path) {
+        Ok(len) => len,
+        Err(s) => return s,
     };
-    match kind {
-        FileKind::Dir => {
-            return Status::new(Code::NotNpz, path, None, "is a directory, not an npz file")
-        }
-        FileKind::Other => return Status::new(Code::NotNpz, path, None, "is not a regular file"),
-        FileKind::Regular => {}
-    }
-    if len == 0 {
-        return Status::new(Code::Empty, path, None, "the file is empty (0 bytes)");
-    }
     // A file the walk could not follow (many large members, say) may still be the common layout.
     if quick && !walked {
         let scratch = opener
@@ -483,14 +466,21 @@ pub fn validate_with(
             return Status::ok();
         }
     }
-    let index = match read_npz_index_with_len(&file, path, len) {
+    let index = match index_of(&file, path, len) {
         Ok(i) => i,
-        Err(e) if is_dir_error(&e) => {
-            return Status::new(Code::NotNpz, path, None, "is a directory, not an npz file")
-        }
-        Err(e) => return Status::from_read(&e),
+        Err(s) => return s,
     };
+    check_index(&file, path, &index, exp, opts)
+}
 
+/// The checks of one expectation on a file's index (and, with the opt-in checks, its payloads).
+fn check_index(
+    file: &File,
+    path: &Path,
+    index: &NpzIndex,
+    exp: &Expectation,
+    opts: &Options,
+) -> Status {
     let req = Required::new(exp);
     let (sfx, required) = (req.sfx(), req.list());
     let (w_px, h_px) = exp.bucket_reso;
@@ -516,7 +506,7 @@ pub fn validate_with(
                 format!(
                     "missing: expected {} for bucket {w_px}x{h_px}; found entries: {}",
                     ctx.expected(*rule),
-                    list_keys(&index)
+                    list_keys(index)
                 ),
             );
         }
@@ -553,7 +543,7 @@ pub fn validate_with(
             .filter(|((_, rule), _)| matches!(rule, Rule::Latents))
             .filter_map(|(_, a)| *a)
             .collect();
-        if let Some(s) = payload_checks(&file, path, &index, &latents, opts) {
+        if let Some(s) = payload_checks(file, path, index, &latents, opts) {
             return s;
         }
     }
@@ -1004,36 +994,126 @@ pub fn validate_many<P: AsRef<Path> + Sync>(
     }))
 }
 
-/// The array keys of each file (without `.npy`, in archive order), read header-only in parallel, or
-/// `None` for a file whose zip directory or npy headers cannot be read (`validate` says why).
-pub fn keys_many<P: AsRef<Path> + Sync>(
+/// Open `path` as the checks do; a failure is the status that names it.
+fn open_classified(opener: &mut Opener, path: &Path) -> std::result::Result<File, Status> {
+    opener
+        .open_file(path)
+        .map_err(|e| match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => {
+                Status::new(Code::NotNpz, path, None, "is a directory, not an npz file")
+            }
+            _ => io_status(path, &e),
+        })
+}
+
+/// The length of an open regular, non-empty file; anything else is the status that says so.
+fn sized(file: &File, path: &Path) -> std::result::Result<u64, Status> {
+    let (kind, len) = size_of(file).map_err(|e| io_status(path, &e))?;
+    match kind {
+        FileKind::Dir => Err(Status::new(
+            Code::NotNpz,
+            path,
+            None,
+            "is a directory, not an npz file",
+        )),
+        FileKind::Other => Err(Status::new(
+            Code::NotNpz,
+            path,
+            None,
+            "is not a regular file",
+        )),
+        FileKind::Regular if len == 0 => Err(Status::new(
+            Code::Empty,
+            path,
+            None,
+            "the file is empty (0 bytes)",
+        )),
+        FileKind::Regular => Ok(len),
+    }
+}
+
+/// The header-only index of an open file of `len` bytes, or the status of why it cannot be read.
+fn index_of(file: &File, path: &Path, len: u64) -> std::result::Result<NpzIndex, Status> {
+    read_npz_index_with_len(file, path, len).map_err(|e| {
+        if is_dir_error(&e) {
+            Status::new(Code::NotNpz, path, None, "is a directory, not an npz file")
+        } else {
+            Status::from_read(&e)
+        }
+    })
+}
+
+/// The `(h, w)` of a `latents_{h}x{w}` key: decimal digits, both above zero, with the bucket
+/// `(8w, 8h)` within 32 bits.
+pub fn latents_resolution(key: &str) -> Option<(u32, u32)> {
+    let (h, w) = key.strip_prefix("latents_")?.split_once('x')?;
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    if !digits(h) || !digits(w) {
+        return None;
+    }
+    let (h, w): (u32, u32) = (h.parse().ok()?, w.parse().ok()?);
+    (h > 0 && w > 0 && h.checked_mul(8).is_some() && w.checked_mul(8).is_some()).then_some((h, w))
+}
+
+/// What [`verify_many`] found in one file.
+#[derive(Debug)]
+pub enum Verified {
+    /// The file could not be read as an npz: why (`truncated`, `not_npz`, ...).
+    Unreadable(Status),
+    /// Its array keys (supported dtypes first, then the others) and, for each `latents_{h}x{w}`
+    /// key among them in that order, what was checked and the status. No such key: none.
+    Checked {
+        keys: Vec<String>,
+        results: Vec<(Expectation, Status)>,
+    },
+}
+
+/// Check every resolution each file holds, reading each file's index once: for every
+/// `latents_{h}x{w}` key, the checks of `validate` for the bucket `(8w, 8h)`, with the flipped
+/// latents and the alpha mask of that resolution required when the file holds them.
+pub fn verify_many<P: AsRef<Path> + Sync>(
     paths: &[P],
+    opts: &Options,
     workers: Option<usize>,
-) -> Result<Vec<Option<Vec<String>>>> {
+) -> Result<Vec<Verified>> {
+    let n = worker_count(paths, workers)?;
     if paths.is_empty() {
-        worker_count(paths, workers)?;
         return Ok(Vec::new());
     }
-    let n = worker_count(paths, workers)?;
-    // Opened as `validate` opens (a FIFO named like a cache cannot hang a worker).
-    let keys = |opener: &mut Opener, p: &P| {
-        let (file, kind, len) = opener.open(p.as_ref()).ok()?;
-        if kind != FileKind::Regular || len == 0 {
-            return None;
-        }
-        let index = read_npz_index_with_len(&file, p.as_ref(), len).ok()?;
-        let arrays = index.arrays.iter().map(|a| a.key.clone());
-        Some(
-            arrays
-                .chain(index.unsupported.iter().map(|u| u.key.clone()))
-                .collect(),
-        )
+    let one = |opener: &mut Opener, p: &P| -> Verified {
+        let path = p.as_ref();
+        let read = open_classified(opener, path).and_then(|file| {
+            let len = sized(&file, path)?;
+            let index = index_of(&file, path, len)?;
+            Ok((file, index))
+        });
+        let (file, index) = match read {
+            Ok(fi) => fi,
+            Err(s) => return Verified::Unreadable(s),
+        };
+        let keys: Vec<String> = (index.arrays.iter().map(|a| a.key.clone()))
+            .chain(index.unsupported.iter().map(|u| u.key.clone()))
+            .collect();
+        let results = keys
+            .iter()
+            .filter_map(|k| latents_resolution(k))
+            .map(|(h, w)| {
+                let has = |name: &str| keys.iter().any(|k| *k == format!("{name}_{h}x{w}"));
+                let exp = Expectation {
+                    bucket_reso: (8 * w, 8 * h),
+                    flip_aug: has("latents_flipped"),
+                    alpha_mask: has("alpha_mask"),
+                };
+                (exp, check_index(&file, path, &index, &exp, opts))
+            })
+            .collect();
+        Verified::Checked { keys, results }
     };
     Ok(call_pool(n)?.install(|| {
         paths
             .par_iter()
             .with_min_len(16)
-            .map_init(Opener::default, keys)
+            .map_init(Opener::default, one)
             .collect()
     }))
 }
@@ -1619,14 +1699,31 @@ mod tests {
     }
 
     #[test]
-    fn keys_of_many_files_in_order() {
+    fn verify_many_checks_every_resolution_as_validate_does() {
+        use crate::core::npy::testutil::savez_cache;
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.npz");
         std::fs::write(&good, Cache::anima().bytes(false)).unwrap();
+        // Two resolutions (_4x8 with flipped latents and a mask, then _2x4 without), as np.savez
+        // lays them out.
+        let multi = dir.path().join("multi.npz");
+        std::fs::write(&multi, savez_cache((4, 8), true, true, true, true)).unwrap();
         let bad = dir.path().join("bad.npz");
         std::fs::write(&bad, b"PK\x03\x04 not really").unwrap();
-        let paths = [good.clone(), bad, dir.path().join("missing.npz"), good];
-        let got = keys_many(&paths, Some(2)).unwrap();
+        let paths = [
+            good.clone(),
+            multi.clone(),
+            bad.clone(),
+            dir.path().join("missing.npz"),
+        ];
+        let opts = Options::default();
+        let got = verify_many(&paths, &opts, Some(2)).unwrap();
+        assert_eq!(got.len(), 4);
+        let checked = |v: &Verified| match v {
+            Verified::Checked { keys, results } => (keys.clone(), results.clone()),
+            Verified::Unreadable(s) => panic!("unreadable: {}", s.message),
+        };
+        let (keys, results) = checked(&got[0]);
         let want: Vec<String> = [
             "latents_2x4",
             "latents_flipped_2x4",
@@ -1636,21 +1733,86 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
-        assert_eq!(got, vec![Some(want.clone()), None, None, Some(want)]);
-        assert!(keys_many(&paths, Some(0)).is_err());
-        assert!(keys_many::<PathBuf>(&[], None).unwrap().is_empty());
-        // A FIFO named like a cache has no keys, and opening it does not wait for a writer.
+        assert_eq!(keys, want);
+        let exps: Vec<Expectation> = results.iter().map(|(e, _)| *e).collect();
+        assert_eq!(
+            exps,
+            [Expectation {
+                bucket_reso: (32, 16),
+                flip_aug: true,
+                alpha_mask: true
+            }]
+        );
+        let (_, results) = checked(&got[1]);
+        let exps: Vec<Expectation> = results.iter().map(|(e, _)| *e).collect();
+        assert_eq!(
+            exps,
+            [
+                Expectation {
+                    bucket_reso: (64, 32),
+                    flip_aug: true,
+                    alpha_mask: true
+                },
+                Expectation {
+                    bucket_reso: (32, 16),
+                    flip_aug: false,
+                    alpha_mask: false
+                }
+            ]
+        );
+        // Every verdict, and every unreadable file's, is the one `validate` gives.
+        for (p, v) in paths.iter().zip(&got) {
+            match v {
+                Verified::Checked { results, .. } => {
+                    for (exp, s) in results {
+                        let want = validate_one(p, exp, &opts);
+                        assert_eq!((s.code, &s.message), (want.code, &want.message));
+                        assert_eq!(s.code, Code::Ok, "{}", s.message);
+                    }
+                }
+                Verified::Unreadable(s) => {
+                    let want = validate_one(p, &ALL, &opts);
+                    assert_eq!((s.code, &s.message), (want.code, &want.message));
+                }
+            }
+        }
+        assert!(matches!(&got[2], Verified::Unreadable(s) if s.code != Code::Ok));
+        assert!(matches!(&got[3], Verified::Unreadable(s) if s.code == Code::Missing));
+        assert!(verify_many(&paths, &opts, Some(0)).is_err());
+        assert!(verify_many::<PathBuf>(&[], &opts, None).unwrap().is_empty());
+        // A FIFO named like a cache is not read, and opening it does not wait for a writer.
         #[cfg(unix)]
         {
             let fifo = dir.path().join("fifo.npz");
             let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
             // SAFETY: a valid NUL-terminated path; the result is checked.
             assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-            assert_eq!(
-                keys_many(&[fifo, dir.path().to_path_buf()], Some(1)).unwrap(),
-                vec![None, None]
-            );
+            let got = verify_many(&[fifo, dir.path().to_path_buf()], &opts, Some(1)).unwrap();
+            assert!(got
+                .iter()
+                .all(|v| matches!(v, Verified::Unreadable(s) if s.code == Code::NotNpz)));
         }
+    }
+
+    #[test]
+    fn latents_resolutions() {
+        assert_eq!(latents_resolution("latents_128x96"), Some((128, 96)));
+        for bad in [
+            "latents_flipped_2x4",
+            "latents_0x4",
+            "latents_4x",
+            "latents_x4",
+            "latents_+4x4",
+            "latents_4x4x4",
+            "latents_536870912x1",
+            "original_size_2x4",
+        ] {
+            assert_eq!(latents_resolution(bad), None, "{bad}");
+        }
+        assert_eq!(
+            latents_resolution("latents_536870911x1"),
+            Some((536870911, 1))
+        );
     }
 
     #[test]

@@ -23,7 +23,9 @@ mod _core {
     };
 
     #[pymodule_export]
-    use super::validate::{_header_read_floor, _npz_keys, status_codes, validate, PyCacheStatus};
+    use super::validate::{
+        _header_read_floor, _verify_many, status_codes, validate, PyCacheStatus,
+    };
     #[pymodule_export]
     use super::write::{
         find_temp_files, read_meta_bytes, remove_stale_temp, source_fingerprint, write_npz,

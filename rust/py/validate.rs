@@ -169,50 +169,95 @@ pub fn validate<'py>(
     let statuses = super::detached(py, || {
         core_validate::validate_many(&bufs, &exps, &opts, workers)
     })?;
-    let ok = pyo3::intern!(py, "ok");
-    let empty = pyo3::intern!(py, "");
     let list = pyo3::types::PyList::empty(py);
     for (name, s) in names.into_iter().zip(statuses) {
-        let status = Bound::new(
-            py,
-            PyCacheStatus {
-                path: name.unbind(),
-                ok: s.code == core_validate::Code::Ok,
-                code: if s.code == core_validate::Code::Ok {
-                    ok.clone().unbind()
-                } else {
-                    PyString::intern(py, s.code.as_str()).unbind()
-                },
-                message: if s.message.is_empty() {
-                    empty.clone().unbind()
-                } else {
-                    PyString::new(py, &s.message).unbind()
-                },
-            },
-        )?;
-        // A status holds only strings, so it can never be part of a reference cycle: it need not
-        // be tracked by the cycle collector (as CPython does for tuples of atoms). A large result
-        // then does not set off collections that walk every status.
-        // SAFETY: `status` is a live object of a GC type, just made and tracked by PyO3;
-        // untracking it only stops the collector from visiting it (its dealloc untracks again,
-        // which is allowed).
-        unsafe { pyo3::ffi::PyObject_GC_UnTrack(status.as_ptr().cast()) };
-        list.append(status)?;
+        list.append(status_object(py, name, &s)?)?;
     }
     Ok(list)
 }
 
-/// The array keys of each file (without `.npy`), read header-only in parallel with the interpreter
-/// lock released, or None for a file that cannot be indexed (`validate` tells why). For
-/// `verify_directory`, which checks every resolution a cache holds.
+/// The `CacheStatus` of a core status for the file named `path`.
+fn status_object<'py>(
+    py: Python<'py>,
+    path: Bound<'py, PyString>,
+    s: &core_validate::Status,
+) -> PyResult<Bound<'py, PyCacheStatus>> {
+    let ok = s.code == core_validate::Code::Ok;
+    let status = Bound::new(
+        py,
+        PyCacheStatus {
+            path: path.unbind(),
+            ok,
+            code: if ok {
+                pyo3::intern!(py, "ok").clone().unbind()
+            } else {
+                PyString::intern(py, s.code.as_str()).unbind()
+            },
+            message: if s.message.is_empty() {
+                pyo3::intern!(py, "").clone().unbind()
+            } else {
+                PyString::new(py, &s.message).unbind()
+            },
+        },
+    )?;
+    // A status holds only strings, so it can never be part of a reference cycle: it need not be
+    // tracked by the cycle collector (as CPython does for tuples of atoms). A large result then
+    // does not set off collections that walk every status.
+    // SAFETY: `status` is a live object of a GC type, just made and tracked by PyO3; untracking it
+    // only stops the collector from visiting it (its dealloc untracks again, which is allowed).
+    unsafe { pyo3::ffi::PyObject_GC_UnTrack(status.as_ptr().cast()) };
+    Ok(status)
+}
+
+/// One file's result from [`_verify_many`]: its keys (None when it cannot be read as an npz) and
+/// `(bucket, flip_aug, alpha_mask, status)` per check (the bucket None for an unreadable file).
+type VerifiedFile<'py> = (
+    Option<Vec<String>>,
+    Vec<(Option<(u32, u32)>, bool, bool, Bound<'py, PyCacheStatus>)>,
+);
+
+/// Check every resolution each file holds, reading each file's index once, in parallel with the
+/// interpreter lock released (for `verify_directory`): for every `latents_{h}x{w}` key, the checks
+/// of `validate` for the bucket `(8w, 8h)`, with that resolution's flipped latents and alpha mask
+/// required when the file holds them.
+///
+/// Returns, per path: `(keys, checks)`. `keys` is the file's array keys, or None when it cannot be
+/// read as an npz; then `checks` holds one `(None, False, False, status)` that says why. Otherwise
+/// `checks` holds `((W, H), flip_aug, alpha_mask, status)` per latents key, in key order (empty
+/// when there is none).
 #[pyfunction]
-#[pyo3(signature = (paths, workers = None))]
-pub fn _npz_keys(
-    py: Python<'_>,
+#[pyo3(signature = (paths, verify_crc = false, check_finite = false, workers = None))]
+pub fn _verify_many<'py>(
+    py: Python<'py>,
     paths: Vec<PathBuf>,
+    verify_crc: bool,
+    check_finite: bool,
     workers: Option<usize>,
-) -> PyResult<Vec<Option<Vec<String>>>> {
-    super::detached(py, || core_validate::keys_many(&paths, workers))
+) -> PyResult<Vec<VerifiedFile<'py>>> {
+    let opts = core_validate::Options {
+        verify_crc,
+        check_finite,
+    };
+    let found = super::detached(py, || core_validate::verify_many(&paths, &opts, workers))?;
+    let mut out = Vec::with_capacity(found.len());
+    for (path, v) in paths.iter().zip(found) {
+        let name = PyString::new(py, &path.to_string_lossy());
+        out.push(match v {
+            core_validate::Verified::Unreadable(s) => (
+                None,
+                vec![(None, false, false, status_object(py, name, &s)?)],
+            ),
+            core_validate::Verified::Checked { keys, results } => {
+                let mut checks = Vec::with_capacity(results.len());
+                for (exp, s) in results {
+                    let status = status_object(py, name.clone(), &s)?;
+                    checks.push((Some(exp.bucket_reso), exp.flip_aug, exp.alpha_mask, status));
+                }
+                (Some(keys), checks)
+            }
+        });
+    }
+    Ok(out)
 }
 
 /// The floor under `validate` on this machine, for `latentcache bench`: the same opens and the two
