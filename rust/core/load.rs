@@ -148,39 +148,73 @@ pub fn plan(path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
 /// for before the headers are read, so the disk fetches the payload while the index is parsed
 /// instead of after it.
 pub fn plan_from(file: &File, path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
+    plan_knowing(file, path, bucket_reso, None)
+}
+
+/// [`plan_from`] when whether the file's start is cached is already known (`None`: probe it).
+fn plan_knowing(
+    file: &File,
+    path: &Path,
+    bucket_reso: (u32, u32),
+    cold: Option<bool>,
+) -> Result<LoadPlan> {
     let src = Src::new(file, path)?;
-    if is_cold(file) == Some(true) {
+    if cold.or_else(|| is_cold(file)) == Some(true) {
         let (h, w) = (u64::from(bucket_reso.1 / 8), u64::from(bucket_reso.0 / 8));
         advise_willneed(file, src.file_len(), 16 * h * w * 4);
     }
     plan_via(&src, path, bucket_reso)
 }
 
-/// Whether the file's first byte would have to come from the disk: a one-byte `RWF_NOWAIT` read,
-/// which fails with `EAGAIN` instead of waiting. `None` where that cannot be told.
-pub(crate) fn is_cold(file: &File) -> Option<bool> {
+/// What a read that must not wait for the disk found.
+// Off Linux, `read_nowait` can only answer `Unsupported`.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+enum Nowait {
+    /// The bytes were in the page cache: this many were read.
+    Read(usize),
+    /// They were not (`EAGAIN`).
+    WouldBlock,
+    /// This system or file system cannot tell (`RWF_NOWAIT` unsupported, or not Linux).
+    Unsupported,
+    /// Any other error.
+    Failed,
+}
+
+/// One `preadv2(RWF_NOWAIT)` into `buf` at offset 0.
+fn read_nowait(file: &File, buf: &mut [u8]) -> Nowait {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        let mut byte = [0u8; 1];
         let iov = libc::iovec {
-            iov_base: byte.as_mut_ptr().cast(),
-            iov_len: 1,
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
         };
-        // SAFETY: `file` is open and `iov` points at one writable byte; the result is checked.
+        // SAFETY: `file` is open and `iov` points at `buf`, writable for its length; the result
+        // is checked before any byte is used.
         let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
         if r >= 0 {
-            return Some(false);
+            return Nowait::Read(r as usize);
         }
         match std::io::Error::last_os_error().raw_os_error() {
-            Some(libc::EAGAIN) => Some(true),
-            _ => None,
+            Some(libc::EAGAIN) => Nowait::WouldBlock,
+            Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => Nowait::Unsupported,
+            _ => Nowait::Failed,
         }
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = file;
-        None
+        let _ = (file, buf);
+        Nowait::Unsupported
+    }
+}
+
+/// Whether the file's first byte would have to come from the disk: a one-byte `RWF_NOWAIT` read,
+/// which fails with `EAGAIN` instead of waiting. `None` where that cannot be told.
+pub(crate) fn is_cold(file: &File) -> Option<bool> {
+    match read_nowait(file, &mut [0u8; 1]) {
+        Nowait::Read(_) => Some(false),
+        Nowait::WouldBlock => Some(true),
+        Nowait::Unsupported | Nowait::Failed => None,
     }
 }
 
@@ -223,29 +257,56 @@ pub fn plan_reading_latents(
     bucket_reso: (u32, u32),
     buf: &mut [u8],
 ) -> Result<PlannedRead> {
-    if let Some(done) = plan_in_one_read(file, path, bucket_reso, buf) {
-        return Ok(done);
-    }
+    let cold = match plan_in_one_read(file, path, bucket_reso, buf) {
+        Ok(done) => return Ok(done),
+        Err(cold) => cold,
+    };
     Ok(PlannedRead {
-        plan: plan_from(file, path, bucket_reso)?,
+        plan: plan_knowing(file, path, bucket_reso, cold)?,
         latents_read: false,
         #[cfg(test)]
         reads: None,
     })
 }
 
+/// The one-read path; `Err` with what it learnt of the file's start (cold or not, `None` when
+/// unknown) when the general path must plan the file.
 fn plan_in_one_read(
     file: &File,
     path: &Path,
     bucket_reso: (u32, u32),
     buf: &mut [u8],
-) -> Option<PlannedRead> {
-    let n = usize::try_from(latents_nbytes(bucket_reso)).ok()?;
-    let want = n.checked_add(AFTER_LATENTS)?;
-    let buf = buf.get_mut(..want)?;
+) -> std::result::Result<PlannedRead, Option<bool>> {
+    let Some(buf) = usize::try_from(latents_nbytes(bucket_reso))
+        .ok()
+        .and_then(|n| buf.get_mut(..n.checked_add(AFTER_LATENTS)?))
+    else {
+        return Err(None);
+    };
     let mut head = vec![0u8; crate::core::zip::HEAD_READ as usize];
-    let got = read_head_if_cached(file, &mut head)?;
+    // What the head read tells of the file's start, for the general path should it take over.
+    let (got, cold) = match read_nowait(file, &mut head) {
+        Nowait::Read(got) => (got, Some(false)),
+        Nowait::WouldBlock => return Err(Some(true)),
+        Nowait::Failed => return Err(None),
+        Nowait::Unsupported => {
+            let got = crate::core::zip::read_some_at(file, &mut head, 0).map_err(|_| None)?;
+            (got, None)
+        }
+    };
     head.truncate(got);
+    one_read_after_head(file, path, bucket_reso, buf, head).ok_or(cold)
+}
+
+fn one_read_after_head(
+    file: &File,
+    path: &Path,
+    bucket_reso: (u32, u32),
+    buf: &mut [u8],
+    head: Vec<u8>,
+) -> Option<PlannedRead> {
+    let want = buf.len();
+    let n = want - AFTER_LATENTS;
     let name = format!("latents{}.npy", key_suffix(bucket_reso));
     let data_at = stored_data_offset(&head, &name)?;
     let mut total = 0usize;
@@ -298,31 +359,6 @@ fn plan_in_one_read(
         plan,
         latents_read,
     })
-}
-
-/// The first bytes of the file, read only if they are in the page cache (Linux; elsewhere always
-/// read). `None` when they are not, or on any error: the caller takes the general path.
-fn read_head_if_cached(file: &File, head: &mut [u8]) -> Option<usize> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let iov = libc::iovec {
-            iov_base: head.as_mut_ptr().cast(),
-            iov_len: head.len(),
-        };
-        // SAFETY: `file` is open and `iov` points at `head`, writable for its length; the result
-        // is checked before any byte is used.
-        let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
-        if r >= 0 {
-            return Some(r as usize);
-        }
-        match std::io::Error::last_os_error().raw_os_error() {
-            // Not supported by this file system: an ordinary read.
-            Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => {}
-            _ => return None,
-        }
-    }
-    crate::core::zip::read_some_at(file, head, 0).ok()
 }
 
 /// Where the data of the stored array `name` starts, when it is the first member of the zip whose
@@ -565,6 +601,17 @@ mod tests {
             "the latents were not prefetched"
         );
         assert_eq!(is_cold(&f), Some(false));
+        // The one-read path on a cold file hands over to the general path, which prefetches on
+        // what the head read learnt (no second probe).
+        assert!(evict(&p));
+        let mut buf = vec![0u8; latents_nbytes((1024, 1024)) as usize + AFTER_LATENTS];
+        let planned = plan_reading_latents(&f, &p, (1024, 1024), &mut buf).unwrap();
+        assert!(!planned.latents_read && planned.reads.is_none());
+        assert_eq!(format!("{:?}", planned.plan), format!("{plan:?}"));
+        assert!(
+            resident_pages(&p)[middle],
+            "the one-read path's fallback did not prefetch"
+        );
     }
 
     /// The plan and error of the general path, as text, for comparing the two paths.
