@@ -309,28 +309,9 @@ fn one_read_after_head(
     let n = want - AFTER_LATENTS;
     let name = format!("latents{}.npy", key_suffix(bucket_reso));
     let data_at = stored_data_offset(&head, &name)?;
-    let mut total = 0usize;
-    #[cfg(test)]
-    let mut reads = 1u32;
-    while total < want {
-        #[cfg(test)]
-        {
-            reads += 1;
-        }
-        match crate::core::zip::read_some_at(file, &mut buf[total..], data_at + total as u64) {
-            Ok(k) => {
-                total += k;
-                // A regular file's read comes back short only at its end (were it short
-                // elsewhere, the index would not parse at the wrong length, and the general path
-                // would take over).
-                if total < want {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
+    // One read: a regular file's read comes back short only at its end (were it short elsewhere,
+    // the index would not parse at the wrong length, and the general path would take over).
+    let total = crate::core::zip::read_upto(file, buf, data_at)?;
     if total < n {
         return None;
     }
@@ -355,7 +336,8 @@ fn one_read_after_head(
         && e.array_len == n as u64;
     Some(PlannedRead {
         #[cfg(test)]
-        reads: Some(reads + src.reads.get()),
+        // The head and the one read, then any the index needed.
+        reads: Some(2 + src.reads.get()),
         plan,
         latents_read,
     })

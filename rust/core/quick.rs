@@ -17,9 +17,9 @@ use std::fs::File;
 use crate::core::npy::{parse_numpy_layout_ref, DType, InlineShape, MAGIC, MAX_HEADER_LEN};
 use crate::core::validate::{Ctx, Expectation, Required};
 use crate::core::zip::{
-    parse_zip64_extra, read_at, tail_window, u16_at, u32_at, u64_at, Zip64Need, CENTRAL_LEN,
-    CENTRAL_SIG, EOCD_LEN, EOCD_SIG, HEAD_READ, LOCAL_LEN, LOCAL_SIG, MAX_CENTRAL_DIR_LEN,
-    ZIP64_EOCD_LEN, ZIP64_EOCD_SIG, ZIP64_LOCATOR_LEN, ZIP64_LOCATOR_SIG,
+    parse_zip64_extra, read_at, read_upto, tail_window, u16_at, u32_at, u64_at, Zip64Need,
+    CENTRAL_LEN, CENTRAL_SIG, EOCD_LEN, EOCD_SIG, HEAD_READ, LOCAL_LEN, LOCAL_SIG,
+    MAX_CENTRAL_DIR_LEN, ZIP64_EOCD_LEN, ZIP64_EOCD_SIG, ZIP64_LOCATOR_LEN, ZIP64_LOCATOR_SIG,
 };
 
 /// Members handled without the general reader.
@@ -290,18 +290,6 @@ fn quick_unsized_reads(
     };
     let ok = check(&mut r, memo, exp).unwrap_or(false);
     Some((ok, len, r.reads))
-}
-
-/// One read of up to `buf.len()` bytes at `offset` (retried only when interrupted): a regular
-/// file's read comes back short only at its end.
-fn read_upto(file: &File, buf: &mut [u8], offset: u64) -> Option<usize> {
-    loop {
-        match crate::core::zip::read_some_at(file, buf, offset) {
-            Ok(n) => return Some(n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
 }
 
 /// From the local header at `buf`'s start (file offset `at`), follow the members wholly inside

@@ -195,6 +195,18 @@ pub fn read_some_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usiz
     file.seek_read(buf, offset)
 }
 
+/// One read of up to `buf.len()` bytes at `offset` (retried only when interrupted): a regular
+/// file's read comes back short only at its end.
+pub(crate) fn read_upto(file: &File, buf: &mut [u8], offset: u64) -> Option<usize> {
+    loop {
+        match read_some_at(file, buf, offset) {
+            Ok(n) => return Some(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+}
+
 /// Fill `buf` from `offset` with positional reads (no shared cursor, so threads may share a file).
 #[cfg(windows)]
 pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
