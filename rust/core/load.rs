@@ -347,16 +347,8 @@ fn one_read_after_head(
 /// start is `head`: its local header and npy header wholly inside `head`. Only a position: the
 /// index read afterwards checks the member and the header against the directory.
 fn stored_data_offset(head: &[u8], name: &str) -> Option<u64> {
-    use crate::core::zip::{u16_at, LOCAL_LEN, LOCAL_SIG};
-    let h = head.get(..LOCAL_LEN)?;
-    // Stored (method 0), not encrypted, no data descriptor.
-    if &h[..4] != LOCAL_SIG || u16_at(h, 6) & 0x0009 != 0 || u16_at(h, 8) != 0 {
-        return None;
-    }
-    let nlen = usize::from(u16_at(h, 26));
-    let elen = usize::from(u16_at(h, 28));
-    let npy_at = LOCAL_LEN + nlen + elen;
-    if head.get(LOCAL_LEN..LOCAL_LEN + nlen)? != name.as_bytes() {
+    let (found, npy_at, _) = crate::core::zip::stored_local_at(head, 0)?;
+    if found != name.as_bytes() {
         return None;
     }
     let header = crate::core::npy::parse_npy_header(head.get(npy_at..)?).ok()?;

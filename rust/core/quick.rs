@@ -17,8 +17,8 @@ use std::fs::File;
 use crate::core::npy::{parse_numpy_layout_ref, DType, InlineShape, MAGIC, MAX_HEADER_LEN};
 use crate::core::validate::{Ctx, Expectation, Required};
 use crate::core::zip::{
-    parse_zip64_extra, read_at, read_upto, tail_window, u16_at, u32_at, u64_at, Zip64Need,
-    CENTRAL_LEN, CENTRAL_SIG, EOCD_LEN, EOCD_SIG, HEAD_READ, LOCAL_LEN, LOCAL_SIG,
+    parse_zip64_extra, read_at, read_upto, stored_local_at, tail_window, u16_at, u32_at, u64_at,
+    Zip64Need, CENTRAL_LEN, CENTRAL_SIG, EOCD_LEN, EOCD_SIG, HEAD_READ, LOCAL_LEN, LOCAL_SIG,
     MAX_CENTRAL_DIR_LEN, ZIP64_EOCD_LEN, ZIP64_EOCD_SIG, ZIP64_LOCATOR_LEN, ZIP64_LOCATOR_SIG,
 };
 
@@ -298,24 +298,8 @@ fn quick_unsized_reads(
 fn walk_to_payload_end(buf: &[u8], at: u64) -> Option<u64> {
     let mut p = 0usize;
     loop {
-        let h = buf.get(p..p + LOCAL_LEN)?;
-        if &h[..4] != LOCAL_SIG || u16_at(h, 6) & 0x0049 != 0 || u16_at(h, 8) != 0 {
-            return None;
-        }
-        let (csize32, usize32) = (u32_at(h, 18), u32_at(h, 22));
-        let (nlen, elen) = (usize::from(u16_at(h, 26)), usize::from(u16_at(h, 28)));
-        let var = buf.get(p + LOCAL_LEN..p + LOCAL_LEN + nlen + elen)?;
-        let need = Zip64Need {
-            usize: usize32 == 0xFFFF_FFFF,
-            csize: csize32 == 0xFFFF_FFFF,
-            offset: false,
-        };
-        let z = parse_zip64_extra(&var[nlen..], &need).ok()?;
-        let csize = z[1].unwrap_or(u64::from(csize32));
-        if z[0].unwrap_or(u64::from(usize32)) != csize {
-            return None;
-        }
-        let end = ((p + LOCAL_LEN + nlen + elen) as u64).checked_add(csize)?;
+        let (_, data, csize) = stored_local_at(buf, p)?;
+        let end = (data as u64).checked_add(csize)?;
         if end > buf.len() as u64 {
             return at.checked_add(end);
         }

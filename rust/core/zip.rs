@@ -624,6 +624,32 @@ pub(crate) struct Zip64Need {
     pub(crate) offset: bool,
 }
 
+/// A stored member's local header at `buf[p..]`, with its sizes in the header (in its ZIP64 extra
+/// when marked so): its name, where its data starts in `buf`, and the data's size. `None` for
+/// anything else: not a local header, compressed, encrypted, with a data descriptor, with sizes
+/// that disagree, or not wholly inside `buf`.
+pub(crate) fn stored_local_at(buf: &[u8], p: usize) -> Option<(&[u8], usize, u64)> {
+    let h = buf.get(p..p.checked_add(LOCAL_LEN)?)?;
+    if &h[..4] != LOCAL_SIG || u16_at(h, 6) & 0x0049 != 0 || u16_at(h, 8) != 0 {
+        return None;
+    }
+    let (csize32, usize32) = (u32_at(h, 18), u32_at(h, 22));
+    let (nlen, elen) = (usize::from(u16_at(h, 26)), usize::from(u16_at(h, 28)));
+    let data = p + LOCAL_LEN + nlen + elen;
+    let var = buf.get(p + LOCAL_LEN..data)?;
+    let need = Zip64Need {
+        usize: usize32 == 0xFFFF_FFFF,
+        csize: csize32 == 0xFFFF_FFFF,
+        offset: false,
+    };
+    let z = parse_zip64_extra(&var[nlen..], &need).ok()?;
+    let csize = z[1].unwrap_or(u64::from(csize32));
+    if z[0].unwrap_or(u64::from(usize32)) != csize {
+        return None;
+    }
+    Some((&var[..nlen], data, csize))
+}
+
 pub(crate) fn parse_zip64_extra(
     extra: &[u8],
     need: &Zip64Need,
