@@ -120,12 +120,13 @@ def discover(directory: Path, limit: int | None) -> list[CacheItem]:
     items: list[CacheItem] = []
     skipped: list[str] = []
     # One parallel pass reads each index once and checks every resolution; the first is measured.
-    for path, (keys, checks) in zip(paths, lc._core._verify_many(paths), strict=True):
+    for path, (_, checks) in zip(paths, lc._core._verify_many(paths), strict=True):
         if not checks:
             skipped.append(f"{path}: no latents_{{h}}x{{w}} entry")
             continue
+        # An unreadable file's one check has no bucket.
         bucket, flip, alpha, status = checks[0]
-        if keys is None or bucket is None or not status.ok:
+        if bucket is None or not status.ok:
             skipped.append(status.message)
             continue
         items.append(CacheItem(path, bucket, flip=flip, alpha=alpha))
