@@ -232,7 +232,7 @@ def _reference_scan(folders: dict[Path, list[str]]) -> dict[str, object]:
                 stem, size = layer
                 inner = _strip_layer(stem, "_anima")
                 if inner is not None:
-                    pending_doubled.append((inner[0], str(d / name), size))
+                    pending_doubled.append((inner[0], stem, str(d / name), size))
                 else:
                     groups.setdefault(stem, ([], []))[1].append((str(d / name), size))
                 continue
@@ -241,7 +241,11 @@ def _reference_scan(folders: dict[Path, list[str]]) -> dict[str, object]:
                 groups.setdefault(root, ([], []))[0].append(str(d / name))
             elif name.startswith(".") and name.endswith(".lctmp") and len(name) > len("..lctmp"):
                 temps.append(str(d / name))
-        for inner, path, size in pending_doubled:
+        for inner, outer, path, size in pending_doubled:
+            if groups.get(outer, ([], []))[0]:
+                # An image named like a cache stem owns the cache that only looks doubled.
+                groups[outer][1].append((path, size))
+                continue
             imgs = groups.get(inner, ([], []))[0]
             doubled.append((path, size, min(imgs) if imgs else None))
         for stem, (imgs, caches) in groups.items():
@@ -270,6 +274,8 @@ def _names(stems: list[str]) -> st.SearchStrategy[str]:
     stem = st.sampled_from(stems)
     return st.one_of(
         st.builds(lambda s, e: s + e, stem, st.sampled_from([".png", ".JPG", ".webp", ".txt", ""])),
+        # Images named like a cache stem, whose caches look doubled.
+        st.builds(lambda s, z, e: f"{s}_{z}_anima{e}", stem, _size, st.sampled_from([".png", ".jpg"])),
         st.builds(lambda s, z: f"{s}_{z}_anima.npz", stem, _size),
         st.builds(lambda s, z, y: f"{s}_{z}_anima_{y}_anima.npz", stem, _size, _size),
         st.builds(lambda s: f".{s}_0001x0001_anima.npz.lctmp", stem),

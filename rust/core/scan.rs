@@ -82,7 +82,8 @@ impl ScanReport {
 enum Kind<'a> {
     Image(&'a str),
     Cache(&'a str, (u32, u32)),
-    Doubled(&'a str, (u32, u32)),
+    /// A doubled-suffix name: its inner stem, its stem with one layer stripped, and its size.
+    Doubled(&'a str, &'a str, (u32, u32)),
     Other,
 }
 
@@ -92,7 +93,7 @@ fn classify<'a>(name: &'a str, suffix: &str) -> Kind<'a> {
         // suffix's extension (`a_0602x0429_anima_0602x0429_anima.npz`).
         let inner_suffix = split_ext(suffix).0;
         return match strip_cache_layer(stem, inner_suffix) {
-            Some((inner, _)) => Kind::Doubled(inner, size),
+            Some((inner, _)) => Kind::Doubled(inner, stem, size),
             None => Kind::Cache(stem, size),
         };
     }
@@ -184,13 +185,13 @@ fn scan_one(
 
     let mut index: HashMap<&str, usize> = HashMap::with_capacity(names.len());
     let mut groups: Vec<Group<'_>> = Vec::new();
-    let mut doubled: Vec<(&str, usize, (u32, u32))> = Vec::new();
+    let mut doubled: Vec<(&str, &str, usize, (u32, u32))> = Vec::new();
     for (i, name) in text.iter().enumerate() {
         let (stem, cache) = match classify(name, suffix) {
             Kind::Image(stem) => (stem, None),
             Kind::Cache(stem, size) => (stem, Some(size)),
-            Kind::Doubled(inner, size) => {
-                doubled.push((inner, i, size));
+            Kind::Doubled(inner, outer, size) => {
+                doubled.push((inner, outer, i, size));
                 continue;
             }
             Kind::Other => {
@@ -215,7 +216,17 @@ fn scan_one(
     }
     // Names were sorted, so every group's lists are in path order, and groups come nearly in the
     // order of their images' paths.
-    for (inner, i, size) in doubled {
+    for (inner, outer, i, size) in doubled {
+        // An image really named like a cache stem (`x_0512x0512_anima.png`) has a cache whose name
+        // looks doubled (`x_0512x0512_anima_0512x0512_anima.npz`, what `cache_path` and sd-scripts
+        // both give it): that cache is the image's, not a leftover. Every name such a group's caches
+        // can have is a doubled-looking one, so they arrive here alone and in name order.
+        if let Some(&g) = index.get(outer) {
+            if !groups[g].images.is_empty() {
+                groups[g].caches.push((i, size));
+                continue;
+            }
+        }
         let image = index
             .get(inner)
             .and_then(|&g| groups[g].images.first())
@@ -293,6 +304,9 @@ mod tests {
                 "a_0602x0429_anima_0602x0429_anima.npz",
                 "b.jpg",
                 "b_0100x0100_anima.npz",
+                // An image really named like a cache stem: its cache only looks doubled.
+                "y_0512x0512_anima.png",
+                "y_0512x0512_anima_0512x0512_anima.npz",
                 "b_0200x0100_anima.npz",
                 "notes.txt",
                 ".a_0602x0429_anima.npz.lctmp",
@@ -310,6 +324,13 @@ mod tests {
         assert_eq!(by_name("cat_and_dog.png").caches.len(), 1);
         assert_eq!(by_name("a.png").caches.len(), 1);
         assert_eq!(by_name("b.jpg").caches.len(), 2);
+        let y = &by_name("y_0512x0512_anima.png").caches;
+        assert_eq!(y.len(), 1);
+        assert_eq!(y[0].size, (512, 512));
+        assert_eq!(
+            y[0].path,
+            t.path().join("y_0512x0512_anima_0512x0512_anima.npz")
+        );
         assert_eq!(r.orphan_caches.len(), 1);
         assert_eq!(r.doubled_caches.len(), 1);
         assert_eq!(
@@ -317,7 +338,7 @@ mod tests {
             Some(t.path().join("a.png").as_path())
         );
         assert_eq!(r.multi_size().count(), 1);
-        assert_eq!(r.files, 13);
+        assert_eq!(r.files, 15);
         assert_eq!(
             r.temp_files,
             vec![t.path().join(".a_0602x0429_anima.npz.lctmp")]
