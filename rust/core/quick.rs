@@ -2,9 +2,12 @@
 //! directory and small members sit in the last two kilobytes, as np.savez and latentcache's writer
 //! lay them out.
 //!
-//! Two entries: [`quick_unsized`] walks the file from its head and learns its length from the read
-//! that comes back short (no `lseek`, no read of bytes it does not need), and [`quick_ok`] takes a
-//! known length, for files the walk cannot follow.
+//! Two entries for `validate`: [`quick_unsized`] walks the file from its head and learns its length
+//! from the read that comes back short (no `lseek`, no read of bytes it does not need), and
+//! [`quick_ok`] takes a known length, for files the walk cannot follow. A third, [`quick_arrays`],
+//! is `load`'s: the same walk and checks on what `load` read with the latents, giving every array
+//! member as the general reader would index it (where each lies and its header), so that `load`
+//! plans a common-layout file without building the full index.
 //!
 //! It answers only "ok": every check the general reader ([`crate::core::npy::read_npz_index_with_len`]
 //! plus the rules in [`crate::core::validate`]) makes must pass. Anything it does not handle
@@ -45,6 +48,15 @@ impl Scratch {
             mids: [[0; MID]; MIDS],
             memo: Memo::default(),
         })
+    }
+
+    /// The head buffer, for a caller that reads the head itself ([`quick_arrays`]).
+    pub(crate) fn head_mut(&mut self) -> &mut [u8; HEAD_READ as usize] {
+        &mut self.head
+    }
+
+    pub(crate) fn head(&self) -> &[u8; HEAD_READ as usize] {
+        &self.head
     }
 
     /// A scratch that parses every header (the reference for the memo's tests).
@@ -171,6 +183,13 @@ struct Entry {
     csize: u64,
     lho: u64,
     data_offset: u64,
+    crc32: u32,
+}
+
+/// The members the structure walk found, in central-directory order.
+struct Members {
+    ents: [Entry; MAX_MEMBERS],
+    n: usize,
 }
 
 /// True when the file passes every check of the general path. See the module docs.
@@ -255,26 +274,9 @@ fn quick_unsized_reads(
         tail[..got].copy_from_slice(&head[..got]);
         (0, got, got as u64)
     } else {
-        let mut pos = walk_to_payload_end(&head[..got], 0)?;
-        loop {
-            let n = read_upto(file, &mut tail[..], pos)?;
-            reads += 1;
-            // Nothing read: the file ends at or before `pos` (cut inside a payload); where
-            // exactly, only sizing it tells.
-            if n == 0 {
-                return None;
-            }
-            if n < TAIL {
-                break (pos, n, pos + n as u64);
-            }
-            if n_mids == MIDS {
-                return None;
-            }
-            mids[n_mids].copy_from_slice(&tail[..MID]);
-            mid_at[n_mids] = (pos, MID);
-            n_mids += 1;
-            pos = walk_to_payload_end(&tail[..], pos)?;
-        }
+        let pos = walk_to_payload_end(&head[..got], 0)?;
+        let (at, n) = walk_on(file, tail, mids, &mut mid_at, &mut n_mids, &mut reads, pos)?;
+        (at, n, at + n as u64)
     };
     let head_len = (len as usize).min(head.len());
     let mut r = Regions {
@@ -290,6 +292,192 @@ fn quick_unsized_reads(
     };
     let ok = check(&mut r, memo, exp).unwrap_or(false);
     Some((ok, len, r.reads))
+}
+
+/// An array member as [`quick_arrays`] found it: everything the general reader's entry for it holds.
+#[derive(Clone, Copy)]
+pub(crate) struct QuickArray<'s> {
+    /// The member name, `.npy` included.
+    pub(crate) name: &'s str,
+    /// The descr as written (`<f4`); at most [`QuickArray::DESCR_MAX`] bytes.
+    descr: [u8; QuickArray::DESCR_MAX],
+    descr_len: usize,
+    pub(crate) dtype: DType,
+    pub(crate) fortran: bool,
+    pub(crate) shape: InlineShape,
+    pub(crate) header_len: u64,
+    pub(crate) data_len: u64,
+    pub(crate) lho: u64,
+    pub(crate) data_offset: u64,
+    pub(crate) size: u64,
+    pub(crate) crc32: u32,
+}
+
+impl QuickArray<'_> {
+    const DESCR_MAX: usize = 8;
+
+    /// numpy's key: the name without `.npy`.
+    pub(crate) fn key(&self) -> &str {
+        &self.name[..self.name.len() - 4]
+    }
+
+    pub(crate) fn descr(&self) -> &str {
+        // Checked to be ASCII when parsed.
+        std::str::from_utf8(&self.descr[..self.descr_len]).unwrap_or("")
+    }
+}
+
+/// What [`quick_arrays`] found: every array member, and the regions read, for small payloads.
+pub(crate) struct QuickIndex<'f, 's> {
+    r: Regions<'f, 's>,
+    arrays: [Option<QuickArray<'s>>; MAX_MEMBERS],
+}
+
+impl<'s> QuickIndex<'_, 's> {
+    /// The array members, in central-directory order.
+    pub(crate) fn arrays(&self) -> impl Iterator<Item = &QuickArray<'s>> {
+        self.arrays.iter().map_while(Option::as_ref)
+    }
+
+    /// `n` bytes at `off`, from the regions read or one more read of at most [`MID`] bytes.
+    pub(crate) fn bytes(&mut self, off: u64, n: usize) -> Option<&[u8]> {
+        self.r.ensure(off, n)?;
+        self.r.slice(off, n)
+    }
+
+    /// Positional reads made here (the caller's two not counted).
+    #[cfg(test)]
+    pub(crate) fn reads(&self) -> u32 {
+        self.r.reads
+    }
+}
+
+/// `load`'s walk: the same checks as `validate`'s quick path on a file whose head is in
+/// `scratch`'s head buffer (`head_len` bytes from offset 0) and whose first large member's payload
+/// was read by the caller, with `after`, the bytes that follow it, at `after_at`. When `after` came
+/// back short of what was asked (`eof`), it ends at the end of the file; otherwise the walk goes on
+/// from payload end to payload end as [`quick_unsized`] does.
+///
+/// Returns every array member as the general reader would index it, or `None` for anything the
+/// general reader must judge (the module docs list what): the caller then takes the general path,
+/// whose result (or error) stands. No npy header rule of `validate` is applied here.
+///
+/// `f` gets what was found (called in place: the index is not moved out) and returns the result.
+pub(crate) fn quick_arrays<'f, 's, R>(
+    scratch: &'s mut Scratch,
+    file: &'f File,
+    head_len: usize,
+    after: &'s [u8],
+    after_at: u64,
+    eof: bool,
+    f: impl FnOnce(&mut QuickIndex<'f, 's>) -> Option<R>,
+) -> Option<R> {
+    let Scratch {
+        head,
+        tail,
+        mids,
+        memo,
+    } = scratch;
+    let head = &head[..head_len.min(HEAD_READ as usize)];
+    let mut mid_at = [(0u64, 0usize); MIDS];
+    let mut n_mids = 0;
+    let mut reads = 0;
+    let (tail, tail_start) = if eof {
+        (after, after_at)
+    } else {
+        if after.len() < MID {
+            return None;
+        }
+        mids[0].copy_from_slice(&after[..MID]);
+        mid_at[0] = (after_at, MID);
+        n_mids = 1;
+        let pos = walk_to_payload_end(after, after_at)?;
+        let (at, n) = walk_on(file, tail, mids, &mut mid_at, &mut n_mids, &mut reads, pos)?;
+        (&tail[..n], at)
+    };
+    let len = tail_start.checked_add(tail.len() as u64)?;
+    let mut r = Regions {
+        file,
+        len,
+        head: &head[..head.len().min(len as usize)],
+        tail,
+        tail_start,
+        mids,
+        mid_at,
+        n_mids,
+        reads,
+    };
+    let Members { ents, n } = structure(&mut r)?;
+    let mut arrays = [None; MAX_MEMBERS];
+    let mut k = 0;
+    for ent in ents.iter().take(n) {
+        let name = &tail[ent.name_at..ent.name_at + ent.name_len];
+        let Some(key) = name.strip_suffix(b".npy") else {
+            continue;
+        };
+        let (dict, header_len) = npy_dict(&mut r, ent, key)?;
+        let descr = descr_text(dict)?;
+        let (dtype, fortran, shape) = layout_of(&mut memo.dicts, memo.keep, dict)?;
+        let data_len = sizes_add_up(ent, &dtype, &shape, header_len)?;
+        let mut d = [0u8; QuickArray::DESCR_MAX];
+        d.get_mut(..descr.len())?.copy_from_slice(descr);
+        arrays[k] = Some(QuickArray {
+            // ASCII, checked with the central directory.
+            name: std::str::from_utf8(name).ok()?,
+            descr: d,
+            descr_len: descr.len(),
+            dtype,
+            fortran,
+            shape,
+            header_len: header_len as u64,
+            data_len,
+            lho: ent.lho,
+            data_offset: ent.data_offset,
+            size: ent.csize,
+            crc32: ent.crc32,
+        });
+        k += 1;
+    }
+    f(&mut QuickIndex { r, arrays })
+}
+
+/// The descr text of a dict in numpy's own layout (`{'descr': '<f4', ...`).
+fn descr_text(dict: &[u8]) -> Option<&[u8]> {
+    let rest = dict.strip_prefix(b"{'descr': '")?;
+    Some(&rest[..rest.iter().position(|&c| c == b'\'')?])
+}
+
+/// Read [`TAIL`] bytes from `pos` (the end of a large member's payload, where the next local header
+/// starts), and on from each read's next large payload end, until a read comes back short: that one
+/// is the tail, at the offset returned with its length. Each full read is kept as a middle region.
+fn walk_on(
+    file: &File,
+    tail: &mut [u8; TAIL],
+    mids: &mut [[u8; MID]; MIDS],
+    mid_at: &mut [(u64, usize); MIDS],
+    n_mids: &mut usize,
+    reads: &mut u32,
+    mut pos: u64,
+) -> Option<(u64, usize)> {
+    loop {
+        let n = read_upto(file, &mut tail[..], pos)?;
+        *reads += 1;
+        // Nothing read: the file ends at or before `pos` (cut inside a payload); where exactly,
+        // only sizing it tells.
+        if n == 0 {
+            return None;
+        }
+        if n < TAIL {
+            return Some((pos, n));
+        }
+        if *n_mids == MIDS {
+            return None;
+        }
+        mids[*n_mids].copy_from_slice(&tail[..MID]);
+        mid_at[*n_mids] = (pos, MID);
+        *n_mids += 1;
+        pos = walk_to_payload_end(&tail[..], pos)?;
+    }
 }
 
 /// From the local header at `buf`'s start (file offset `at`), follow the members wholly inside
@@ -309,6 +497,77 @@ fn walk_to_payload_end(buf: &[u8], at: u64) -> Option<u64> {
 
 /// Every check of the quick path on the regions read (see the module docs).
 fn check(r: &mut Regions<'_, '_>, memo: &mut Memo, exp: &Expectation) -> Option<bool> {
+    let Members { ents, n } = structure(r)?;
+    let tail = r.tail;
+    let name = |e: &Entry| &tail[e.name_at..e.name_at + e.name_len];
+
+    // Every array's npy header in numpy's own layout, with a supported dtype and a size that adds
+    // up; then the required keys and their rules.
+    let Memo {
+        dicts,
+        keep,
+        required,
+    } = memo;
+    let req = required_for(required, exp);
+    let ctx = Ctx::new(std::path::Path::new(""), exp);
+    let mut found = [false; 5];
+    for ent in ents.iter().take(n) {
+        let Some(key) = name(ent).strip_suffix(b".npy") else {
+            continue;
+        };
+        let (dict, header_len) = npy_dict(r, ent, key)?;
+        let (dtype, fortran, shape) = layout_of(dicts, *keep, dict)?;
+        sizes_add_up(ent, &dtype, &shape, header_len)?;
+        for (k, (pfx, rule)) in req.list().iter().enumerate() {
+            if req.is_key(key, pfx) {
+                if ctx.fault(&dtype, fortran, shape.dims(), *rule).is_some() {
+                    return None;
+                }
+                found[k] = true;
+            }
+        }
+    }
+    Some(found[..req.list().len()].iter().all(|&f| f))
+}
+
+/// The dict of the npy header of array member `ent` (named `key` without `.npy`) and the header's
+/// length, when the header is in numpy's own layout and the key is UTF-8.
+fn npy_dict<'r>(r: &'r mut Regions<'_, '_>, ent: &Entry, key: &[u8]) -> Option<(&'r [u8], usize)> {
+    // A name that is not UTF-8 is left to the general reader (ASCII, the usual case, is checked
+    // without decoding).
+    if !key.is_ascii() && std::str::from_utf8(key).is_err() {
+        return None;
+    }
+    r.ensure(ent.data_offset, ent.csize.min(12) as usize)?;
+    let pre = r.slice(ent.data_offset, ent.csize.min(12) as usize)?;
+    if pre.len() < 10 || &pre[..6] != MAGIC {
+        return None;
+    }
+    let (prefix, dict_len) = match (pre[6], pre[7]) {
+        (1, 0) => (10usize, usize::from(u16_at(pre, 8))),
+        (2, 0) if pre.len() >= 12 => (12usize, u32_at(pre, 8) as usize),
+        _ => return None,
+    };
+    let header_len = prefix + dict_len;
+    if header_len > MAX_HEADER_LEN || header_len as u64 > ent.csize {
+        return None;
+    }
+    r.ensure(ent.data_offset, header_len)?;
+    Some((&r.slice(ent.data_offset, header_len)?[prefix..], header_len))
+}
+
+/// The header's shape and dtype account for exactly the member's bytes.
+fn sizes_add_up(ent: &Entry, dtype: &DType, shape: &InlineShape, header_len: usize) -> Option<u64> {
+    let data_len = shape
+        .dims()
+        .iter()
+        .try_fold(dtype.itemsize(), |acc, &d| acc.checked_mul(d))?;
+    ((header_len as u64).checked_add(data_len)? == ent.csize).then_some(data_len)
+}
+
+/// The zip structure on the regions read: the end records, the central directory, every local
+/// header, and no overlaps. `None` for anything the general reader would have to judge.
+fn structure(r: &mut Regions<'_, '_>) -> Option<Members> {
     let len = r.len;
 
     // The end record, exactly at the end (no comment), and its ZIP64 records when present.
@@ -413,6 +672,7 @@ fn check(r: &mut Regions<'_, '_>, memo: &mut Memo, exp: &Expectation) -> Option<
             csize,
             lho: z[2].unwrap_or(u64::from(lho32)),
             data_offset: 0,
+            crc32: u32_at(h, 16),
         };
         p = var_end;
     }
@@ -471,59 +731,7 @@ fn check(r: &mut Regions<'_, '_>, memo: &mut Memo, exp: &Expectation) -> Option<
         return None;
     }
 
-    // Every array's npy header in numpy's own layout, with a supported dtype and a size that adds
-    // up; then the required keys and their rules.
-    let Memo {
-        dicts,
-        keep,
-        required,
-    } = memo;
-    let req = required_for(required, exp);
-    let ctx = Ctx::new(std::path::Path::new(""), exp);
-    let mut found = [false; 5];
-    for ent in ents.iter().take(n) {
-        let Some(key) = name(ent).strip_suffix(b".npy") else {
-            continue;
-        };
-        // A name that is not UTF-8 is left to the general reader (ASCII, the usual case, is
-        // checked without decoding).
-        if !key.is_ascii() && std::str::from_utf8(key).is_err() {
-            return None;
-        }
-        r.ensure(ent.data_offset, ent.csize.min(12) as usize)?;
-        let pre = r.slice(ent.data_offset, ent.csize.min(12) as usize)?;
-        if pre.len() < 10 || &pre[..6] != MAGIC {
-            return None;
-        }
-        let (prefix, dict_len) = match (pre[6], pre[7]) {
-            (1, 0) => (10usize, usize::from(u16_at(pre, 8))),
-            (2, 0) if pre.len() >= 12 => (12usize, u32_at(pre, 8) as usize),
-            _ => return None,
-        };
-        let header_len = prefix + dict_len;
-        if header_len > MAX_HEADER_LEN || header_len as u64 > ent.csize {
-            return None;
-        }
-        r.ensure(ent.data_offset, header_len)?;
-        let dict = &r.slice(ent.data_offset, header_len)?[prefix..];
-        let (dtype, fortran, shape) = layout_of(dicts, *keep, dict)?;
-        let data_len = shape
-            .dims()
-            .iter()
-            .try_fold(dtype.itemsize(), |acc, &d| acc.checked_mul(d))?;
-        if (header_len as u64).checked_add(data_len)? != ent.csize {
-            return None;
-        }
-        for (k, (pfx, rule)) in req.list().iter().enumerate() {
-            if req.is_key(key, pfx) {
-                if ctx.fault(&dtype, fortran, shape.dims(), *rule).is_some() {
-                    return None;
-                }
-                found[k] = true;
-            }
-        }
-    }
-    Some(found[..req.list().len()].iter().all(|&f| f))
+    Some(Members { ents, n })
 }
 
 #[cfg(test)]

@@ -175,7 +175,7 @@ impl<'py> Out<'py, '_> {
             Out::Read(spec, buf) => (spec, Some(buf), 0),
             Out::Map(spec, off) => (spec, None, off),
         };
-        let dtype = dtype_of(py, imp, &spec.descr())?;
+        let dtype = dtype_of(py, imp, spec.descr())?;
         let shape = pyo3::types::PyTuple::new(py, spec.shape())?;
         let order = if spec.fortran_order() { "F" } else { "C" };
         let buffer = match buf {
