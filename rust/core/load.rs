@@ -341,16 +341,8 @@ fn one_read_after_head(
 ) -> Option<PlannedRead> {
     let want = buf.len();
     let n = want - AFTER_LATENTS;
-    // `latents_{h}x{w}.npy`, written without an allocation.
-    let mut name_buf = [0u8; 48];
-    let name_len = {
-        use std::io::Write;
-        let mut w = &mut name_buf[..];
-        write!(w, "latents_{}x{}.npy", bucket_reso.1 / 8, bucket_reso.0 / 8).ok()?;
-        48 - w.len()
-    };
-    let name = std::str::from_utf8(&name_buf[..name_len]).ok()?;
-    let sfx = &name["latents".len()..name.len() - ".npy".len()];
+    let mut name_buf = [0u8; NAME_MAX];
+    let (name, sfx) = latents_name(&mut name_buf, bucket_reso)?;
     let data_at = stored_data_offset(&scratch.head()[..got], name)?;
     // One read: a regular file's read comes back short only at its end (were it short elsewhere,
     // the index would not parse at the wrong length, and the general path would take over).
@@ -359,7 +351,17 @@ fn one_read_after_head(
         return None;
     }
     let eof = total < want;
-    if let Some(planned) = quick_plan(file, path, sfx, buf, n, total, data_at, eof, scratch, got) {
+    if let Some(planned) = quick_plan(
+        file,
+        path,
+        sfx,
+        &buf[n..total],
+        data_at,
+        n,
+        eof,
+        scratch,
+        got,
+    ) {
         return Some(planned);
     }
     let len = if eof {
@@ -392,24 +394,65 @@ fn one_read_after_head(
     })
 }
 
-/// The plan from `validate`'s quick walk over what the one-read path read (`buf[n..total]` follows
-/// the latents, which start at `data_at`; it ends at the end of the file when `eof`), when the walk
-/// takes the file and it holds this bucket's arrays: the very plan the general path makes from
-/// the full index, without building that index. `None` leaves the file to the general path.
+const NAME_MAX: usize = 48;
+
+/// `latents_{h}x{w}.npy` and its `_{h}x{w}`, written into `buf` without an allocation.
+fn latents_name(buf: &mut [u8; NAME_MAX], bucket_reso: (u32, u32)) -> Option<(&str, &str)> {
+    use std::io::Write;
+    let mut w = &mut buf[..];
+    write!(w, "latents_{}x{}.npy", bucket_reso.1 / 8, bucket_reso.0 / 8).ok()?;
+    let len = NAME_MAX - w.len();
+    let name = std::str::from_utf8(&buf[..len]).ok()?;
+    Some((name, &name["latents".len()..len - ".npy".len()]))
+}
+
+/// `load_batch`'s one read for a warm file whose head (`head`, read from offset 0) shows this
+/// bucket's stored latents first: one `preadv` fills `slot` (exactly the latents' bytes) and a
+/// scratch buffer with what follows, and the quick walk plans the file from those bytes. The plan
+/// when the latents landed in `slot`; `None` leaves the file to the general path (which fills
+/// `slot` itself and words any error).
+fn read_latents_into_slot(
+    file: &File,
+    path: &Path,
+    bucket_reso: (u32, u32),
+    slot: &mut [u8],
+    head: &[u8],
+) -> Option<LoadPlan> {
+    let mut name_buf = [0u8; NAME_MAX];
+    let (name, sfx) = latents_name(&mut name_buf, bucket_reso)?;
+    let data_at = stored_data_offset(head, name)?;
+    let n = slot.len();
+    let mut after = [0u8; AFTER_LATENTS];
+    let total = crate::core::zip::read_upto2(file, slot, &mut after, data_at)?;
+    if total < n {
+        return None;
+    }
+    let eof = total < n + AFTER_LATENTS;
+    with_scratch(|scratch| {
+        scratch.head_mut()[..head.len()].copy_from_slice(head);
+        let after = &after[..total - n];
+        let planned = quick_plan(file, path, sfx, after, data_at, n, eof, scratch, head.len())?;
+        planned.latents_read.then_some(planned.plan)
+    })
+}
+
+/// The plan from `validate`'s quick walk over what the one-read path read (`after` follows the `n`
+/// bytes of latents, which start at `data_at`; it ends at the end of the file when `eof`; the head,
+/// `got` bytes, is in `scratch`), when the walk takes the file and it holds this bucket's arrays:
+/// the very plan the general path makes from the full index, without building that index. `None`
+/// leaves the file to the general path.
 #[allow(clippy::too_many_arguments)]
 fn quick_plan(
     file: &File,
     path: &Path,
     sfx: &str,
-    buf: &[u8],
-    n: usize,
-    total: usize,
+    after: &[u8],
     data_at: u64,
+    n: usize,
     eof: bool,
     scratch: &mut Scratch,
     got: usize,
 ) -> Option<PlannedRead> {
-    let after = buf.get(n..total)?;
     quick_arrays(scratch, file, got, after, data_at + n as u64, eof, |q| {
         plan_from_quick(q, path, sfx, data_at, n)
     })
@@ -599,6 +642,24 @@ fn advise_willneed(file: &File, len: u64, head: u64) {
     let _ = (file, len, head);
 }
 
+/// A file `load_batch` opened, with what it learnt: the head when it was warm (`len` unknown),
+/// else the length, and the cold ranges announced.
+struct Opened {
+    file: File,
+    len: Option<u64>,
+    head: [u8; crate::core::zip::HEAD_READ as usize],
+    got: usize,
+}
+
+/// The latents `load_batch` copies as they are: little-endian float32 `(16, h, w)` or
+/// `(16, 1, h, w)` in C order.
+fn batch_shape_ok(hd: &NpyHeader, h: u64, w: u64) -> bool {
+    (hd.shape == [16, h, w] || hd.shape == [16, 1, h, w])
+        && hd.dtype.kind == ScalarKind::F4
+        && hd.dtype.endian != crate::core::npy::Endian::Big
+        && !hd.fortran_order
+}
+
 /// Files a batch keeps open at once (see [`load_batch`]).
 const PREFETCH: usize = 256;
 
@@ -609,6 +670,23 @@ pub fn pool(workers: Option<usize>, default: usize) -> Result<std::sync::Arc<ray
         .unwrap_or(default)
         .max(1);
     crate::core::pool::pool(n)
+}
+
+/// The CPUs this process may use, asked once per process (the standard library reads the cgroup
+/// files on every call, which a call per batch would repeat; a forked worker, which may be pinned
+/// to other CPUs, asks again).
+fn cpus() -> usize {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // The process id in the high half, the count in the low half; 0 before the first call.
+    static KEPT: AtomicU64 = AtomicU64::new(0);
+    let pid = u64::from(std::process::id());
+    let kept = KEPT.load(Ordering::Relaxed);
+    if kept != 0 && kept >> 32 == pid {
+        return (kept & 0xFFFF_FFFF) as usize;
+    }
+    let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+    KEPT.store(pid << 32 | (n as u64 & 0xFFFF_FFFF), Ordering::Relaxed);
+    n
 }
 
 /// Fill `dst` (B items of `(16, h, w)` float32, C order) from `paths`, item `i` from
@@ -631,8 +709,7 @@ pub fn load_batch(
             item * paths.len() as u64
         )));
     }
-    let default = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let pool = pool(workers, default)?;
+    let pool = pool(workers, cpus())?;
     let sfx = key_suffix(bucket_reso);
     // At most PREFETCH files are open at once, so a huge batch cannot run out of descriptors.
     let per = PREFETCH * item as usize;
@@ -642,23 +719,57 @@ pub fn load_batch(
         .zip(flipped.chunks(PREFETCH))
     {
         pool.install(|| {
-            // Open every file first and tell the kernel which ranges are coming, so that on a cold page
-            // cache the whole batch's reads are in flight at once rather than two at a time.
-            let opened: Vec<Result<(File, u64)>> = paths
+            // Open every file first. A warm one's head is read at once (without waiting for the
+            // disk); a cold one's ranges are announced to the kernel, so that on a cold page cache
+            // the whole batch's reads are in flight at once rather than two at a time.
+            let opened: Vec<Result<Opened>> = paths
                 .par_iter()
                 .zip(flipped.par_iter())
                 .map(|(path, &flip)| {
                     let file = open(path)?;
+                    let mut head = [0u8; crate::core::zip::HEAD_READ as usize];
+                    if let Nowait::Read(got) = read_nowait(&file, &mut head) {
+                        return Ok(Opened {
+                            file,
+                            len: None,
+                            head,
+                            got,
+                        });
+                    }
                     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
                     advise_willneed(&file, len, if flip { 2 * item } else { item });
-                    Ok((file, len))
+                    Ok(Opened {
+                        file,
+                        len: Some(len),
+                        head,
+                        got: 0,
+                    })
                 })
                 .collect();
             dst.par_chunks_mut(item as usize)
                 .zip(paths.par_iter().zip(flipped.par_iter()))
                 .zip(opened.into_par_iter())
                 .try_for_each(|((chunk, (path, &flip)), opened)| {
-                    let (file, len) = opened?;
+                    let Opened {
+                        file,
+                        len,
+                        head,
+                        got,
+                    } = opened?;
+                    // A warm file with this bucket's latents first: one read into the slot.
+                    if len.is_none() && !flip {
+                        if let Some(plan) =
+                            read_latents_into_slot(&file, path, bucket_reso, chunk, &head[..got])
+                        {
+                            if batch_shape_ok(&plan.latents.entry.header, h, w) {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    let len = match len {
+                        Some(len) => len,
+                        None => file.metadata().map_err(|e| Error::io(path, e))?.len(),
+                    };
                     let index = read_npz_index_with_len(&file, path, len)?;
                     let key = if flip {
                         format!("latents_flipped{sfx}")
@@ -669,10 +780,7 @@ pub fn load_batch(
                         Error::npz(path, Some(&key), "not found for this bucket".to_string())
                     })?;
                     let hd = &entry.header;
-                    let shape_ok = hd.shape == [16, h, w] || hd.shape == [16, 1, h, w];
-                    let dtype_ok = hd.dtype.kind == ScalarKind::F4
-                        && hd.dtype.endian != crate::core::npy::Endian::Big;
-                    if !shape_ok || !dtype_ok || hd.fortran_order {
+                    if !batch_shape_ok(hd, h, w) {
                         return Err(Error::npz(
                             path,
                             Some(&key),
@@ -942,32 +1050,120 @@ mod tests {
             alpha in any::<bool>(),
             other in any::<bool>(),
             zip64 in any::<bool>(),
-            edits in proptest::collection::vec(
-                (any::<bool>(), any::<prop::sample::Index>(), prop_oneof![any::<u8>(), b'0'..=b'9']),
-                0..4,
-            ),
+            edits in edits(),
             cut in proptest::option::of(any::<prop::sample::Index>()),
         ) {
             let mut bytes = crate::core::npy::testutil::savez_cache((16, 16), flip, alpha, other, zip64);
-            // Half the edits land where the headers and the directory are (the first 256 and the
-            // last 768 bytes), half of their values are digits (shapes, lengths).
-            let len = bytes.len();
-            for (in_headers, at, v) in &edits {
-                let i = if *in_headers {
-                    let k = at.index(256 + 768);
-                    if k < 256 { k } else { len - 768 + (k - 256) }
-                } else {
-                    at.index(len)
-                };
-                bytes[i] = *v;
-            }
-            if let Some(c) = cut {
-                let n = c.index(bytes.len());
-                bytes.truncate(n);
-            }
+            mutate(&mut bytes, &edits, cut);
             let b = (128, 128);
             let OneRead { got, want, .. } = one_read(&bytes, b, room(b));
             prop_assert_eq!(got, want);
+        }
+    }
+
+    /// Up to three byte edits: (in the header regions?, where, value).
+    fn edits() -> impl Strategy<Value = Vec<(bool, prop::sample::Index, u8)>> {
+        proptest::collection::vec(
+            (
+                any::<bool>(),
+                any::<prop::sample::Index>(),
+                prop_oneof![any::<u8>(), b'0'..=b'9'],
+            ),
+            0..4,
+        )
+    }
+
+    /// Apply a proptest's edits and cut to a cache's bytes. Half the edits land where the headers
+    /// and the directory are (the first 256 and the last 768 bytes); half of their values are
+    /// digits (shapes, lengths).
+    fn mutate(
+        bytes: &mut Vec<u8>,
+        edits: &[(bool, prop::sample::Index, u8)],
+        cut: Option<prop::sample::Index>,
+    ) {
+        let len = bytes.len();
+        for (in_headers, at, v) in edits {
+            let i = if *in_headers {
+                let k = at.index(256 + 768);
+                if k < 256 {
+                    k
+                } else {
+                    len - 768 + (k - 256)
+                }
+            } else {
+                at.index(len)
+            };
+            bytes[i] = *v;
+        }
+        if let Some(c) = cut {
+            let n = c.index(bytes.len());
+            bytes.truncate(n);
+        }
+    }
+
+    /// `load_batch`'s one read into a slot on `bytes`: its plan as text when it took the file (the
+    /// slot then holds the file's latents, checked here), and the general path's plan.
+    fn slot_read(
+        bytes: &[u8],
+        bucket: (u32, u32),
+    ) -> (Option<String>, std::result::Result<String, String>) {
+        let t = crate::core::zip::testutil::temp_file(bytes);
+        let f = File::open(t.path()).unwrap();
+        let mut head = [0u8; crate::core::zip::HEAD_READ as usize];
+        let got = crate::core::zip::read_upto(&f, &mut head, 0).unwrap();
+        let mut slot = vec![0xA5u8; latents_nbytes(bucket) as usize];
+        let plan = read_latents_into_slot(&f, t.path(), bucket, &mut slot, &head[..got]);
+        if let Some(p) = &plan {
+            let e = &p.latents.entry;
+            let off = e.array_offset.unwrap() as usize;
+            assert_eq!(e.array_len as usize, slot.len());
+            assert_eq!(
+                &slot[..],
+                &bytes[off..off + slot.len()],
+                "the slot must hold the latents"
+            );
+        }
+        (plan.map(|p| format!("{p:?}")), general(t.path(), bucket))
+    }
+
+    #[test]
+    fn slot_reads_take_the_common_layouts() {
+        use crate::core::npy::testutil::savez_cache;
+        let b = (512, 512);
+        for zip64 in [false, true] {
+            for (flip, alpha, other) in [
+                (false, false, false),
+                (true, false, false),
+                (false, true, true),
+            ] {
+                let bytes = savez_cache((64, 64), flip, alpha, other, zip64);
+                let (got, want) = slot_read(&bytes, b);
+                assert_eq!(Ok(got.expect("the one read takes this layout")), want);
+            }
+            // Another bucket's latents are not first: left to the general path.
+            let bytes = savez_cache((64, 64), false, false, true, zip64);
+            assert!(slot_read(&bytes, (256, 256)).0.is_none());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(512)))]
+        /// Whatever the bytes, a slot read that takes the file plans it as the general path does
+        /// (which then does not fail), and leaves the file's latents in the slot.
+        #[test]
+        fn slot_reads_agree_with_the_general_path(
+            flip in any::<bool>(),
+            alpha in any::<bool>(),
+            zip64 in any::<bool>(),
+            edits in edits(),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+        ) {
+            let mut bytes = crate::core::npy::testutil::savez_cache((16, 16), flip, alpha, false, zip64);
+            mutate(&mut bytes, &edits, cut);
+            let (got, want) = slot_read(&bytes, (128, 128));
+            if let Some(got) = got {
+                prop_assert_eq!(Ok(got), want);
+            }
         }
     }
 

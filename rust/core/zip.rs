@@ -207,6 +207,45 @@ pub(crate) fn read_upto(file: &File, buf: &mut [u8], offset: u64) -> Option<usiz
     }
 }
 
+/// [`read_upto`] into `a` and then `b`, as if they were one buffer: one `preadv` where there is
+/// one (a regular file's read comes back short only at its end). Returns the bytes read into both.
+pub(crate) fn read_upto2(file: &File, a: &mut [u8], b: &mut [u8], offset: u64) -> Option<usize> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let iov = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
+        ];
+        let at = libc::off_t::try_from(offset).ok()?;
+        loop {
+            // SAFETY: both iovecs point at buffers writable for their lengths, borrowed mutably
+            // for the whole call; the result is checked before any byte is used.
+            let r = unsafe { libc::preadv(file.as_raw_fd(), iov.as_ptr(), 2, at) };
+            if r >= 0 {
+                return Some(r as usize);
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return None;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let first = read_upto(file, a, offset)?;
+        if first < a.len() {
+            return Some(first);
+        }
+        Some(first + read_upto(file, b, offset + first as u64)?)
+    }
+}
+
 /// Fill `buf` from `offset` with positional reads (no shared cursor, so threads may share a file).
 #[cfg(windows)]
 pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
