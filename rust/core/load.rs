@@ -847,6 +847,11 @@ mod tests {
             eprintln!("this file system keeps the file cached; the cold case is not checked");
             return;
         }
+        // Once, under a heavy parallel fuzz run, the first page read as cached right after an
+        // eviction that mincore confirmed; evict again before calling that a failure.
+        if is_cold(&f) != Some(true) {
+            assert!(evict(&p));
+        }
         assert_eq!(is_cold(&f), Some(true));
         let plan = plan_from(&f, &p, (1024, 1024)).unwrap();
         let e = &plan.latents.entry;
