@@ -207,10 +207,11 @@ pub(crate) fn read_upto(file: &File, buf: &mut [u8], offset: u64) -> Option<usiz
     }
 }
 
-/// [`read_upto`] into `a` and then `b`, as if they were one buffer: one `preadv` where there is
-/// one (a regular file's read comes back short only at its end). Returns the bytes read into both.
+/// [`read_upto`] into `a` and then `b`, as if they were one buffer: one `preadv` on Linux (a regular
+/// file's read comes back short only at its end), two reads elsewhere (macOS has `preadv` only
+/// from version 11). Returns the bytes read into both.
 pub(crate) fn read_upto2(file: &File, a: &mut [u8], b: &mut [u8], offset: u64) -> Option<usize> {
-    #[cfg(unix)]
+    #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
         let iov = [
@@ -236,7 +237,7 @@ pub(crate) fn read_upto2(file: &File, a: &mut [u8], b: &mut [u8], offset: u64) -
             }
         }
     }
-    #[cfg(not(unix))]
+    #[cfg(not(target_os = "linux"))]
     {
         let first = read_upto(file, a, offset)?;
         if first < a.len() {
