@@ -238,13 +238,17 @@ pub(crate) fn read_upto2(file: &File, a: &mut [u8], b: &mut [u8], offset: u64) -
         }
     }
     #[cfg(not(target_os = "linux"))]
-    {
-        let first = read_upto(file, a, offset)?;
-        if first < a.len() {
-            return Some(first);
-        }
-        Some(first + read_upto(file, b, offset + first as u64)?)
+    read_upto_each(file, a, b, offset)
+}
+
+/// [`read_upto2`] with two reads.
+#[cfg_attr(all(target_os = "linux", not(test)), allow(dead_code))]
+fn read_upto_each(file: &File, a: &mut [u8], b: &mut [u8], offset: u64) -> Option<usize> {
+    let first = read_upto(file, a, offset)?;
+    if first < a.len() {
+        return Some(first);
     }
+    Some(first + read_upto(file, b, offset + first as u64)?)
 }
 
 /// Fill `buf` from `offset` with positional reads (no shared cursor, so threads may share a file).
@@ -1441,6 +1445,27 @@ pub(crate) mod testutil {
 
 #[cfg(test)]
 mod tests {
+    /// Both ways of reading into two buffers give the same bytes and count, wherever the file
+    /// ends: inside the first buffer, inside the second, or past both.
+    #[test]
+    fn reading_into_two_buffers_at_any_end() {
+        let bytes: Vec<u8> = (0..100u8).collect();
+        let t = testutil::temp_file(&bytes);
+        let f = File::open(t.path()).unwrap();
+        for offset in [0u64, 20, 60, 90, 100, 150] {
+            let (mut a1, mut b1) = ([0u8; 30], [0u8; 30]);
+            let (mut a2, mut b2) = ([0u8; 30], [0u8; 30]);
+            let n1 = read_upto2(&f, &mut a1, &mut b1, offset).unwrap();
+            let n2 = read_upto_each(&f, &mut a2, &mut b2, offset).unwrap();
+            let want = 100usize.saturating_sub(offset as usize).min(60);
+            assert_eq!((n1, n2), (want, want), "offset {offset}");
+            let got: Vec<u8> = a1.iter().chain(&b1).take(n1).copied().collect();
+            let from = (offset as usize).min(100);
+            assert_eq!(got, bytes[from..from + want]);
+            assert_eq!((a1, b1), (a2, b2));
+        }
+    }
+
     use super::testutil::*;
     use super::*;
     use proptest::prelude::*;
