@@ -696,23 +696,6 @@ pub fn pool(workers: Option<usize>, default: usize) -> Result<std::sync::Arc<ray
     crate::core::pool::pool(n)
 }
 
-/// The CPUs this process may use, asked once per process (the standard library reads the cgroup
-/// files on every call, which a call per batch would repeat; a forked worker, which may be pinned
-/// to other CPUs, asks again).
-fn cpus() -> usize {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    // The process id in the high half, the count in the low half; 0 before the first call.
-    static KEPT: AtomicU64 = AtomicU64::new(0);
-    let pid = u64::from(std::process::id());
-    let kept = KEPT.load(Ordering::Relaxed);
-    if kept != 0 && kept >> 32 == pid {
-        return (kept & 0xFFFF_FFFF) as usize;
-    }
-    let n = std::thread::available_parallelism().map_or(2, |n| n.get());
-    KEPT.store(pid << 32 | (n as u64 & 0xFFFF_FFFF), Ordering::Relaxed);
-    n
-}
-
 /// Fill `dst` (B items of `(16, h, w)` float32, C order) from `paths`, item `i` from
 /// `latents_flipped` when `flipped[i]`. The older `(16, 1, h, w)` layout has the same bytes.
 pub fn load_batch(
@@ -733,7 +716,7 @@ pub fn load_batch(
             item * paths.len() as u64
         )));
     }
-    let pool = pool(workers, cpus())?;
+    let pool = pool(workers, crate::core::pool::cpus().unwrap_or(2))?;
     let sfx = key_suffix(bucket_reso);
     // At most PREFETCH files are open at once, so a huge batch cannot run out of descriptors.
     let per = PREFETCH * item as usize;

@@ -20,6 +20,26 @@ pub(crate) fn env_workers() -> Option<usize> {
         .filter(|&n| n > 0)
 }
 
+/// The CPUs this process may use, asked once per process: the standard library reads the cgroup
+/// files on every call, which a call per batch (`load_batch`) or per file (`validate` from the
+/// sd-scripts strategy) would repeat. A forked worker, which may be pinned to other CPUs, asks again.
+pub(crate) fn cpus() -> Option<usize> {
+    use std::sync::atomic::AtomicU64;
+    // The process id in the high half, the count (0: unknown) in the low half; 0 before the first
+    // call.
+    static CPUS: AtomicU64 = AtomicU64::new(0);
+    let pid = u64::from(std::process::id());
+    let kept = CPUS.load(Ordering::Relaxed);
+    let n = if kept != 0 && kept >> 32 == pid {
+        (kept & 0xFFFF_FFFF) as usize
+    } else {
+        let n = std::thread::available_parallelism().map_or(0, |n| n.get());
+        CPUS.store(pid << 32 | (n as u64 & 0xFFFF_FFFF), Ordering::Relaxed);
+        n
+    };
+    (n > 0).then_some(n)
+}
+
 /// Pools of different sizes kept at most.
 const KEPT: usize = 4;
 
@@ -86,5 +106,13 @@ mod tests {
         let d = pool(33).unwrap();
         assert!(!Arc::ptr_eq(&a, &d));
         assert_eq!(a.install(|| 1 + 1), 2);
+    }
+
+    #[test]
+    fn the_cpu_count_is_asked_once_and_kept() {
+        let want = std::thread::available_parallelism().ok().map(|n| n.get());
+        // Asked, then kept: the same answer both times.
+        assert_eq!(cpus(), want);
+        assert_eq!(cpus(), want);
     }
 }

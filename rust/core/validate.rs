@@ -790,7 +790,7 @@ impl FiniteScan {
 /// caches 1.5x faster than 4, and cost warm ones under 10%).
 pub fn default_workers() -> usize {
     crate::core::pool::env_workers().unwrap_or_else(|| {
-        let p = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let p = crate::core::pool::cpus().unwrap_or(1);
         (8 * p).clamp(8, 32)
     })
 }
@@ -806,7 +806,7 @@ pub fn auto_workers<P: AsRef<Path>>(paths: &[P]) -> usize {
         return n;
     }
     if paths.len() >= PROBE_FROM && sample_cached(paths) == Some(true) {
-        let p = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let p = crate::core::pool::cpus().unwrap_or(1);
         (2 * p).max(2)
     } else {
         default_workers()
@@ -941,6 +941,10 @@ fn private_fd_table() {
 fn worker_count<P: AsRef<Path>>(paths: &[P], workers: Option<usize>) -> Result<usize> {
     if workers == Some(0) {
         return Err(Error::Value("workers must be at least 1".to_owned()));
+    }
+    // One file is checked on the calling thread whatever the count: no need to work it out.
+    if paths.len() <= 1 {
+        return Ok(1);
     }
     Ok(workers
         .unwrap_or_else(|| auto_workers(paths))
