@@ -415,20 +415,20 @@ fn latents_name(buf: &mut [u8; NAME_MAX], bucket_reso: (u32, u32)) -> Option<(&s
 }
 
 /// `load_batch`'s one read for a warm file whose head (`head`, read from offset 0) shows this
-/// bucket's stored latents first: one `preadv` fills `slot` (exactly the latents' bytes) and a
-/// scratch buffer with what follows, and the quick walk plans the file from those bytes. The plan
-/// when the latents landed in `slot`; `None` leaves the file to the general path (which fills
-/// `slot` itself and words any error).
+/// bucket's stored latents first, at `data_at` ([`cached_latents_at`]): one `preadv` fills `slot`
+/// (exactly the latents' bytes) and a scratch buffer with what follows, and the quick walk plans
+/// the file from those bytes. The plan when the latents landed in `slot`; `None` leaves the file to
+/// the general path (which fills `slot` itself and words any error).
 fn read_latents_into_slot(
     file: &File,
     path: &Path,
     bucket_reso: (u32, u32),
     slot: &mut [u8],
     head: &[u8],
+    data_at: u64,
 ) -> Option<LoadPlan> {
     let mut name_buf = [0u8; NAME_MAX];
-    let (name, sfx) = latents_name(&mut name_buf, bucket_reso)?;
-    let data_at = stored_data_offset(head, name)?;
+    let (_, sfx) = latents_name(&mut name_buf, bucket_reso)?;
     let n = slot.len();
     let mut after = [0u8; AFTER_LATENTS];
     let total = crate::core::zip::read_upto2(file, slot, &mut after, data_at)?;
@@ -650,29 +650,30 @@ fn advise_willneed(file: &File, len: u64, head: u64) {
     let _ = (file, len, head);
 }
 
-/// A file `load_batch` opened, with what it learnt: the head when it was warm (`len` unknown),
-/// else the length, and the cold ranges announced.
-struct Opened {
-    file: File,
-    len: Option<u64>,
-    head: [u8; crate::core::zip::HEAD_READ as usize],
-    got: usize,
+/// A file `load_batch` opened, with what it learnt.
+// The head stays inline: the batch keeps one `Vec` of these, and boxing it would allocate per file.
+#[allow(clippy::large_enum_variant)]
+enum Opened {
+    /// Its head (`got` bytes) and this bucket's latents, which start at `data_at`, are cached.
+    Warm {
+        file: File,
+        head: [u8; crate::core::zip::HEAD_READ as usize],
+        got: usize,
+        data_at: u64,
+    },
+    /// Anything else: its length, with its ranges announced to the kernel.
+    Sized { file: File, len: u64 },
 }
 
-/// Whether a file whose head is `head` starts with this bucket's stored latents and their last
-/// byte is in the page cache (a file `validate` just read has its head and tail cached, not
-/// always its latents). When not, `load_batch` announces the file's ranges to the kernel first.
-fn latents_cached(file: &File, head: &[u8], bucket_reso: (u32, u32)) -> bool {
+/// Where this bucket's latents start, when the file whose head is `head` starts with them stored
+/// and their last byte is in the page cache (a file `validate` just read has its head and tail
+/// cached, not always its latents). Otherwise `load_batch` announces the file's ranges first.
+fn cached_latents_at(file: &File, head: &[u8], bucket_reso: (u32, u32)) -> Option<u64> {
     let mut name_buf = [0u8; NAME_MAX];
-    let Some((name, _)) = latents_name(&mut name_buf, bucket_reso) else {
-        return false;
-    };
-    let Some(last) = stored_data_offset(head, name)
-        .and_then(|at| at.checked_add(latents_nbytes(bucket_reso).checked_sub(1)?))
-    else {
-        return false;
-    };
-    matches!(read_nowait_at(file, &mut [0u8; 1], last), Nowait::Read(_))
+    let (name, _) = latents_name(&mut name_buf, bucket_reso)?;
+    let data_at = stored_data_offset(head, name)?;
+    let last = data_at.checked_add(latents_nbytes(bucket_reso).checked_sub(1)?)?;
+    matches!(read_nowait_at(file, &mut [0u8; 1], last), Nowait::Read(_)).then_some(data_at)
 }
 
 /// The latents `load_batch` copies as they are: little-endian float32 `(16, h, w)` or
@@ -736,48 +737,49 @@ pub fn load_batch(
                     let file = open(path)?;
                     let mut head = [0u8; crate::core::zip::HEAD_READ as usize];
                     if let Nowait::Read(got) = read_nowait(&file, &mut head) {
-                        if !flip && latents_cached(&file, &head[..got], bucket_reso) {
-                            return Ok(Opened {
+                        let cached = if flip {
+                            None
+                        } else {
+                            cached_latents_at(&file, &head[..got], bucket_reso)
+                        };
+                        if let Some(data_at) = cached {
+                            return Ok(Opened::Warm {
                                 file,
-                                len: None,
                                 head,
                                 got,
+                                data_at,
                             });
                         }
                     }
                     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
                     advise_willneed(&file, len, if flip { 2 * item } else { item });
-                    Ok(Opened {
-                        file,
-                        len: Some(len),
-                        head,
-                        got: 0,
-                    })
+                    Ok(Opened::Sized { file, len })
                 })
                 .collect();
             dst.par_chunks_mut(item as usize)
                 .zip(paths.par_iter().zip(flipped.par_iter()))
                 .zip(opened.into_par_iter())
                 .try_for_each(|((chunk, (path, &flip)), opened)| {
-                    let Opened {
-                        file,
-                        len,
-                        head,
-                        got,
-                    } = opened?;
-                    // A warm file with this bucket's latents first: one read into the slot.
-                    if len.is_none() && !flip {
-                        if let Some(plan) =
-                            read_latents_into_slot(&file, path, bucket_reso, chunk, &head[..got])
-                        {
-                            if batch_shape_ok(&plan.latents.entry.header, h, w) {
-                                return Ok(());
+                    let (file, len) = match opened? {
+                        // This bucket's latents first and cached: one read into the slot.
+                        Opened::Warm {
+                            file,
+                            head,
+                            got,
+                            data_at,
+                        } => {
+                            let head = &head[..got];
+                            if let Some(plan) =
+                                read_latents_into_slot(&file, path, bucket_reso, chunk, head, data_at)
+                            {
+                                if batch_shape_ok(&plan.latents.entry.header, h, w) {
+                                    return Ok(());
+                                }
                             }
+                            let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+                            (file, len)
                         }
-                    }
-                    let len = match len {
-                        Some(len) => len,
-                        None => file.metadata().map_err(|e| Error::io(path, e))?.len(),
+                        Opened::Sized { file, len } => (file, len),
                     };
                     let index = read_npz_index_with_len(&file, path, len)?;
                     let key = if flip {
@@ -874,15 +876,15 @@ mod tests {
         let f = File::open(&p).unwrap();
         let mut head = [0u8; crate::core::zip::HEAD_READ as usize];
         let got = crate::core::zip::read_upto(&f, &mut head, 0).unwrap();
-        assert!(latents_cached(&f, &head[..got], (1024, 1024)));
+        assert!(cached_latents_at(&f, &head[..got], (1024, 1024)).is_some());
         // Another bucket: not this file's first member, so never the one read.
-        assert!(!latents_cached(&f, &head[..got], (512, 512)));
+        assert!(cached_latents_at(&f, &head[..got], (512, 512)).is_none());
         if !evict(&p) {
             eprintln!("this file system keeps the file cached; the cold case is not checked");
             return;
         }
         crate::core::zip::read_upto(&f, &mut head, 0).unwrap();
-        assert!(!latents_cached(&f, &head[..got], (1024, 1024)));
+        assert!(cached_latents_at(&f, &head[..got], (1024, 1024)).is_none());
     }
 
     /// The plan and error of the general path, as text, for comparing the two paths.
@@ -1078,27 +1080,6 @@ mod tests {
         }
     }
 
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(512)))]
-        /// Whatever the bytes, the one-read path plans as the general path does, and the buffer
-        /// holds the latents whenever it says so (checked inside `one_read`).
-        #[test]
-        fn one_read_agrees_with_the_general_path(
-            flip in any::<bool>(),
-            alpha in any::<bool>(),
-            other in any::<bool>(),
-            zip64 in any::<bool>(),
-            edits in edits(),
-            cut in proptest::option::of(any::<prop::sample::Index>()),
-        ) {
-            let mut bytes = crate::core::npy::testutil::savez_cache((16, 16), flip, alpha, other, zip64);
-            apply_edits(&mut bytes, &edits, cut);
-            let b = (128, 128);
-            let OneRead { got, want, .. } = one_read(&bytes, b, room(b));
-            prop_assert_eq!(got, want);
-        }
-    }
-
     /// Up to three byte edits: (in the header regions?, where, value).
     fn edits() -> impl Strategy<Value = Vec<(bool, prop::sample::Index, u8)>> {
         proptest::collection::vec(
@@ -1150,7 +1131,11 @@ mod tests {
         let mut head = [0u8; crate::core::zip::HEAD_READ as usize];
         let got = crate::core::zip::read_upto(&f, &mut head, 0).unwrap();
         let mut slot = vec![0xA5u8; latents_nbytes(bucket) as usize];
-        let plan = read_latents_into_slot(&f, t.path(), bucket, &mut slot, &head[..got]);
+        let mut name_buf = [0u8; NAME_MAX];
+        let (name, _) = latents_name(&mut name_buf, bucket).unwrap();
+        let plan = stored_data_offset(&head[..got], name).and_then(|data_at| {
+            read_latents_into_slot(&f, t.path(), bucket, &mut slot, &head[..got], data_at)
+        });
         if let Some(p) = &plan {
             let e = &p.latents.entry;
             let off = e.array_offset.unwrap() as usize;
@@ -1186,19 +1171,25 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(512)))]
-        /// Whatever the bytes, a slot read that takes the file plans it as the general path does
-        /// (which then does not fail), and leaves the file's latents in the slot.
+        /// Whatever the bytes, `load`'s one-read path plans as the general path does, and the buffer
+        /// holds the latents whenever it says so (checked inside `one_read`); `load_batch`'s slot
+        /// read, when it takes the file, plans it the same way (so the general path does not fail)
+        /// and leaves the file's latents in the slot (checked inside `slot_read`).
         #[test]
-        fn slot_reads_agree_with_the_general_path(
+        fn the_fast_paths_agree_with_the_general_path(
             flip in any::<bool>(),
             alpha in any::<bool>(),
+            other in any::<bool>(),
             zip64 in any::<bool>(),
             edits in edits(),
             cut in proptest::option::of(any::<prop::sample::Index>()),
         ) {
-            let mut bytes = crate::core::npy::testutil::savez_cache((16, 16), flip, alpha, false, zip64);
+            let mut bytes = crate::core::npy::testutil::savez_cache((16, 16), flip, alpha, other, zip64);
             apply_edits(&mut bytes, &edits, cut);
-            let (got, want) = slot_read(&bytes, (128, 128));
+            let b = (128, 128);
+            let OneRead { got, want, .. } = one_read(&bytes, b, room(b));
+            prop_assert_eq!(got, want);
+            let (got, want) = slot_read(&bytes, b);
             if let Some(got) = got {
                 prop_assert_eq!(Ok(got), want);
             }
