@@ -342,6 +342,55 @@ def test_read_buffers_are_reused_only_when_nothing_sees_them(tmp_path: Path) -> 
     assert lc._core._read_pool_stats()[0] == kept_before, "a reused buffer is not kept twice"
 
 
+def test_a_free_buffer_serves_smaller_reads_the_most_recent_first(tmp_path: Path) -> None:
+    big, small, tiny = (512, 512), (448, 512), (256, 256)  # 320, 256 and 128 KiB read buffers
+    p_big = write_stock(tmp_path / "big.npz", arrays_for(big, seed=1))
+    p_small = write_stock(tmp_path / "small.npz", arrays_for(small, seed=2))
+    p_tiny = write_stock(tmp_path / "tiny.npz", arrays_for(tiny, seed=3))
+    # Two buffers, taken in turn; once both are free, the one taken last serves the next read.
+    first, second = lc.load(p_big, big).latents, lc.load(p_big, big).latents
+    first_id, second_id = id(_buffer_of(first)), id(_buffer_of(second))
+    assert first_id != second_id
+    del first, second
+    again = lc.load(p_big, big).latents
+    assert id(_buffer_of(again)) == second_id
+    np.testing.assert_array_equal(again, np_reference(p_big, big)[0])
+    del again
+    # A smaller bucket's latents go into that same free buffer rather than a buffer of their own.
+    kept_before = lc._core._read_pool_stats()[0]
+    got = lc.load(p_small, small).latents
+    assert id(_buffer_of(got)) == second_id
+    np.testing.assert_array_equal(got, np_reference(p_small, small)[0])
+    assert got.shape == (16, 64, 56)
+    assert lc._core._read_pool_stats()[0] == kept_before
+    del got
+    # A buffer more than twice the size of a read is not tied up by it.
+    got = lc.load(p_tiny, tiny).latents
+    assert id(_buffer_of(got)) not in (first_id, second_id)
+    np.testing.assert_array_equal(got, np_reference(p_tiny, tiny)[0])
+
+
+def test_a_larger_new_buffer_replaces_the_free_smaller_ones(tmp_path: Path) -> None:
+    # In a fresh process: the pool starts empty, so its contents are exactly what this test made.
+    small, big = (448, 512), (512, 512)
+    p_small = write_stock(tmp_path / "small.npz", arrays_for(small))
+    p_big = write_stock(tmp_path / "big.npz", arrays_for(big))
+    code = (
+        "import sys, latentcache as lc\n"
+        "stats = lc._core._read_pool_stats\n"
+        "held = [lc.load(sys.argv[1], (448, 512)).latents for _ in range(3)]\n"
+        "assert stats() == (3, 3 * 262144, 0), stats()\n"
+        "del held[1:]\n"
+        # The two free small buffers cannot hold the big latents; the new big buffer replaces them,
+        # the one still in use stays.
+        "big = lc.load(sys.argv[2], (512, 512)).latents\n"
+        "assert stats() == (2, 262144 + 327680, 0), stats()\n"
+        "del big, held\n"
+        "assert stats() == (2, 262144 + 327680, 2), stats()\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(p_small), str(p_big)], check=True, timeout=120)
+
+
 def test_read_pool_is_bounded_and_can_be_turned_off(tmp_path: Path) -> None:
     big = (512, 512)
     p = write_stock(tmp_path / "a.npz", arrays_for(big))
