@@ -12,7 +12,7 @@ import latentcache as lc
 import numpy as np
 import pytest
 from latentcache import _core
-from latentcache.bench import discover, generate, sd_scripts_check, sd_scripts_load
+from latentcache.bench import discover, generate, latents_span, sd_scripts_check, sd_scripts_load
 
 
 def test_generated_caches_are_valid_and_match_the_sd_scripts_load_path(tmp_path: Path) -> None:
@@ -38,6 +38,28 @@ def test_generated_caches_are_valid_and_match_the_sd_scripts_load_path(tmp_path:
     by_path = {i.path: i for i in items}
     for f in found:
         assert f.bucket == by_path[f.path].bucket
+
+
+def test_latents_span_finds_exactly_the_latents(tmp_path: Path) -> None:
+    items = generate(tmp_path, 10)  # stock (offset 196/197) and latentcache-written files
+    offsets = set()
+    for item in items:
+        span = latents_span(item.path, item.bucket)
+        assert span is not None
+        offset, nbytes = span
+        offsets.add(offset % 64)
+        with open(item.path, "rb") as f:
+            f.seek(offset)
+            data = f.read(nbytes)
+        assert data == lc.load(item.path, item.bucket).latents.tobytes()
+    assert len(offsets) > 1, "both stored layouts are covered"
+    w, h = items[0].bucket
+    arrays = {f"latents_{h // 8}x{w // 8}": np.zeros((16, h // 8, w // 8), np.float32)}
+    np.savez_compressed(tmp_path / "z.npz", **arrays)  # type: ignore[arg-type]
+    assert latents_span(str(tmp_path / "z.npz"), (w, h)) is None
+    arrays = {f"latents_{h // 8}x{w // 8}": np.zeros((16, h // 8, w // 8), np.float16)}
+    np.savez(tmp_path / "h.npz", **arrays)  # type: ignore[arg-type]
+    assert latents_span(str(tmp_path / "h.npz"), (w, h)) is None
 
 
 def test_header_read_floor_counts_what_it_opened(tmp_path: Path) -> None:
@@ -70,6 +92,7 @@ def test_bench_command_prints_every_row_and_json(tmp_path: Path) -> None:
         "np_load",
         "sd_scripts_load",
         "safetensors",
+        "load_floor",
         "raw_read",
     }
     for key, row in loads.items():
@@ -88,7 +111,14 @@ def test_bench_command_prints_every_row_and_json(tmp_path: Path) -> None:
     text = done.stdout
     # stderr is not a terminal here: progress is one line per stage, no carriage-return animation.
     assert "\r" not in done.stderr and "generating caches: 8 ..." in done.stderr
-    for needle in ("validate: floor", "load vs raw read", "load vs sd-scripts load path", "load_batch"):
+    for needle in (
+        "validate: floor",
+        "load vs raw read",
+        "load vs sd-scripts load path",
+        "load_batch",
+        "load: floor",
+        "load vs its floor",
+    ):
         assert needle in text, needle
 
 
