@@ -80,3 +80,31 @@ def test_broken_meta_is_a_status_not_an_exception(tmp_path: Path) -> None:
     assert lc.validate([cache], BUCKET)[0].code == "ok"
     st = lc.validate([cache], BUCKET, check_source=True)[0]
     assert st.code == "malformed" and "latentcache_meta" in st.message and str(cache) in st.message
+
+
+def test_one_call_judges_each_file_by_its_own_metadata(tmp_path: Path) -> None:
+    fresh_dir, edited_dir = tmp_path / "fresh", tmp_path / "edited"
+    fresh_dir.mkdir()
+    edited_dir.mkdir()
+    _, fresh = make(fresh_dir)
+    img, edited = make(edited_dir)
+    img.write_bytes(img.read_bytes() + b"x")
+    stock_img = tmp_path / "s.png"
+    stock_img.write_bytes(b"s" * 10)
+    stock = write_stock(Path(lc.cache_path(stock_img, (64, 64))), arrays_for(BUCKET))
+    odd_img = tmp_path / "o.png"
+    odd_img.write_bytes(b"o" * 10)
+    arrays = arrays_for(BUCKET)
+    arrays["latentcache_meta"] = np.zeros(3, np.float32)  # not the 1-D uint8 array it must be
+    odd = write_stock(Path(lc.cache_path(odd_img, (64, 64))), arrays)
+    missing = tmp_path / "gone_0064x0064_anima.npz"
+    paths = [fresh, edited, stock, odd, missing, fresh]
+    got = lc.validate(paths, BUCKET, check_source=True, workers=2)
+    assert [s.code for s in got] == ["ok", "stale", "ok", "malformed", "missing", "ok"]
+    assert [s.path for s in got] == [str(p) for p in paths]
+    assert "latentcache_meta" in got[3].message and str(odd) in got[3].message
+    assert "stale" in got[1].message and str(edited) in got[1].message
+    # The same verdicts as the file-by-file check, and as verify_directory's.
+    assert [lc.stale_reason(p) is not None for p in (fresh, edited, stock)] == [False, True, False]
+    by_dir = {s.path: s.code for s in lc.verify_directory(tmp_path, recursive=True, check_source=True)}
+    assert [by_dir[str(p)] for p in (fresh, edited, stock, odd)] == ["ok", "stale", "ok", "malformed"]

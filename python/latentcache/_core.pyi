@@ -27,6 +27,7 @@ __all__ = [
     "status_codes",
     "validate",
     "_header_read_floor",
+    "_validate_with_meta",
     "_verify_many",
     "_read_buffer",
     "_read_pool_stats",
@@ -144,6 +145,16 @@ def validate(
     check_finite: bool = False,
     workers: int | None = None,
 ) -> list[CacheStatus]: ...
+def _validate_with_meta(
+    paths: Sequence[_Path],
+    bucket_resos: tuple[int, int] | Sequence[tuple[int, int]],
+    *,
+    flip_aug: bool | Sequence[bool] | None = None,
+    alpha_mask: bool | Sequence[bool] | None = None,
+    verify_crc: bool = False,
+    check_finite: bool = False,
+    workers: int | None = None,
+) -> list[tuple[CacheStatus, bytes | None]]: ...
 def _header_read_floor(paths: Sequence[_Path], workers: int | None = None) -> tuple[float, int]: ...
 def _verify_many(
     paths: Sequence[_Path],

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 from latentcache import _core
 from latentcache.errors import LatentCacheError
-from latentcache.writer import read_meta, source_fingerprint
+from latentcache.writer import parse_meta, read_meta, source_fingerprint
 
 __all__ = ["stale_reason", "status_codes", "validate", "verify_directory"]
 
@@ -38,7 +40,11 @@ def stale_reason(cache: _PathLike, suffix: str = _core.DEFAULT_SUFFIX) -> str | 
     seen. Compressed formats (PNG, JPEG, WebP) change size or their ends on nearly any edit;
     uncompressed ones (BMP, some TIFF) can keep both.
     """
-    meta = read_meta(cache)
+    return _stale_by_meta(cache, read_meta(cache), suffix)
+
+
+def _stale_by_meta(cache: _PathLike, meta: dict[str, Any] | None, suffix: str) -> str | None:
+    """``stale_reason`` with the cache's metadata already read."""
     if not meta or not isinstance(meta.get("source"), dict):
         return None
     image = _core.find_source_image(cache, suffix)
@@ -75,7 +81,20 @@ def validate(
     fingerprint no longer matches its image gets the code ``stale`` (see ``stale_reason``).
     """
     _check_many(paths, "validate")
-    statuses = _core.validate(
+    if check_source:
+        # One pass that also hands back each valid file's metadata member, read through the file
+        # it opened: only caches that record a source are looked at again, and none is reopened.
+        checked = _core._validate_with_meta(
+            paths,
+            bucket_resos,
+            flip_aug=flip_aug,
+            alpha_mask=alpha_mask,
+            verify_crc=verify_crc,
+            check_finite=check_finite,
+            workers=workers,
+        )
+        return [s if m is None else _source_status(s, partial(parse_meta, s.path, m)) for s, m in checked]
+    return _core.validate(
         paths,
         bucket_resos,
         flip_aug=flip_aug,
@@ -84,27 +103,24 @@ def validate(
         check_finite=check_finite,
         workers=workers,
     )
-    return _check_sources(statuses) if check_source else statuses
 
 
 def _check_sources(statuses: list[_core.CacheStatus]) -> list[_core.CacheStatus]:
     """Each ``ok`` status whose recorded source fingerprint no longer matches its image becomes
     ``stale``; a broken metadata member or an unreadable image is a status too, never an exception."""
-    out = []
-    for s in statuses:
-        if not s.ok:
-            out.append(s)
-            continue
-        try:
-            reason = stale_reason(s.path)
-        except LatentCacheError as e:
-            out.append(_core.CacheStatus(s.path, "malformed", str(e)))
-            continue
-        except OSError as e:
-            out.append(_core.CacheStatus(s.path, "io_error", f"{s.path}: checking its source image: {e}"))
-            continue
-        out.append(_core.CacheStatus(s.path, "stale", f"{s.path}: stale: {reason}") if reason else s)
-    return out
+    return [_source_status(s, partial(read_meta, s.path)) if s.ok else s for s in statuses]
+
+
+def _source_status(s: _core.CacheStatus, meta_of: Callable[[], dict[str, Any] | None]) -> _core.CacheStatus:
+    """An ``ok`` status as it stands, or ``stale`` when its source image changed; ``meta_of`` gives the
+    file's metadata. A broken metadata member or an unreadable image is a status, never an exception."""
+    try:
+        reason = _stale_by_meta(s.path, meta_of(), _core.DEFAULT_SUFFIX)
+    except LatentCacheError as e:
+        return _core.CacheStatus(s.path, "malformed", str(e))
+    except OSError as e:
+        return _core.CacheStatus(s.path, "io_error", f"{s.path}: checking its source image: {e}")
+    return _core.CacheStatus(s.path, "stale", f"{s.path}: stale: {reason}") if reason else s
 
 
 def verify_directory(

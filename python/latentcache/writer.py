@@ -182,7 +182,16 @@ def read_meta(path: _PathLike) -> dict[str, Any] | None:
         NpzFormatError: the file is not a readable npz, or the member is not a JSON object.
         OSError: the file cannot be read.
     """
-    raw = _core.read_meta_bytes(path)
+    return parse_meta(path, _core.read_meta_bytes(path))
+
+
+def parse_meta(path: _PathLike, raw: bytes | None) -> dict[str, Any] | None:
+    """The ``latentcache_meta`` dict from the member's bytes (None for None); ``path`` names the file
+    in the error.
+
+    Raises:
+        NpzFormatError: the bytes are not a UTF-8 JSON object.
+    """
     if raw is None:
         return None
     try:

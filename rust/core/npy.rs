@@ -988,11 +988,23 @@ pub(crate) mod testutil {
     /// latents, original_size, crop_ltrb, then the optional flipped latents, alpha mask
     /// `(8h, 8w)` and a second resolution `_{h/2}x{w/2}`, all zeros.
     pub fn savez_cache(
+        hw: (u64, u64),
+        flip: bool,
+        alpha: bool,
+        other_bucket: bool,
+        zip64_local: bool,
+    ) -> Vec<u8> {
+        savez_cache_with(hw, flip, alpha, other_bucket, zip64_local, &[])
+    }
+
+    /// [`savez_cache`] with `extra` members (name with `.npy`, bytes) after the others.
+    pub fn savez_cache_with(
         (h, w): (u64, u64),
         flip: bool,
         alpha: bool,
         other_bucket: bool,
         zip64_local: bool,
+        extra: &[(String, Vec<u8>)],
     ) -> Vec<u8> {
         let sfx = format!("_{h}x{w}");
         let small_sfx = format!("_{}x{}", h / 2, w / 2);
@@ -1017,6 +1029,7 @@ pub(crate) mod testutil {
             m.push((format!("original_size{small_sfx}.npy"), size));
             m.push((format!("crop_ltrb{small_sfx}.npy"), crop));
         }
+        m.extend(extra.iter().cloned());
         let members: Vec<(&str, &[u8], bool)> = m
             .iter()
             .map(|(n, d)| (n.as_str(), d.as_slice(), false))

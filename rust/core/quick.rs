@@ -17,8 +17,11 @@
 //! speed, never a verdict; `tests` hold it to that on mutated files.
 use std::fs::File;
 
-use crate::core::npy::{parse_numpy_layout_ref, DType, InlineShape, MAGIC, MAX_HEADER_LEN};
+use crate::core::npy::{
+    parse_numpy_layout_ref, DType, InlineShape, ScalarKind, MAGIC, MAX_HEADER_LEN,
+};
 use crate::core::validate::{Ctx, Expectation, Required};
+use crate::core::write::META_KEY;
 use crate::core::zip::{
     parse_zip64_extra, read_at, read_upto, stored_local_at, tail_window, u16_at, u32_at, u64_at,
     Zip64Need, CENTRAL_LEN, CENTRAL_SIG, EOCD_LEN, EOCD_SIG, HEAD_READ, LOCAL_LEN, LOCAL_SIG,
@@ -65,6 +68,42 @@ impl Scratch {
         let mut s = Self::new();
         s.memo.keep = 0;
         s
+    }
+}
+
+/// What the quick check learnt of a passing file's `latentcache_meta` member, when asked
+/// (`validate`'s `with_meta`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Meta {
+    /// Not asked, or left to the general reader: a member the walk does not read (larger than
+    /// one read window, or not a 1-D uint8 array, whose error the general reader words).
+    Unknown,
+    /// The file has no such member.
+    Absent,
+    /// The member's data: the metadata's JSON bytes.
+    Bytes(Vec<u8>),
+}
+
+/// Where the walk saw the metadata member.
+#[derive(Clone, Copy)]
+enum MetaSeen {
+    Absent,
+    At { data_at: u64, len: usize },
+    Other,
+}
+
+/// The bytes of the metadata member `seen`, from the regions read (one more read when they do not
+/// hold it yet).
+fn meta_of(r: &mut Regions<'_, '_>, seen: MetaSeen) -> Meta {
+    match seen {
+        MetaSeen::Absent => Meta::Absent,
+        MetaSeen::At { data_at, len } => match r.ensure(data_at, len) {
+            Some(()) => r
+                .slice(data_at, len)
+                .map_or(Meta::Unknown, |b| Meta::Bytes(b.to_vec())),
+            None => Meta::Unknown,
+        },
+        MetaSeen::Other => Meta::Unknown,
     }
 }
 
@@ -192,9 +231,16 @@ struct Members {
     n: usize,
 }
 
-/// True when the file passes every check of the general path. See the module docs.
-pub(crate) fn quick_ok(scratch: &mut Scratch, file: &File, len: u64, exp: &Expectation) -> bool {
-    quick_check(scratch, file, len, exp).is_some_and(|r| r.0)
+/// True when the file passes every check of the general path. See the module docs. With `meta`,
+/// a passing file's metadata member is reported there.
+pub(crate) fn quick_ok(
+    scratch: &mut Scratch,
+    file: &File,
+    len: u64,
+    exp: &Expectation,
+    meta: Option<&mut Meta>,
+) -> bool {
+    quick_check(scratch, file, len, exp, meta).is_some_and(|r| r.0)
 }
 
 /// [`quick_ok`] with the reads it made.
@@ -203,6 +249,7 @@ fn quick_check(
     file: &File,
     len: u64,
     exp: &Expectation,
+    meta: Option<&mut Meta>,
 ) -> Option<(bool, u32)> {
     let (tail_start, tail_len) = tail_window(len);
     if (tail_len as usize) < EOCD_LEN || tail_len as usize > TAIL {
@@ -232,7 +279,11 @@ fn quick_check(
         n_mids: 0,
         reads: 2,
     };
-    Some((check(&mut r, memo, exp)?, r.reads))
+    let (ok, seen) = check(&mut r, memo, exp)?;
+    if let (true, Some(m)) = (ok, meta) {
+        *m = meta_of(&mut r, seen);
+    }
+    Some((ok, r.reads))
 }
 
 /// The quick check without the file's length: the head is read first, then the file is walked
@@ -245,8 +296,14 @@ fn quick_check(
 /// Returns `ok` as [`quick_ok`] gives it once the walk found the end; `None` when it cannot (not a
 /// zip, a data descriptor, more large members than it follows, a read error such as a
 /// directory's): the caller sizes the file and goes on as before.
-pub(crate) fn quick_unsized(scratch: &mut Scratch, file: &File, exp: &Expectation) -> Option<bool> {
-    quick_unsized_reads(scratch, file, exp).map(|(ok, _, _)| ok)
+/// With `meta`, a passing file's metadata member is reported there.
+pub(crate) fn quick_unsized(
+    scratch: &mut Scratch,
+    file: &File,
+    exp: &Expectation,
+    meta: Option<&mut Meta>,
+) -> Option<bool> {
+    quick_unsized_reads(scratch, file, exp, meta).map(|(ok, _, _)| ok)
 }
 
 /// [`quick_unsized`] with the length it learnt and the reads it made.
@@ -254,6 +311,7 @@ fn quick_unsized_reads(
     scratch: &mut Scratch,
     file: &File,
     exp: &Expectation,
+    meta: Option<&mut Meta>,
 ) -> Option<(bool, u64, u32)> {
     let Scratch {
         head,
@@ -290,7 +348,10 @@ fn quick_unsized_reads(
         n_mids,
         reads,
     };
-    let ok = check(&mut r, memo, exp).unwrap_or(false);
+    let (ok, seen) = check(&mut r, memo, exp).unwrap_or((false, MetaSeen::Other));
+    if let (true, Some(m)) = (ok, meta) {
+        *m = meta_of(&mut r, seen);
+    }
     Some((ok, len, r.reads))
 }
 
@@ -496,7 +557,7 @@ fn walk_to_payload_end(buf: &[u8], at: u64) -> Option<u64> {
 }
 
 /// Every check of the quick path on the regions read (see the module docs).
-fn check(r: &mut Regions<'_, '_>, memo: &mut Memo, exp: &Expectation) -> Option<bool> {
+fn check(r: &mut Regions<'_, '_>, memo: &mut Memo, exp: &Expectation) -> Option<(bool, MetaSeen)> {
     let Members { ents, n } = structure(r)?;
     let tail = r.tail;
     let name = |e: &Entry| &tail[e.name_at..e.name_at + e.name_len];
@@ -511,13 +572,24 @@ fn check(r: &mut Regions<'_, '_>, memo: &mut Memo, exp: &Expectation) -> Option<
     let req = required_for(required, exp);
     let ctx = Ctx::new(std::path::Path::new(""), exp);
     let mut found = [false; 5];
+    let mut meta = MetaSeen::Absent;
     for ent in ents.iter().take(n) {
         let Some(key) = name(ent).strip_suffix(b".npy") else {
             continue;
         };
         let (dict, header_len) = npy_dict(r, ent, key)?;
         let (dtype, fortran, shape) = layout_of(dicts, *keep, dict)?;
-        sizes_add_up(ent, &dtype, &shape, header_len)?;
+        let data_len = sizes_add_up(ent, &dtype, &shape, header_len)?;
+        if key == META_KEY.as_bytes() {
+            let plain = dtype.kind == ScalarKind::U1 && shape.dims().len() == 1 && !fortran;
+            meta = match usize::try_from(data_len) {
+                Ok(len) if plain && len <= MID => MetaSeen::At {
+                    data_at: ent.data_offset + header_len as u64,
+                    len,
+                },
+                _ => MetaSeen::Other,
+            };
+        }
         for (k, (pfx, rule)) in req.list().iter().enumerate() {
             if req.is_key(key, pfx) {
                 if ctx.fault(&dtype, fortran, shape.dims(), *rule).is_some() {
@@ -527,7 +599,7 @@ fn check(r: &mut Regions<'_, '_>, memo: &mut Memo, exp: &Expectation) -> Option<
             }
         }
     }
-    Some(found[..req.list().len()].iter().all(|&f| f))
+    Some((found[..req.list().len()].iter().all(|&f| f), meta))
 }
 
 /// The dict of the npy header of array member `ent` (named `key` without `.npy`) and the header's
@@ -738,8 +810,9 @@ fn structure(r: &mut Regions<'_, '_>) -> Option<Members> {
 mod tests {
     use super::*;
     use crate::core::npy::read_npz_index_via;
-    use crate::core::npy::testutil::{npy, savez_cache};
+    use crate::core::npy::testutil::{npy, savez_cache, savez_cache_with};
     use crate::core::validate::{validate_one, Code, Options};
+    use crate::core::write::read_meta_bytes_from;
     use crate::core::zip::testutil::{temp_file, zip_bytes, ZipOpts};
     use crate::core::zip::Src;
     use proptest::prelude::*;
@@ -758,14 +831,14 @@ mod tests {
     fn quick(bytes: &[u8], exp: &Expectation) -> Option<(bool, u32)> {
         let t = temp_file(bytes);
         let f = File::open(t.path()).unwrap();
-        quick_check(&mut Scratch::new(), &f, bytes.len() as u64, exp)
+        quick_check(&mut Scratch::new(), &f, bytes.len() as u64, exp, None)
     }
 
     /// The walk from the head: (ok, length learnt, reads).
     fn walked(bytes: &[u8], exp: &Expectation) -> Option<(bool, u64, u32)> {
         let t = temp_file(bytes);
         let f = File::open(t.path()).unwrap();
-        quick_unsized_reads(&mut Scratch::new(), &f, exp)
+        quick_unsized_reads(&mut Scratch::new(), &f, exp, None)
     }
 
     fn general(bytes: &[u8], exp: &Expectation) -> Code {
@@ -812,6 +885,103 @@ mod tests {
         }
     }
 
+    /// The quick check's metadata report for `bytes`, from both entries (they must agree), or
+    /// None when the check does not pass.
+    fn quick_meta(bytes: &[u8], exp: &Expectation) -> Option<Meta> {
+        let t = temp_file(bytes);
+        let f = File::open(t.path()).unwrap();
+        let mut sized = Meta::Unknown;
+        let ok = quick_check(
+            &mut Scratch::new(),
+            &f,
+            bytes.len() as u64,
+            exp,
+            Some(&mut sized),
+        )?
+        .0;
+        let mut walked = Meta::Unknown;
+        if let Some((true, ..)) =
+            quick_unsized_reads(&mut Scratch::new(), &f, exp, Some(&mut walked))
+        {
+            assert_eq!(walked, sized, "the walk and the sized check disagree");
+        }
+        ok.then_some(sized)
+    }
+
+    /// What the general reader gives for the metadata member.
+    fn general_meta(bytes: &[u8]) -> Option<Vec<u8>> {
+        let t = temp_file(bytes);
+        let f = File::open(t.path()).unwrap();
+        read_meta_bytes_from(&f, t.path()).unwrap()
+    }
+
+    fn meta_member(data: &[u8]) -> (String, Vec<u8>) {
+        (
+            "latentcache_meta.npy".into(),
+            npy("|u1", &[data.len() as u64], data),
+        )
+    }
+
+    #[test]
+    fn reports_the_metadata_member_as_the_general_reader_reads_it() {
+        let json = br#"{"format":1,"source":{"size":3,"mtime_ns":5,"hash":"crc32-64k:00"}}"#;
+        for (flip, alpha, z64) in [
+            (false, false, false),
+            (true, true, false),
+            (true, false, true),
+        ] {
+            let exp = Expectation {
+                flip_aug: flip,
+                alpha_mask: alpha,
+                ..EXP
+            };
+            let b = savez_cache_with((4, 8), flip, alpha, false, z64, &[meta_member(json)]);
+            assert_eq!(quick_meta(&b, &exp), Some(Meta::Bytes(json.to_vec())));
+            assert_eq!(general_meta(&b).as_deref(), Some(&json[..]));
+            let stock = cache(flip, alpha, false, z64);
+            assert_eq!(quick_meta(&stock, &exp), Some(Meta::Absent));
+            assert_eq!(general_meta(&stock), None);
+            // Two members of that name: the walk leaves the file to the general reader, which
+            // refuses it.
+            let two = savez_cache_with(
+                (4, 8),
+                flip,
+                alpha,
+                false,
+                z64,
+                &[meta_member(b"{}"), meta_member(json)],
+            );
+            assert_eq!(quick_meta(&two, &exp), None);
+            let t = temp_file(&two);
+            let f = File::open(t.path()).unwrap();
+            let e = read_meta_bytes_from(&f, t.path()).unwrap_err().to_string();
+            assert!(e.contains("duplicate"), "{e}");
+        }
+        // Left to the general reader: a member that is not a 1-D uint8 array (its error is the
+        // general reader's to word), and one larger than a read window.
+        let odd = savez_cache_with(
+            (4, 8),
+            false,
+            false,
+            false,
+            false,
+            &[("latentcache_meta.npy".into(), npy("<f4", &[2], &[0u8; 8]))],
+        );
+        assert_eq!(quick_meta(&odd, &EXP), Some(Meta::Unknown));
+        let big = vec![b' '; MID + 1];
+        let large = savez_cache_with((4, 8), false, false, false, false, &[meta_member(&big)]);
+        assert_eq!(quick_meta(&large, &EXP), Some(Meta::Unknown));
+        assert_eq!(general_meta(&large), Some(big));
+        // Not asked: nothing is reported.
+        let b = savez_cache_with((4, 8), false, false, false, false, &[meta_member(json)]);
+        let t = temp_file(&b);
+        let f = File::open(t.path()).unwrap();
+        assert_eq!(
+            quick_check(&mut Scratch::new(), &f, b.len() as u64, &EXP, None).map(|r| r.0),
+            Some(true)
+        );
+    }
+
     #[test]
     fn never_ok_when_the_general_path_is_not() {
         let b = cache(false, false, false, true);
@@ -851,8 +1021,10 @@ mod tests {
             cut in proptest::option::of(any::<prop::sample::Index>()),
             want_flip in any::<bool>(),
             want_alpha in any::<bool>(),
+            meta in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
         ) {
-            let mut b = cache(flip, alpha, other, z64);
+            let extra: Vec<(String, Vec<u8>)> = meta.iter().map(|m| meta_member(m)).collect();
+            let mut b = savez_cache_with((4, 8), flip, alpha, other, z64, &extra);
             // Edits aimed at the head, at the tail (directory and small members) or anywhere.
             for (zone, at, v) in &edits {
                 let n = b.len();
@@ -869,6 +1041,12 @@ mod tests {
             let exp = Expectation { flip_aug: want_flip, alpha_mask: want_alpha, ..EXP };
             if quick(&b, &exp).is_some_and(|r| r.0) {
                 prop_assert_eq!(general(&b, &exp), Code::Ok);
+                // The metadata it reports is what the general reader reads.
+                match quick_meta(&b, &exp) {
+                    Some(Meta::Bytes(m)) => prop_assert_eq!(general_meta(&b), Some(m)),
+                    Some(Meta::Absent) => prop_assert_eq!(general_meta(&b), None),
+                    _ => {}
+                }
             }
             // The walk from the head: its ok is the general reader's, and the length it learns
             // from a short read is the file's.
@@ -912,12 +1090,12 @@ mod tests {
                 let f = File::open(t.path()).unwrap();
                 let len = b.len() as u64;
                 prop_assert_eq!(
-                    quick_check(&mut shared, &f, len, &exp).map(|r| r.0),
-                    quick_check(&mut Scratch::without_memo(), &f, len, &exp).map(|r| r.0)
+                    quick_check(&mut shared, &f, len, &exp, None).map(|r| r.0),
+                    quick_check(&mut Scratch::without_memo(), &f, len, &exp, None).map(|r| r.0)
                 );
                 prop_assert_eq!(
-                    quick_unsized_reads(&mut shared, &f, &exp).map(|r| r.0),
-                    quick_unsized_reads(&mut Scratch::without_memo(), &f, &exp).map(|r| r.0)
+                    quick_unsized_reads(&mut shared, &f, &exp, None).map(|r| r.0),
+                    quick_unsized_reads(&mut Scratch::without_memo(), &f, &exp, None).map(|r| r.0)
                 );
             }
         }

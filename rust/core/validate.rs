@@ -15,6 +15,7 @@ use crate::core::error::{Error, Result};
 use crate::core::npy::{
     read_npz_index_with_len, shape_repr, ArrayEntry, DType, NpzIndex, ScalarKind,
 };
+use crate::core::quick::Meta;
 use crate::core::zip::{
     read_at, stream_member, tail_window, Member, ReadError, ReadErrorKind, HEAD_READ,
 };
@@ -35,6 +36,10 @@ pub struct Options {
     pub verify_crc: bool,
     /// Refuse NaN and Inf in the latents.
     pub check_finite: bool,
+    /// Also return the bytes of a valid file's `latentcache_meta` member ([`Status::meta`]), read
+    /// through the same open file; a member that cannot be read makes the file `malformed` (or
+    /// `io_error`).
+    pub with_meta: bool,
 }
 
 /// The outcome of validating one file.
@@ -96,6 +101,9 @@ impl Code {
 pub struct Status {
     pub code: Code,
     pub message: String,
+    /// With [`Options::with_meta`], a valid file's `latentcache_meta` JSON bytes (None when it has
+    /// no such member, and always None otherwise).
+    pub meta: Option<Vec<u8>>,
 }
 
 impl Status {
@@ -103,6 +111,7 @@ impl Status {
         Status {
             code: Code::Ok,
             message: String::new(),
+            meta: None,
         }
     }
 
@@ -111,7 +120,11 @@ impl Status {
             Some(e) => format!("{}: entry '{e}': {}", path.display(), msg.as_ref()),
             None => format!("{}: {}", path.display(), msg.as_ref()),
         };
-        Status { code, message }
+        Status {
+            code,
+            message,
+            meta: None,
+        }
     }
 
     fn from_read(e: &ReadError) -> Self {
@@ -125,6 +138,7 @@ impl Status {
         Status {
             code,
             message: e.to_string(),
+            meta: None,
         }
     }
 }
@@ -436,6 +450,38 @@ pub fn validate_with(
         Ok(f) => f,
         Err(s) => return s,
     };
+    let mut meta = Meta::Unknown;
+    let status = checks(opener, &file, path, exp, opts, &mut meta);
+    if !(opts.with_meta && status.code == Code::Ok) {
+        return status;
+    }
+    let read = match meta {
+        // What the quick check read with the rest of the file.
+        Meta::Absent => Ok(None),
+        Meta::Bytes(b) => Ok(Some(b)),
+        Meta::Unknown => crate::core::write::read_meta_bytes_from(&file, path),
+    };
+    match read {
+        Ok(meta) => Status { meta, ..status },
+        Err(crate::core::error::Error::Io { source, .. }) => io_status(path, &source),
+        Err(e) => Status {
+            code: Code::Malformed,
+            message: e.to_string(),
+            meta: None,
+        },
+    }
+}
+
+/// The checks of [`validate_with`] on the file it opened. With [`Options::with_meta`], the quick
+/// check reports a passing file's metadata member in `meta`.
+fn checks(
+    opener: &mut Opener,
+    file: &File,
+    path: &Path,
+    exp: &Expectation,
+    opts: &Options,
+    meta: &mut Meta,
+) -> Status {
     // The common layout, checked without an allocation and, when the walk from the head finds the
     // end of the file, without sizing it first; anything else (and every failure, for its message)
     // takes the general reader below.
@@ -447,13 +493,18 @@ pub fn validate_with(
         let scratch = opener
             .scratch
             .get_or_insert_with(crate::core::quick::Scratch::new);
-        match crate::core::quick::quick_unsized(scratch, &file, exp) {
+        match crate::core::quick::quick_unsized(
+            scratch,
+            file,
+            exp,
+            opts.with_meta.then_some(&mut *meta),
+        ) {
             Some(true) => return Status::ok(),
             Some(false) => walked = true,
             None => {}
         }
     }
-    let len = match sized(&file, path) {
+    let len = match sized(file, path) {
         Ok(len) => len,
         Err(s) => return s,
     };
@@ -462,15 +513,15 @@ pub fn validate_with(
         let scratch = opener
             .scratch
             .get_or_insert_with(crate::core::quick::Scratch::new);
-        if crate::core::quick::quick_ok(scratch, &file, len, exp) {
+        if crate::core::quick::quick_ok(scratch, file, len, exp, opts.with_meta.then_some(meta)) {
             return Status::ok();
         }
     }
-    let index = match index_of(&file, path, len) {
+    let index = match index_of(file, path, len) {
         Ok(i) => i,
         Err(s) => return s,
     };
-    check_index(&file, path, &index, exp, opts)
+    check_index(file, path, &index, exp, opts)
 }
 
 /// The checks of one expectation on a file's index (and, with the opt-in checks, its payloads).
@@ -1238,7 +1289,47 @@ mod tests {
     const FULL: Options = Options {
         verify_crc: true,
         check_finite: true,
+        with_meta: false,
     };
+
+    #[test]
+    fn with_meta_returns_the_metadata_of_valid_files_only() {
+        const META: Options = Options {
+            verify_crc: false,
+            check_finite: false,
+            with_meta: true,
+        };
+        let json = br#"{"format":1,"source":{"size":3}}"#;
+        let mut c = Cache::anima();
+        c.set("latentcache_meta", npy("|u1", &[json.len() as u64], json));
+        for deflated in [false, true] {
+            let s = run(&c.bytes(deflated), &EXP, &META);
+            assert_eq!((s.code, s.meta.as_deref()), (Code::Ok, Some(&json[..])));
+            // Without asking, nothing is read.
+            assert_eq!(
+                run(&c.bytes(deflated), &EXP, &Options::default()).meta,
+                None
+            );
+        }
+        // A stock cache has none; an invalid file carries none.
+        let s = run(&Cache::anima().bytes(false), &EXP, &META);
+        assert_eq!((s.code, s.meta), (Code::Ok, None));
+        let mut bad = Cache::anima();
+        bad.set("latentcache_meta", npy("|u1", &[json.len() as u64], json))
+            .remove("crop_ltrb_2x4");
+        let s = run(&bad.bytes(false), &EXP, &META);
+        assert_eq!((s.code, s.meta), (Code::MissingKey, None));
+        // A metadata member that is not a 1-D uint8 array makes a valid file malformed, named.
+        let mut odd = Cache::anima();
+        odd.set("latentcache_meta", npy("<f4", &[1], &[0u8; 4]));
+        let s = run(&odd.bytes(false), &EXP, &META);
+        assert_eq!(s.code, Code::Malformed, "{}", s.message);
+        assert!(s.message.contains("latentcache_meta"), "{}", s.message);
+        assert_eq!(
+            run(&odd.bytes(false), &EXP, &Options::default()).code,
+            Code::Ok
+        );
+    }
 
     #[test]
     fn valid_caches_are_ok() {
@@ -1496,6 +1587,7 @@ mod tests {
             let only_crc = Options {
                 verify_crc: true,
                 check_finite: false,
+                with_meta: false,
             };
             // Header-only validation does not see payload damage (a deflate error may surface).
             let plain = run(&bad, &EXP, &Options::default()).code;
@@ -1515,6 +1607,7 @@ mod tests {
         let only_finite = Options {
             verify_crc: false,
             check_finite: true,
+            with_meta: false,
         };
         for v in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let mut vals = vec![1.0f32; 128];
@@ -1649,6 +1742,7 @@ mod tests {
         let opts = Options {
             verify_crc: false,
             check_finite: false,
+            with_meta: false,
         };
         let serial = validate_many(&paths, &exp, &opts, Some(1)).unwrap();
         let pooled = validate_many(&paths, &exp, &opts, Some(4)).unwrap();

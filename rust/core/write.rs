@@ -962,7 +962,12 @@ fn mtime_ns(meta: &fs::Metadata) -> i64 {
 /// readable zip or the member is not such an array.
 pub fn read_meta_bytes(path: &Path) -> Result<Option<Vec<u8>>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let index = read_zip_index(&file, path)?;
+    read_meta_bytes_from(&file, path)
+}
+
+/// [`read_meta_bytes`] of a file already open (`path` names it in errors).
+pub fn read_meta_bytes_from(file: &File, path: &Path) -> Result<Option<Vec<u8>>> {
+    let index = read_zip_index(file, path)?;
     let name = format!("{META_KEY}.npy");
     let Some(member) = index.members.iter().rev().find(|m| m.name == name) else {
         return Ok(None);
@@ -975,7 +980,7 @@ pub fn read_meta_bytes(path: &Path) -> Result<Option<Vec<u8>>> {
         )));
     }
     let mut bytes = Vec::with_capacity(member.uncompressed_size as usize);
-    stream_member(&file, path, member, |c| {
+    stream_member(file, path, member, |c| {
         bytes.extend_from_slice(c);
         Ok(())
     })?;

@@ -24,7 +24,8 @@ mod _core {
 
     #[pymodule_export]
     use super::validate::{
-        _header_read_floor, _verify_many, status_codes, validate, PyCacheStatus,
+        _header_read_floor, _validate_with_meta, _verify_many, status_codes, validate,
+        PyCacheStatus,
     };
     #[pymodule_export]
     use super::write::{

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyString;
+use pyo3::types::{PyBytes, PyString};
 
 use crate::core::validate as core_validate;
 
@@ -122,6 +122,87 @@ pub fn validate<'py>(
     check_finite: bool,
     workers: Option<usize>,
 ) -> PyResult<Bound<'py, pyo3::types::PyList>> {
+    let opts = core_validate::Options {
+        verify_crc,
+        check_finite,
+        with_meta: false,
+    };
+    let (names, statuses) = run(
+        py,
+        paths,
+        bucket_resos,
+        flip_aug,
+        alpha_mask,
+        &opts,
+        workers,
+    )?;
+    let list = pyo3::types::PyList::empty(py);
+    for (name, s) in names.into_iter().zip(statuses) {
+        list.append(status_object(py, name, &s)?)?;
+    }
+    Ok(list)
+}
+
+/// A status and, for a valid file that has one, its `latentcache_meta` bytes.
+type WithMeta<'py> = (Bound<'py, PyCacheStatus>, Option<Bound<'py, PyBytes>>);
+
+/// `validate` that also returns each valid file's `latentcache_meta` bytes,
+/// read through the file it already opened: what `validate(check_source=True)` needs, without
+/// opening every file a second time.
+///
+/// Returns:
+///     One `(CacheStatus, bytes | None)` per path, in input order: the bytes for an `ok` file
+///     that has the member, None otherwise. A member that cannot be read makes the file
+///     `malformed` (`io_error` for a failed read).
+#[pyfunction]
+#[pyo3(signature = (paths, bucket_resos, *, flip_aug = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn _validate_with_meta<'py>(
+    py: Python<'py>,
+    paths: Vec<Bound<'py, PyAny>>,
+    bucket_resos: &Bound<'_, PyAny>,
+    flip_aug: Option<&Bound<'_, PyAny>>,
+    alpha_mask: Option<&Bound<'_, PyAny>>,
+    verify_crc: bool,
+    check_finite: bool,
+    workers: Option<usize>,
+) -> PyResult<Vec<WithMeta<'py>>> {
+    let opts = core_validate::Options {
+        verify_crc,
+        check_finite,
+        with_meta: true,
+    };
+    let (names, statuses) = run(
+        py,
+        paths,
+        bucket_resos,
+        flip_aug,
+        alpha_mask,
+        &opts,
+        workers,
+    )?;
+    names
+        .into_iter()
+        .zip(statuses)
+        .map(|(name, s)| {
+            let meta = s.meta.as_deref().map(|b| PyBytes::new(py, b));
+            Ok((status_object(py, name, &s)?, meta))
+        })
+        .collect()
+}
+
+/// The arguments of `validate` checked and turned into the core's, and the core's statuses, with
+/// the name each status carries (the caller's str where it gave one).
+#[allow(clippy::type_complexity)]
+fn run<'py>(
+    py: Python<'py>,
+    paths: Vec<Bound<'py, PyAny>>,
+    bucket_resos: &Bound<'_, PyAny>,
+    flip_aug: Option<&Bound<'_, PyAny>>,
+    alpha_mask: Option<&Bound<'_, PyAny>>,
+    opts: &core_validate::Options,
+    workers: Option<usize>,
+) -> PyResult<(Vec<Bound<'py, PyString>>, Vec<core_validate::Status>)> {
     let n = paths.len();
     // Keep each caller's str object for the status; Path objects become their str. A str that is
     // valid UTF-8 (nearly all) is read in place, without a copy: `paths` keeps it alive, and
@@ -162,18 +243,10 @@ pub fn validate<'py>(
             alpha_mask: alphas[pick(alphas.len(), i)],
         })
         .collect();
-    let opts = core_validate::Options {
-        verify_crc,
-        check_finite,
-    };
     let statuses = super::detached(py, || {
-        core_validate::validate_many(&bufs, &exps, &opts, workers)
+        core_validate::validate_many(&bufs, &exps, opts, workers)
     })?;
-    let list = pyo3::types::PyList::empty(py);
-    for (name, s) in names.into_iter().zip(statuses) {
-        list.append(status_object(py, name, &s)?)?;
-    }
-    Ok(list)
+    Ok((names, statuses))
 }
 
 /// The `CacheStatus` of a core status for the file named `path`.
@@ -237,6 +310,7 @@ pub fn _verify_many<'py>(
     let opts = core_validate::Options {
         verify_crc,
         check_finite,
+        with_meta: false,
     };
     let found = super::detached(py, || core_validate::verify_many(&paths, &opts, workers))?;
     let mut out = Vec::with_capacity(found.len());
