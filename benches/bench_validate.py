@@ -95,8 +95,12 @@ def ours(paths: list[str], flips: list[bool], bucket: tuple[int, int], workers: 
 
 
 def ours_per_file(paths: list[str], flips: list[bool], bucket: tuple[int, int]) -> int:
-    """One ``validate`` call per file, as the sd-scripts strategy's per-image check makes them."""
-    return sum(lc.validate([p], bucket, flip_aug=f)[0].ok for p, f in zip(paths, flips, strict=True))
+    """One ``validate`` call per file, as the sd-scripts strategy's per-image check makes them (with
+    the source check, which a stock cache passes without a second look)."""
+    return sum(
+        lc.validate([p], bucket, flip_aug=f, check_source=True)[0].ok
+        for p, f in zip(paths, flips, strict=True)
+    )
 
 
 def drop_caches() -> str | None:
