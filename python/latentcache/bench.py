@@ -476,6 +476,7 @@ def _measure_with(
         "reading its two header regions costs here, with no parsing); load ratios against np.load of\n"
         "the latents alone (files/s); the sd-scripts load path also reads every other entry. The load\n"
         "floor row opens each file, reads exactly its latents (offsets found beforehand) and touches them\n"
-        "as the other rows do, with no parsing and no checks: no loader that reads the latents beats it."
+        "as the other rows do, with no parsing and no checks: warm, no loader that reads the latents beats\n"
+        "it (cold, the disk decides, and load's read-ahead hints can put it ahead)."
     )
     return results
