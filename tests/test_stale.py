@@ -108,3 +108,28 @@ def test_one_call_judges_each_file_by_its_own_metadata(tmp_path: Path) -> None:
     assert [lc.stale_reason(p) is not None for p in (fresh, edited, stock)] == [False, True, False]
     by_dir = {s.path: s.code for s in lc.verify_directory(tmp_path, recursive=True, check_source=True)}
     assert [by_dir[str(p)] for p in (fresh, edited, stock, odd)] == ["ok", "stale", "ok", "malformed"]
+
+
+def test_verify_directory_judges_the_source_once_per_file_with_its_suffix(tmp_path: Path) -> None:
+    img = tmp_path / "m.png"
+    img.write_bytes(os.urandom(5000))
+    suffix = "_other.npz"
+    cache = Path(lc.cache_path(img, (64, 64), suffix))
+    small = arrays_for((64, 64))
+    big = arrays_for((128, 64))
+    for a, sfx in ((small, "_8x8"), (big, "_8x16")):
+        lc.write_latents(
+            cache,
+            latents=a["latents" + sfx],
+            original_size=a["original_size" + sfx],
+            crop_ltrb=a["crop_ltrb" + sfx],
+            meta={"source": lc.source_fingerprint(img)},
+        )
+    codes = [s.code for s in lc.verify_directory(tmp_path, suffix=suffix, check_source=True)]
+    assert codes == ["ok", "ok"]
+    img.write_bytes(img.read_bytes() + b"edit")
+    got = lc.verify_directory(tmp_path, suffix=suffix, check_source=True)
+    assert [s.code for s in got] == ["stale", "stale"], [s.message for s in got]
+    assert all("m.png" in s.message and str(cache) in s.message for s in got)
+    # Without the source check both resolutions stay ok.
+    assert [s.code for s in lc.verify_directory(tmp_path, suffix=suffix)] == ["ok", "ok"]

@@ -161,7 +161,10 @@ def _verify_many(
     verify_crc: bool = False,
     check_finite: bool = False,
     workers: int | None = None,
-) -> list[tuple[list[str] | None, list[tuple[tuple[int, int] | None, bool, bool, CacheStatus]]]]: ...
+    with_meta: bool = False,
+) -> list[
+    tuple[list[str] | None, list[tuple[tuple[int, int] | None, bool, bool, CacheStatus]], bytes | None]
+]: ...
 
 # the npz writer (rust/py/write.rs)
 def write_npz(

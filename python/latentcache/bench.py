@@ -122,7 +122,7 @@ def discover(directory: Path, limit: int | None) -> list[CacheItem]:
     items: list[CacheItem] = []
     skipped: list[str] = []
     # One parallel pass reads each index once and checks every resolution; the first is measured.
-    for path, (_, checks) in zip(paths, lc._core._verify_many(paths), strict=True):
+    for path, (_, checks, _) in zip(paths, lc._core._verify_many(paths), strict=True):
         if not checks:
             skipped.append(f"{path}: no latents_{{h}}x{{w}} entry")
             continue

@@ -105,17 +105,13 @@ def validate(
     )
 
 
-def _check_sources(statuses: list[_core.CacheStatus]) -> list[_core.CacheStatus]:
-    """Each ``ok`` status whose recorded source fingerprint no longer matches its image becomes
-    ``stale``; a broken metadata member or an unreadable image is a status too, never an exception."""
-    return [_source_status(s, partial(read_meta, s.path)) if s.ok else s for s in statuses]
-
-
-def _source_status(s: _core.CacheStatus, meta_of: Callable[[], dict[str, Any] | None]) -> _core.CacheStatus:
+def _source_status(
+    s: _core.CacheStatus, meta_of: Callable[[], dict[str, Any] | None], suffix: str = _core.DEFAULT_SUFFIX
+) -> _core.CacheStatus:
     """An ``ok`` status as it stands, or ``stale`` when its source image changed; ``meta_of`` gives the
     file's metadata. A broken metadata member or an unreadable image is a status, never an exception."""
     try:
-        reason = _stale_by_meta(s.path, meta_of(), _core.DEFAULT_SUFFIX)
+        reason = _stale_by_meta(s.path, meta_of(), suffix)
     except LatentCacheError as e:
         return _core.CacheStatus(s.path, "malformed", str(e))
     except OSError as e:
@@ -154,14 +150,27 @@ def verify_directory(
         | {d.path for d in report.doubled_caches}
     )
     out: list[_core.CacheStatus] = []
-    # One parallel pass that reads each file's index once and checks every resolution in it.
-    for cache, (keys, checks) in zip(
-        caches, _core._verify_many(caches, verify_crc, check_finite, workers), strict=True
-    ):
+    # One parallel pass that reads each file's index once and checks every resolution in it (and,
+    # for the source check, reads its metadata member through the same open file).
+    verified = _core._verify_many(caches, verify_crc, check_finite, workers, check_source)
+    for cache, (keys, checks, meta) in zip(caches, verified, strict=True):
         if keys is not None and not checks:
             held = ", ".join(sorted(keys)) or "no arrays"
             message = f"{cache}: no latents_{{h}}x{{w}} entry (the file holds: {held})"
             out.append(_core.CacheStatus(cache, "missing_key", message))
             continue
-        out.extend(status for _, _, _, status in checks)
-    return _check_sources(out) if check_source else out
+        statuses = [status for _, _, _, status in checks]
+        out.extend(statuses if meta is None else _judged_once(statuses, meta, suffix))
+    return out
+
+
+def _judged_once(statuses: list[_core.CacheStatus], meta: bytes, suffix: str) -> list[_core.CacheStatus]:
+    """The source check of one file's statuses (one per resolution), made once: each ``ok`` one
+    takes the verdict."""
+    first = next((s for s in statuses if s.ok), None)
+    if first is None:
+        return statuses
+    judged = _source_status(first, partial(parse_meta, first.path, meta), suffix)
+    if judged is first:
+        return statuses
+    return [_core.CacheStatus(s.path, judged.code, judged.message) if s.ok else s for s in statuses]

@@ -463,12 +463,7 @@ pub fn validate_with(
     };
     match read {
         Ok(meta) => Status { meta, ..status },
-        Err(crate::core::error::Error::Io { source, .. }) => io_status(path, &source),
-        Err(e) => Status {
-            code: Code::Malformed,
-            message: e.to_string(),
-            meta: None,
-        },
+        Err(e) => meta_error(path, e),
     }
 }
 
@@ -1120,6 +1115,10 @@ pub enum Verified {
     Checked {
         keys: Vec<String>,
         results: Vec<(Expectation, Status)>,
+        /// With [`Options::with_meta`], the `latentcache_meta` bytes of a file with at least one
+        /// valid resolution (None when it has no such member, and always None otherwise). A member
+        /// that cannot be read turns each valid resolution's status into the error that says why.
+        meta: Option<Vec<u8>>,
     },
 }
 
@@ -1162,7 +1161,12 @@ pub fn verify_many<P: AsRef<Path> + Sync>(
                 (exp, check_index(&file, path, &index, &exp, opts))
             })
             .collect();
-        Verified::Checked { keys, results }
+        let (results, meta) = with_meta_of(&file, path, results, opts);
+        Verified::Checked {
+            keys,
+            results,
+            meta,
+        }
     };
     Ok(call_pool(n)?.install(|| {
         paths
@@ -1171,6 +1175,46 @@ pub fn verify_many<P: AsRef<Path> + Sync>(
             .map_init(Opener::default, one)
             .collect()
     }))
+}
+
+/// The metadata member for [`verify_many`]'s result: read once per file, and only with
+/// [`Options::with_meta`] when a resolution is valid; a member that cannot be read replaces each
+/// valid status with the status that says why.
+fn with_meta_of(
+    file: &File,
+    path: &Path,
+    results: Vec<(Expectation, Status)>,
+    opts: &Options,
+) -> (Vec<(Expectation, Status)>, Option<Vec<u8>>) {
+    if !opts.with_meta || !results.iter().any(|(_, s)| s.code == Code::Ok) {
+        return (results, None);
+    }
+    match crate::core::write::read_meta_bytes_from(file, path) {
+        Ok(meta) => (results, meta),
+        Err(e) => {
+            let failed = meta_error(path, e);
+            let results = results
+                .into_iter()
+                .map(|(exp, s)| match s.code {
+                    Code::Ok => (exp, failed.clone()),
+                    _ => (exp, s),
+                })
+                .collect();
+            (results, None)
+        }
+    }
+}
+
+/// The status of a metadata member that cannot be read.
+fn meta_error(path: &Path, e: Error) -> Status {
+    match e {
+        Error::Io { source, .. } => io_status(path, &source),
+        e => Status {
+            code: Code::Malformed,
+            message: e.to_string(),
+            meta: None,
+        },
+    }
 }
 
 /// The cost floor of header-only validation on this machine, for `latentcache bench`: open each
@@ -1797,6 +1841,74 @@ mod tests {
     }
 
     #[test]
+    fn verify_many_reads_the_metadata_once_per_file_when_asked() {
+        use crate::core::npy::testutil::savez_cache_with;
+        let dir = tempfile::tempdir().unwrap();
+        let json = br#"{"format":1}"#.to_vec();
+        let meta = (
+            "latentcache_meta.npy".to_string(),
+            npy("|u1", &[json.len() as u64], &json),
+        );
+        let with = dir.path().join("with.npz");
+        std::fs::write(
+            &with,
+            savez_cache_with((4, 8), false, false, true, false, &[meta]),
+        )
+        .unwrap();
+        let odd = dir.path().join("odd.npz");
+        let odd_member = (
+            "latentcache_meta.npy".to_string(),
+            npy("<f4", &[1], &[0u8; 4]),
+        );
+        std::fs::write(
+            &odd,
+            savez_cache_with((4, 8), false, false, true, false, &[odd_member]),
+        )
+        .unwrap();
+        let stock = dir.path().join("stock.npz");
+        std::fs::write(&stock, Cache::anima().bytes(false)).unwrap();
+        let paths = [with, odd, stock];
+        let asked = Options {
+            with_meta: true,
+            ..Options::default()
+        };
+        let parts = |v: &Verified| match v {
+            Verified::Checked { results, meta, .. } => (
+                results
+                    .iter()
+                    .map(|(_, s)| (s.code, s.message.clone()))
+                    .collect::<Vec<_>>(),
+                meta.clone(),
+            ),
+            Verified::Unreadable(s) => panic!("unreadable: {}", s.message),
+        };
+        let got = verify_many(&paths, &asked, Some(2)).unwrap();
+        // Both resolutions of a file with metadata are valid, and the bytes come once with them.
+        let (codes, m) = parts(&got[0]);
+        assert_eq!(
+            codes.iter().map(|c| c.0).collect::<Vec<_>>(),
+            [Code::Ok, Code::Ok]
+        );
+        assert_eq!(m, Some(json.clone()));
+        // A member that cannot be read turns every valid resolution into the error, named.
+        let (codes, m) = parts(&got[1]);
+        assert_eq!(m, None);
+        assert_eq!(codes.len(), 2);
+        for (code, message) in &codes {
+            assert_eq!(*code, Code::Malformed, "{message}");
+            assert!(
+                message.contains("latentcache_meta") && message.contains("odd.npz"),
+                "{message}"
+            );
+        }
+        assert_eq!(parts(&got[2]), (vec![(Code::Ok, String::new())], None));
+        // Not asked: no bytes, and the odd member is not looked at.
+        let plain = verify_many(&paths, &Options::default(), Some(1)).unwrap();
+        assert_eq!(parts(&plain[0]).1, None);
+        assert!(parts(&plain[1]).0.iter().all(|c| c.0 == Code::Ok));
+    }
+
+    #[test]
     fn verify_many_checks_every_resolution_as_validate_does() {
         use crate::core::npy::testutil::savez_cache;
         let dir = tempfile::tempdir().unwrap();
@@ -1818,7 +1930,7 @@ mod tests {
         let got = verify_many(&paths, &opts, Some(2)).unwrap();
         assert_eq!(got.len(), 4);
         let checked = |v: &Verified| match v {
-            Verified::Checked { keys, results } => (keys.clone(), results.clone()),
+            Verified::Checked { keys, results, .. } => (keys.clone(), results.clone()),
             Verified::Unreadable(s) => panic!("unreadable: {}", s.message),
         };
         let (keys, results) = checked(&got[0]);

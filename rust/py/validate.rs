@@ -282,11 +282,13 @@ fn status_object<'py>(
     Ok(status)
 }
 
-/// One file's result from [`_verify_many`]: its keys (None when it cannot be read as an npz) and
-/// `(bucket, flip_aug, alpha_mask, status)` per check (the bucket None for an unreadable file).
+/// One file's result from [`_verify_many`]: its keys (None when it cannot be read as an npz),
+/// `(bucket, flip_aug, alpha_mask, status)` per check (the bucket None for an unreadable file), and
+/// its metadata bytes when asked for.
 type VerifiedFile<'py> = (
     Option<Vec<String>>,
     Vec<(Option<(u32, u32)>, bool, bool, Bound<'py, PyCacheStatus>)>,
+    Option<Bound<'py, PyBytes>>,
 );
 
 /// Check every resolution each file holds, reading each file's index once, in parallel with the
@@ -294,23 +296,26 @@ type VerifiedFile<'py> = (
 /// of `validate` for the bucket `(8w, 8h)`, with that resolution's flipped latents and alpha mask
 /// required when the file holds them.
 ///
-/// Returns, per path: `(keys, checks)`. `keys` is the file's array keys, or None when it cannot be
-/// read as an npz; then `checks` holds one `(None, False, False, status)` that says why. Otherwise
-/// `checks` holds `((W, H), flip_aug, alpha_mask, status)` per latents key, in key order (empty
-/// when there is none).
+/// Returns, per path: `(keys, checks, meta)`. `keys` is the file's array keys, or None when it
+/// cannot be read as an npz; then `checks` holds one `(None, False, False, status)` that says why.
+/// Otherwise `checks` holds `((W, H), flip_aug, alpha_mask, status)` per latents key, in key order
+/// (empty when there is none). With `with_meta`, `meta` is the `latentcache_meta` bytes of a file
+/// with a valid resolution, read through the same open file (a member that cannot be read turns
+/// each valid status into the one that says why); otherwise, and without the member, None.
 #[pyfunction]
-#[pyo3(signature = (paths, verify_crc = false, check_finite = false, workers = None))]
+#[pyo3(signature = (paths, verify_crc = false, check_finite = false, workers = None, with_meta = false))]
 pub fn _verify_many<'py>(
     py: Python<'py>,
     paths: Vec<PathBuf>,
     verify_crc: bool,
     check_finite: bool,
     workers: Option<usize>,
+    with_meta: bool,
 ) -> PyResult<Vec<VerifiedFile<'py>>> {
     let opts = core_validate::Options {
         verify_crc,
         check_finite,
-        with_meta: false,
+        with_meta,
     };
     let found = super::detached(py, || core_validate::verify_many(&paths, &opts, workers))?;
     let mut out = Vec::with_capacity(found.len());
@@ -320,14 +325,19 @@ pub fn _verify_many<'py>(
             core_validate::Verified::Unreadable(s) => (
                 None,
                 vec![(None, false, false, status_object(py, name, &s)?)],
+                None,
             ),
-            core_validate::Verified::Checked { keys, results } => {
+            core_validate::Verified::Checked {
+                keys,
+                results,
+                meta,
+            } => {
                 let mut checks = Vec::with_capacity(results.len());
                 for (exp, s) in results {
                     let status = status_object(py, name.clone(), &s)?;
                     checks.push((Some(exp.bucket_reso), exp.flip_aug, exp.alpha_mask, status));
                 }
-                (Some(keys), checks)
+                (Some(keys), checks, meta.map(|b| PyBytes::new(py, &b)))
             }
         });
     }
