@@ -133,3 +133,24 @@ def test_verify_directory_judges_the_source_once_per_file_with_its_suffix(tmp_pa
     assert all("m.png" in s.message and str(cache) in s.message for s in got)
     # Without the source check both resolutions stay ok.
     assert [s.code for s in lc.verify_directory(tmp_path, suffix=suffix)] == ["ok", "ok"]
+
+
+def test_validate_finds_the_image_with_the_suffix_it_is_given(tmp_path: Path) -> None:
+    img = tmp_path / "v.png"
+    img.write_bytes(os.urandom(3000))
+    cache = Path(lc.cache_path(img, (64, 64), "_other.npz"))
+    a = arrays_for(BUCKET)
+    lc.write_latents(
+        cache,
+        latents=a["latents_8x8"],
+        original_size=a["original_size_8x8"],
+        crop_ltrb=a["crop_ltrb_8x8"],
+        meta={"source": lc.source_fingerprint(img)},
+    )
+    img.write_bytes(img.read_bytes() + b"edit")
+    st = lc.validate([cache], BUCKET, check_source=True, suffix="_other.npz")[0]
+    assert st.code == "stale" and "v.png" in st.message
+    # With the default suffix the name says nothing of an image: it cannot be told, so it stays ok
+    # (not malformed: nothing is wrong with the file).
+    assert lc.validate([cache], BUCKET, check_source=True)[0].code == "ok"
+    assert lc.stale_reason(cache) is None and lc.stale_reason(cache, "_other.npz") is not None

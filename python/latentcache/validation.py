@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any
 
 from latentcache import _core
-from latentcache.errors import LatentCacheError
+from latentcache.errors import CachePathError, LatentCacheError
 from latentcache.writer import parse_meta, read_meta, source_fingerprint
 
 __all__ = ["stale_reason", "status_codes", "validate", "verify_directory"]
@@ -38,7 +38,8 @@ def stale_reason(cache: _PathLike, suffix: str = _core.DEFAULT_SUFFIX) -> str | 
     so a copied dataset (new mtimes, same bytes) is not stale. The hash covers the first and the last
     64 KiB of the image: an edit that keeps the file's size and changes only bytes in between is not
     seen. Compressed formats (PNG, JPEG, WebP) change size or their ends on nearly any edit;
-    uncompressed ones (BMP, some TIFF) can keep both.
+    uncompressed ones (BMP, some TIFF) can keep both. A cache whose name does not end in
+    ``_<W>x<H>`` and ``suffix`` has no image to compare with, so it cannot be told either.
     """
     return _stale_by_meta(cache, read_meta(cache), suffix)
 
@@ -47,7 +48,10 @@ def _stale_by_meta(cache: _PathLike, meta: dict[str, Any] | None, suffix: str) -
     """``stale_reason`` with the cache's metadata already read."""
     if not meta or not isinstance(meta.get("source"), dict):
         return None
-    image = _core.find_source_image(cache, suffix)
+    try:
+        image = _core.find_source_image(cache, suffix)
+    except CachePathError:
+        return None  # not named <stem>_<W>x<H><suffix>: its image cannot be told
     if image is None:
         return None
     recorded = meta["source"]
@@ -74,11 +78,13 @@ def validate(
     check_finite: bool = False,
     check_source: bool = False,
     workers: int | None = None,
+    suffix: str = _core.DEFAULT_SUFFIX,
 ) -> list[_core.CacheStatus]:
     """Check sd-scripts Anima caches; see ``latentcache._core.validate`` for the rules and codes.
 
     With ``check_source=True``, a cache that is otherwise ``ok`` but whose recorded source
-    fingerprint no longer matches its image gets the code ``stale`` (see ``stale_reason``).
+    fingerprint no longer matches its image gets the code ``stale`` (see ``stale_reason``); its
+    image is found by the cache's name with ``suffix``.
     """
     _check_many(paths, "validate")
     if check_source:
@@ -93,7 +99,9 @@ def validate(
             check_finite=check_finite,
             workers=workers,
         )
-        return [s if m is None else _source_status(s, partial(parse_meta, s.path, m)) for s, m in checked]
+        return [
+            s if m is None else _source_status(s, partial(parse_meta, s.path, m), suffix) for s, m in checked
+        ]
     return _core.validate(
         paths,
         bucket_resos,
