@@ -57,9 +57,18 @@ def test_latents_span_finds_exactly_the_latents(tmp_path: Path) -> None:
     arrays = {f"latents_{h // 8}x{w // 8}": np.zeros((16, h // 8, w // 8), np.float32)}
     np.savez_compressed(tmp_path / "z.npz", **arrays)  # type: ignore[arg-type]
     assert latents_span(str(tmp_path / "z.npz"), (w, h)) is None
-    arrays = {f"latents_{h // 8}x{w // 8}": np.zeros((16, h // 8, w // 8), np.float16)}
-    np.savez(tmp_path / "h.npz", **arrays)  # type: ignore[arg-type]
-    assert latents_span(str(tmp_path / "h.npz"), (w, h)) is None
+    key = f"latents_{h // 8}x{w // 8}"
+    # Not the bucket's little-endian float32 latents, even where the byte count matches.
+    for name, a in {
+        "h": np.zeros((16, h // 8, w // 8), np.float16),
+        "h2": np.zeros((32, h // 8, w // 8), np.float16),
+        "be": np.zeros((16, h // 8, w // 8), ">f4"),
+        "fortran": np.asfortranarray(np.zeros((16, h // 8, w // 8), np.float32)),
+    }.items():
+        np.savez(tmp_path / f"{name}.npz", **{key: a})  # type: ignore[arg-type]
+        assert latents_span(str(tmp_path / f"{name}.npz"), (w, h)) is None, name
+    # No member for the bucket.
+    assert latents_span(items[0].path, (w + 8, h)) is None
 
 
 def test_header_read_floor_counts_what_it_opened(tmp_path: Path) -> None:

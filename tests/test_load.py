@@ -389,6 +389,22 @@ def test_a_larger_new_buffer_replaces_the_free_smaller_ones(tmp_path: Path) -> N
         "assert stats() == (2, 262144 + 327680, 2), stats()\n"
     )
     subprocess.run([sys.executable, "-c", code, str(p_small), str(p_big)], check=True, timeout=120)
+    # A full pool that cannot make room for the new buffer drops nothing for it: the free small
+    # buffer stays, and the next small load takes it.
+    code = (
+        "import sys, latentcache as lc\n"
+        "stats = lc._core._read_pool_stats\n"
+        "held = [lc.load(sys.argv[1], (448, 512)).latents for _ in range(4)]\n"
+        "free_id = id(held[3].base)\n"
+        "del held[3]\n"
+        "assert stats() == (4, 4 * 262144, 1), stats()\n"
+        "big = lc.load(sys.argv[2], (512, 512)).latents\n"
+        "assert stats() == (4, 4 * 262144, 1), stats()\n"
+        "again = lc.load(sys.argv[1], (448, 512)).latents\n"
+        "assert id(again.base) == free_id and stats() == (4, 4 * 262144, 0), stats()\n"
+    )
+    env = dict(os.environ, LATENTCACHE_READ_POOL_MB="1")
+    subprocess.run([sys.executable, "-c", code, str(p_small), str(p_big)], check=True, env=env, timeout=120)
 
 
 def test_read_pool_is_bounded_and_can_be_turned_off(tmp_path: Path) -> None:

@@ -144,13 +144,18 @@ def discover(directory: Path, limit: int | None) -> list[CacheItem]:
 
 
 def latents_span(path: str, bucket: tuple[int, int]) -> tuple[int, int] | None:
-    """Where a cache's latents for ``bucket`` lie in the file: ``(offset, nbytes)`` of the float32 data
-    of a stored ``latents_{h}x{w}`` member, found with the standard library alone (zipfile and the npy
-    header) so that the load floor does not lean on the reader it bounds. None for a deflated member
-    or one whose data is not the bucket's float32 latents."""
+    """Where a cache's latents for ``bucket`` lie in the file: ``(offset, nbytes)`` of the data of a
+    stored ``latents_{h}x{w}`` member, found with the standard library alone (zipfile, and numpy's own
+    npy header reader) so that the load floor does not lean on the reader it bounds. None when the
+    file has no such member, or it is deflated, or it is not little-endian float32 ``(16, h, w)`` or
+    ``(16, 1, h, w)`` in C order."""
     name = f"latents{_sfx(bucket)}.npy"
+    w, h = bucket
     with open(path, "rb") as f, zipfile.ZipFile(f) as z:
-        info = z.getinfo(name)
+        try:
+            info = z.getinfo(name)
+        except KeyError:
+            return None
         if info.compress_type != zipfile.ZIP_STORED:
             return None
         f.seek(info.header_offset)
@@ -158,14 +163,18 @@ def latents_span(path: str, bucket: tuple[int, int]) -> tuple[int, int] | None:
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         start = info.header_offset + 30 + name_len + extra_len
         f.seek(start)
-        prefix = f.read(12)
-        if prefix[6] == 1:
-            header = 10 + struct.unpack("<H", prefix[8:10])[0]
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         else:
-            header = 12 + struct.unpack("<I", prefix[8:12])[0]
-        w, h = bucket
-        nbytes = 16 * (h // 8) * (w // 8) * 4
-        return (start + header, nbytes) if info.file_size - header == nbytes else None
+            return None
+        header = f.tell() - start
+    if dtype != np.dtype("<f4") or fortran or shape not in ((16, h // 8, w // 8), (16, 1, h // 8, w // 8)):
+        return None
+    nbytes = 16 * (h // 8) * (w // 8) * 4
+    return (start + header, nbytes) if info.file_size - header == nbytes else None
 
 
 def drop_caches() -> bool:
@@ -366,13 +375,15 @@ def _measure_with(
             if hasattr(os, "preadv"):
                 fd = os.open(p, os.O_RDONLY)
                 try:
-                    os.preadv(fd, [floor_view[:nbytes]], offset)
+                    got = os.preadv(fd, [floor_view[:nbytes]], offset)
                 finally:
                     os.close(fd)
             else:  # Windows: no positional read in os
                 with open(p, "rb", buffering=0) as f:
                     f.seek(offset)
-                    f.readinto(floor_view[:nbytes])
+                    got = f.readinto(floor_view[:nbytes])
+            if got != nbytes:
+                raise RuntimeError(f"{p}: read {got} of the latents' {nbytes} bytes (the file changed?)")
             d = dst[b]
             np.copyto(d, np.frombuffer(floor_buf, np.float32, count=d.size).reshape(d.shape))
 

@@ -972,14 +972,6 @@ mod tests {
         let large = savez_cache_with((4, 8), false, false, false, false, &[meta_member(&big)]);
         assert_eq!(quick_meta(&large, &EXP), Some(Meta::Unknown));
         assert_eq!(general_meta(&large), Some(big));
-        // Not asked: nothing is reported.
-        let b = savez_cache_with((4, 8), false, false, false, false, &[meta_member(json)]);
-        let t = temp_file(&b);
-        let f = File::open(t.path()).unwrap();
-        assert_eq!(
-            quick_check(&mut Scratch::new(), &f, b.len() as u64, &EXP, None).map(|r| r.0),
-            Some(true)
-        );
     }
 
     #[test]

@@ -82,8 +82,8 @@ fn fits(made: u64, size: u64) -> bool {
 
 /// Keep `obj` (a new bytearray of `size` bytes) for reuse, within the limits. Kept buffers that
 /// nothing refers to and that `obj` can stand in for (smaller ones it fits) are dropped: it serves
-/// their reads from now on. When the pool is full, another unused buffer makes room; otherwise
-/// `obj` is not kept.
+/// their reads from now on. When the pool is full, other unused buffers make room, least recently
+/// taken first; when they cannot, `obj` is not kept and nothing is dropped.
 pub(crate) fn keep(py: Python<'_>, obj: &Bound<'_, PyAny>, size: u64) {
     let limit = max_bytes();
     if size > limit {
@@ -92,6 +92,15 @@ pub(crate) fn keep(py: Python<'_>, obj: &Bound<'_, PyAny>, size: u64) {
     let Ok(mut pool) = POOL.try_lock() else {
         return;
     };
+    // Nothing is dropped unless `obj` will then fit: only unused buffers can make room.
+    let (n_unused, unused_bytes) = pool
+        .bufs
+        .iter()
+        .filter(|(b, _)| unused(b.bind(py)))
+        .fold((0, 0), |(n, bytes), (_, made)| (n + 1, bytes + made));
+    if pool.bufs.len() - n_unused >= MAX_BUFS || pool.bytes - unused_bytes + size > limit {
+        return;
+    }
     let mut freed = 0;
     pool.bufs.retain(|(b, made)| {
         let superseded = *made < size && fits(size, *made) && unused(b.bind(py));
@@ -103,7 +112,7 @@ pub(crate) fn keep(py: Python<'_>, obj: &Bound<'_, PyAny>, size: u64) {
     pool.bytes -= freed;
     while pool.bufs.len() >= MAX_BUFS || pool.bytes + size > limit {
         let Some(i) = pool.bufs.iter().position(|(b, _)| unused(b.bind(py))) else {
-            return;
+            return; // not reached: enough unused buffers were counted above
         };
         let (gone, made) = pool.bufs.remove(i);
         pool.bytes -= made;
