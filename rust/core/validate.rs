@@ -1161,7 +1161,7 @@ pub fn verify_many<P: AsRef<Path> + Sync>(
                 (exp, check_index(&file, path, &index, &exp, opts))
             })
             .collect();
-        let (results, meta) = with_meta_of(&file, path, results, opts);
+        let (results, meta) = with_meta_of(&file, path, &index, results, opts);
         Verified::Checked {
             keys,
             results,
@@ -1177,19 +1177,29 @@ pub fn verify_many<P: AsRef<Path> + Sync>(
     }))
 }
 
-/// The metadata member for [`verify_many`]'s result: read once per file, and only with
-/// [`Options::with_meta`] when a resolution is valid; a member that cannot be read replaces each
-/// valid status with the status that says why.
+/// The metadata member for [`verify_many`]'s result, found in the file's `index`: read once per
+/// file, and only with [`Options::with_meta`] when a resolution is valid; a member that cannot be
+/// read replaces each valid status with the status that says why.
 fn with_meta_of(
     file: &File,
     path: &Path,
+    index: &NpzIndex,
     results: Vec<(Expectation, Status)>,
     opts: &Options,
 ) -> (Vec<(Expectation, Status)>, Option<Vec<u8>>) {
     if !opts.with_meta || !results.iter().any(|(_, s)| s.code == Code::Ok) {
         return (results, None);
     }
-    match crate::core::write::read_meta_bytes_from(file, path) {
+    let key = crate::core::write::META_KEY;
+    let member = (index.arrays.iter())
+        .find(|a| a.key == key)
+        .map(|a| &a.member)
+        .or_else(|| {
+            (index.unsupported.iter())
+                .find(|u| u.key == key)
+                .map(|u| &u.member)
+        });
+    match crate::core::write::meta_bytes_of(file, path, member) {
         Ok(meta) => (results, meta),
         Err(e) => {
             let failed = meta_error(path, e);

@@ -969,7 +969,17 @@ pub fn read_meta_bytes(path: &Path) -> Result<Option<Vec<u8>>> {
 pub fn read_meta_bytes_from(file: &File, path: &Path) -> Result<Option<Vec<u8>>> {
     let index = read_zip_index(file, path)?;
     let name = format!("{META_KEY}.npy");
-    let Some(member) = index.members.iter().rev().find(|m| m.name == name) else {
+    meta_bytes_of(
+        file,
+        path,
+        index.members.iter().rev().find(|m| m.name == name),
+    )
+}
+
+/// [`read_meta_bytes_from`] for a caller that already has the file's index: `member` is the
+/// file's `latentcache_meta.npy` member, None when it has none.
+pub fn meta_bytes_of(file: &File, path: &Path, member: Option<&Member>) -> Result<Option<Vec<u8>>> {
+    let Some(member) = member else {
         return Ok(None);
     };
     let bad = |msg: String| Error::npz(path, Some(META_KEY), msg);
