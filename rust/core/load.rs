@@ -815,6 +815,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A 1024x1024 bucket's cache as np.savez lays it out (1 MiB of latents), in a folder of its own
+    /// (kept alive by the caller), and the file open.
+    #[cfg(target_os = "linux")]
+    fn cache_1024() -> (tempfile::TempDir, std::path::PathBuf, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a_1024x1024_anima.npz");
+        let bytes = crate::core::npy::testutil::savez_cache((128, 128), false, false, false, true);
+        std::fs::write(&p, bytes).unwrap();
+        let f = File::open(&p).unwrap();
+        (dir, p, f)
+    }
+
     /// A cold file's latents are asked for before the headers are parsed: after planning, a page in
     /// the middle of the 1 MiB payload is cached (or in flight), far from the read-ahead that the
     /// header reads at both ends start by themselves.
@@ -822,11 +834,7 @@ mod tests {
     #[test]
     fn planning_a_cold_file_prefetches_its_latents() {
         use crate::core::zip::testutil::{evict, resident_pages};
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a_1024x1024_anima.npz");
-        let bytes = crate::core::npy::testutil::savez_cache((128, 128), false, false, false, true);
-        std::fs::write(&p, &bytes).unwrap();
-        let f = File::open(&p).unwrap();
+        let (_dir, p, f) = cache_1024();
         assert_eq!(is_cold(&f), Some(false));
         if !evict(&p) {
             eprintln!("this file system keeps the file cached; the cold case is not checked");
@@ -869,11 +877,7 @@ mod tests {
     #[test]
     fn a_cached_head_alone_does_not_make_the_latents_warm() {
         use crate::core::zip::testutil::evict;
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a_1024x1024_anima.npz");
-        let bytes = crate::core::npy::testutil::savez_cache((128, 128), false, false, false, true);
-        std::fs::write(&p, &bytes).unwrap();
-        let f = File::open(&p).unwrap();
+        let (_dir, p, f) = cache_1024();
         let mut head = [0u8; crate::core::zip::HEAD_READ as usize];
         let got = crate::core::zip::read_upto(&f, &mut head, 0).unwrap();
         assert!(cached_latents_at(&f, &head[..got], (1024, 1024)).is_some());
