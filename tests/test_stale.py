@@ -12,18 +12,23 @@ from npzgen import arrays_for, write_stock
 BUCKET = (64, 64)
 
 
-def make(tmp_path: Path) -> tuple[Path, Path]:
+def make(
+    tmp_path: Path, suffix: str = lc.DEFAULT_SUFFIX, buckets: tuple[tuple[int, int], ...] = (BUCKET,)
+) -> tuple[Path, Path]:
+    """An image `a.png` and its cache named with `suffix`, one resolution per bucket, each written
+    with the image's source fingerprint."""
     img = tmp_path / "a.png"
     img.write_bytes(os.urandom(200_000))
-    cache = Path(lc.cache_path(img, (64, 64)))
-    a = arrays_for(BUCKET)
-    lc.write_latents(
-        cache,
-        latents=a["latents_8x8"],
-        original_size=a["original_size_8x8"],
-        crop_ltrb=a["crop_ltrb_8x8"],
-        meta={"source": lc.source_fingerprint(img)},
-    )
+    cache = Path(lc.cache_path(img, (64, 64), suffix))
+    for w, h in buckets:
+        a, sfx = arrays_for((w, h)), f"_{h // 8}x{w // 8}"
+        lc.write_latents(
+            cache,
+            latents=a["latents" + sfx],
+            original_size=a["original_size" + sfx],
+            crop_ltrb=a["crop_ltrb" + sfx],
+            meta={"source": lc.source_fingerprint(img)},
+        )
     return img, cache
 
 
@@ -111,45 +116,23 @@ def test_one_call_judges_each_file_by_its_own_metadata(tmp_path: Path) -> None:
 
 
 def test_verify_directory_judges_the_source_once_per_file_with_its_suffix(tmp_path: Path) -> None:
-    img = tmp_path / "m.png"
-    img.write_bytes(os.urandom(5000))
     suffix = "_other.npz"
-    cache = Path(lc.cache_path(img, (64, 64), suffix))
-    small = arrays_for((64, 64))
-    big = arrays_for((128, 64))
-    for a, sfx in ((small, "_8x8"), (big, "_8x16")):
-        lc.write_latents(
-            cache,
-            latents=a["latents" + sfx],
-            original_size=a["original_size" + sfx],
-            crop_ltrb=a["crop_ltrb" + sfx],
-            meta={"source": lc.source_fingerprint(img)},
-        )
+    img, cache = make(tmp_path, suffix, ((64, 64), (128, 64)))
     codes = [s.code for s in lc.verify_directory(tmp_path, suffix=suffix, check_source=True)]
     assert codes == ["ok", "ok"]
     img.write_bytes(img.read_bytes() + b"edit")
     got = lc.verify_directory(tmp_path, suffix=suffix, check_source=True)
     assert [s.code for s in got] == ["stale", "stale"], [s.message for s in got]
-    assert all("m.png" in s.message and str(cache) in s.message for s in got)
+    assert all("a.png" in s.message and str(cache) in s.message for s in got)
     # Without the source check both resolutions stay ok.
     assert [s.code for s in lc.verify_directory(tmp_path, suffix=suffix)] == ["ok", "ok"]
 
 
 def test_validate_finds_the_image_with_the_suffix_it_is_given(tmp_path: Path) -> None:
-    img = tmp_path / "v.png"
-    img.write_bytes(os.urandom(3000))
-    cache = Path(lc.cache_path(img, (64, 64), "_other.npz"))
-    a = arrays_for(BUCKET)
-    lc.write_latents(
-        cache,
-        latents=a["latents_8x8"],
-        original_size=a["original_size_8x8"],
-        crop_ltrb=a["crop_ltrb_8x8"],
-        meta={"source": lc.source_fingerprint(img)},
-    )
+    img, cache = make(tmp_path, "_other.npz")
     img.write_bytes(img.read_bytes() + b"edit")
     st = lc.validate([cache], BUCKET, check_source=True, suffix="_other.npz")[0]
-    assert st.code == "stale" and "v.png" in st.message
+    assert st.code == "stale" and "a.png" in st.message
     # With the default suffix the name says nothing of an image: it cannot be told, so it stays ok
     # (not malformed: nothing is wrong with the file).
     assert lc.validate([cache], BUCKET, check_source=True)[0].code == "ok"
