@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from typing import Any
 
 from latentcache import _core
@@ -99,9 +98,7 @@ def validate(
             check_finite=check_finite,
             workers=workers,
         )
-        return [
-            s if m is None else _source_status(s, partial(parse_meta, s.path, m), suffix) for s, m in checked
-        ]
+        return [s if m is None else _source_status(s, m, suffix) for s, m in checked]
     return _core.validate(
         paths,
         bucket_resos,
@@ -113,13 +110,11 @@ def validate(
     )
 
 
-def _source_status(
-    s: _core.CacheStatus, meta_of: Callable[[], dict[str, Any] | None], suffix: str = _core.DEFAULT_SUFFIX
-) -> _core.CacheStatus:
-    """An ``ok`` status as it stands, or ``stale`` when its source image changed; ``meta_of`` gives the
-    file's metadata. A broken metadata member or an unreadable image is a status, never an exception."""
+def _source_status(s: _core.CacheStatus, meta: bytes, suffix: str) -> _core.CacheStatus:
+    """An ``ok`` status as it stands, or ``stale`` when its source image changed; ``meta`` is the
+    file's metadata member. A broken member or an unreadable image is a status, never an exception."""
     try:
-        reason = _stale_by_meta(s.path, meta_of(), suffix)
+        reason = _stale_by_meta(s.path, parse_meta(s.path, meta), suffix)
     except LatentCacheError as e:
         return _core.CacheStatus(s.path, "malformed", str(e))
     except OSError as e:
@@ -178,7 +173,7 @@ def _judged_once(statuses: list[_core.CacheStatus], meta: bytes, suffix: str) ->
     first = next((s for s in statuses if s.ok), None)
     if first is None:
         return statuses
-    judged = _source_status(first, partial(parse_meta, first.path, meta), suffix)
+    judged = _source_status(first, meta, suffix)
     if judged is first:
         return statuses
     return [_core.CacheStatus(s.path, judged.code, judged.message) if s.ok else s for s in statuses]
