@@ -1,0 +1,75 @@
+"""latentcache.handle.open_cache: keys, resolutions, get (copy and view) and meta, against np.load."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import latentcache
+import numpy as np
+import pytest
+from latentcache.errors import NpzFormatError
+from latentcache.handle import open_cache
+
+
+def _write(path: Path, h: int, w: int, seed: int = 0) -> np.ndarray:
+    lat = np.random.default_rng(seed).standard_normal((16, h, w)).astype(np.float32)
+    latentcache.write_latents(
+        path, latents=lat, original_size=(w * 8, h * 8), crop_ltrb=(0, 0, w * 8, h * 8), meta={"vae": "abc"}
+    )
+    return lat
+
+
+def test_keys_resolutions_and_arrays_match_np_load(tmp_path: Path) -> None:
+    p = tmp_path / "a_0512x0256_anima.npz"
+    _write(p, 32, 64)
+    _write(p, 16, 16, seed=1)
+    with open_cache(p) as f, np.load(p) as ref:
+        assert sorted(f.keys()) == sorted(ref.files)
+        assert f.resolutions() == [(16, 16), (32, 64)]
+        for key in ref.files:
+            for copy in (True, False):
+                got = f.get(key, copy=copy)
+                assert got.dtype == ref[key].dtype and got.shape == ref[key].shape
+                assert got.tobytes() == ref[key].tobytes()
+        assert f.meta is not None and f.meta["vae"] == "abc"
+
+
+def test_view_is_read_only_and_survives_replacement(tmp_path: Path) -> None:
+    p = tmp_path / "b_0128x0128_anima.npz"
+    lat = _write(p, 16, 16)
+    with open_cache(p) as f:
+        view = f.get("latents_16x16", copy=False)
+    assert not view.flags.writeable
+    assert view.base is not None  # a view, not an owned copy
+    _write(p, 16, 16, seed=7)  # write_latents replaces the file by rename
+    np.testing.assert_array_equal(view, lat)
+
+
+def test_stock_file_and_bare_model(tmp_path: Path) -> None:
+    p = tmp_path / "c_0256x0128_sdxl.npz"
+    lat = np.arange(4 * 16 * 32, dtype=np.float32).reshape(4, 16, 32)
+    np.savez(p, latents=lat, original_size=np.array([256, 128]), crop_ltrb=np.array([0, 0, 256, 128]))
+    with open_cache(p, model="sdxl") as f:
+        assert f.resolutions() == [(16, 32)]
+        assert f.meta is None
+        np.testing.assert_array_equal(f.get("latents", copy=False), lat)
+    with open_cache(p) as f:  # read as Anima: no suffixed latents
+        assert f.resolutions() == []
+
+
+def test_errors_name_file_and_entry(tmp_path: Path) -> None:
+    p = tmp_path / "d_0128x0128_anima.npz"
+    _write(p, 16, 16)
+    with open_cache(p) as f, pytest.raises(KeyError, match="no entry 'latents_8x8'"):
+        f.get("latents_8x8")
+    bad = tmp_path / "e_0128x0128_anima.npz"
+    bad.write_bytes(b"not a zip at all")
+    with pytest.raises(NpzFormatError, match=os.fspath(bad).replace("\\", "\\\\")):
+        open_cache(bad)
+    broken = tmp_path / "f_0128x0128_anima.npz"
+    with zipfile.ZipFile(broken, "w") as z:
+        z.writestr("latents_16x16.npy", b"\x93NUMPY garbage")
+    with open_cache(broken) as f, pytest.raises(NpzFormatError, match="entry 'latents_16x16'"):
+        f.get("latents_16x16")
