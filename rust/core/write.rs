@@ -843,23 +843,113 @@ fn copy_member<W: Write>(
     Ok(())
 }
 
-/// Rename `from` over `to`. On Windows a reader holding the target open (without delete sharing)
-/// makes the rename fail for a moment, so it is retried for about a second.
+/// Put `from` in place of `to`, atomically for readers: they see the old file or the new one.
+///
+/// On Windows, std's rename asks for POSIX semantics first (Windows 10 1607+ on NTFS), which replaces
+/// a target that readers hold open with delete sharing. Where that is refused (older systems, FAT,
+/// some network shares, Wine) `ReplaceFileW` replaces an existing target that readers hold open the
+/// same way. A process that opened the target without delete sharing (a scanner, an indexer) makes
+/// both fail for a moment, so they are retried for about a second; the error after that leaves the
+/// old file in place and the caller removes the temporary file.
 fn replace_file(from: &Path, to: &Path) -> io::Result<()> {
     #[cfg(windows)]
     {
         let mut wait = std::time::Duration::from_millis(5);
+        let mut last = None;
         for _ in 0..8 {
             match fs::rename(from, to) {
-                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                Ok(()) => return Ok(()),
+                Err(e) if win::is_sharing_error(&e) => {
+                    if to.exists() && win::replace_existing(to, from).is_ok() {
+                        return Ok(());
+                    }
+                    last = Some(e);
                     std::thread::sleep(wait);
                     wait *= 2;
                 }
-                other => return other,
+                Err(e) => return Err(e),
             }
         }
+        match fs::rename(from, to) {
+            Err(e) if win::is_sharing_error(&e) => {
+                let e = last.unwrap_or(e);
+                Err(io::Error::new(
+                    e.kind(),
+                    format!("another process holds the file open without delete sharing ({e}); the old file is kept"),
+                ))
+            }
+            other => other,
+        }
     }
+    #[cfg(not(windows))]
     fs::rename(from, to)
+}
+
+#[cfg(windows)]
+mod win {
+    use std::ffi::c_void;
+    use std::io;
+    use std::os::windows::ffi::OsStrExt;
+    use std::path::Path;
+
+    const ERROR_ACCESS_DENIED: i32 = 5;
+    const ERROR_SHARING_VIOLATION: i32 = 32;
+    const REPLACEFILE_IGNORE_MERGE_ERRORS: u32 = 2;
+
+    #[link(name = "kernel32")]
+    extern "system" {
+        fn ReplaceFileW(
+            replaced: *const u16,
+            replacement: *const u16,
+            backup: *const u16,
+            flags: u32,
+            exclude: *mut c_void,
+            reserved: *mut c_void,
+        ) -> i32;
+    }
+
+    pub(super) fn is_sharing_error(e: &io::Error) -> bool {
+        matches!(
+            e.raw_os_error(),
+            Some(ERROR_ACCESS_DENIED | ERROR_SHARING_VIOLATION)
+        )
+    }
+
+    /// A NUL-terminated wide path; long absolute paths get the `\\?\` form that lifts MAX_PATH.
+    fn wide(p: &Path) -> Vec<u16> {
+        let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut w: Vec<u16> = abs.as_os_str().encode_wide().collect();
+        let prefixed = w.starts_with(&[92, 92]);
+        if w.len() >= 248 && !prefixed {
+            let mut long: Vec<u16> = r"\\?\".encode_utf16().collect();
+            long.extend_from_slice(&w);
+            w = long;
+        }
+        w.push(0);
+        w
+    }
+
+    /// `ReplaceFileW(target, replacement)`: the replacement takes the target's name; readers of the
+    /// target keep the old data.
+    pub(super) fn replace_existing(target: &Path, replacement: &Path) -> io::Result<()> {
+        let (t, r) = (wide(target), wide(replacement));
+        // SAFETY: both strings are NUL-terminated and outlive the call; the optional pointers are null.
+        let ok = unsafe {
+            ReplaceFileW(
+                t.as_ptr(),
+                r.as_ptr(),
+                std::ptr::null(),
+                REPLACEFILE_IGNORE_MERGE_ERRORS,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+        if ok != 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
 }
 
 /// The outcome of flushing the folder after the rename, when the new file is already in place.
@@ -1170,6 +1260,34 @@ mod tests {
         assert!(r.warnings[0].contains("CRC"), "{:?}", r.warnings);
         let idx = read_npz_index(&p).unwrap();
         assert!(idx.get("x").is_none() && idx.get("y").is_some());
+    }
+
+    #[test]
+    fn replacing_a_file_that_a_reader_holds_open() {
+        // A DataLoader worker or a second trainer may hold the cache open while it is rewritten: the
+        // write must land, and the reader keeps the old bytes.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("held_0064x0064_anima.npz");
+        write_npz(&p, &[arr("a", "|u1", &[3], &[1, 2, 3])], &[], DURABLE).unwrap();
+        let old = fs::read(&p).unwrap();
+        let reader = File::open(&p).unwrap();
+        write_npz(&p, &[arr("b", "|u1", &[2], &[4, 5])], &[], DURABLE).unwrap();
+        let idx = read_npz_index(&p).unwrap();
+        assert!(idx.get("a").is_some() && idx.get("b").is_some());
+        let mut seen = vec![0u8; old.len()];
+        crate::core::zip::read_at(&reader, &mut seen, 0).unwrap();
+        assert_eq!(seen, old, "the open reader must keep seeing the old file");
+        drop(reader);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with(".latentcache-locks"))
+            .collect();
+        assert_eq!(
+            names,
+            ["held_0064x0064_anima.npz"],
+            "no temporary file may stay behind"
+        );
     }
 
     #[test]
