@@ -136,6 +136,18 @@ class CacheHandle:
             raise KeyError(f"{self.path}: no entry '{key}' (entries: {', '.join(self._members)})")
         return info
 
+    def data_offset(self, key: str) -> int | None:
+        """Where entry ``key``'s array data starts in the file, or None when it is compressed."""
+        info = self._member(key)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        return self._data_start(info) + self._header(key)[3]
+
+    def is_aligned(self) -> bool:
+        """Whether every entry is stored uncompressed with its data at a 64-byte boundary, as
+        latentcache writes them (so ``load`` reads or maps each array in one go)."""
+        return all((off := self.data_offset(k)) is not None and off % 64 == 0 for k in self._members)
+
     def get(self, key: str, *, copy: bool = True) -> np.ndarray:
         """One entry's array, equal to ``np.load(path)[key]``.
 

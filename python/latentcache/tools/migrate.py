@@ -1,0 +1,244 @@
+"""``migrate`` and ``prune``: rewrite caches crash-safely through the writer, keeping what they hold.
+
+``migrate`` turns stock files (payloads at unaligned offsets, or deflated) into latentcache's aligned
+layout so ``load`` reads or maps each array in one go; ``prune`` drops the resolutions that no bucket
+setting will load any more. Both rewrite through the crash-safe writer (temporary file, lock, rename),
+so a kill at any point leaves the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from latentcache import _core
+from latentcache.errors import LatentCacheError
+from latentcache.handle import open_cache
+from latentcache.models import ModelLike, ModelSchema
+from latentcache.models import get as get_model
+from latentcache.tools.plan import Action, Inside, Plan
+from latentcache.writer import META_FORMAT, META_KEY
+
+__all__ = ["cache_files", "migrate", "prune"]
+
+# Rewrites wait on fsync, not the CPU: this many overlap.
+_WORKERS = min(16, 4 * (os.cpu_count() or 1))
+
+
+def cache_files(
+    root: str, schema: ModelSchema, recursive: bool, doubled: bool = False
+) -> tuple[list[str], list[str]]:
+    """This model's cache files under ``root`` (paired and orphan, and with ``doubled`` the #2362
+    leftovers; sorted) and notes on the ones left out because they resolve outside ``root``."""
+    report = _core.scan_directory(root, schema.suffix, recursive, model=schema.name)
+    found = {c.path for i in report.images for c in i.caches} | {c.path for c in report.orphan_caches}
+    if doubled:
+        found |= {d.path for d in report.doubled_caches}
+    within = Inside(root)
+    notes = []
+    kept = []
+    for p in sorted(found):
+        if within(p):
+            kept.append(p)
+        else:
+            notes.append(f"{p} resolves outside {root}; left alone")
+    return kept, notes
+
+
+def _being_written(path: str) -> bool:
+    folder, name = os.path.split(path)
+    prefix = f".{name}.lctmp"
+    try:
+        return any(n.startswith(prefix) for n in os.listdir(folder or "."))
+    except OSError:
+        return False
+
+
+def _npy_entry(key: str, arr: np.ndarray) -> tuple[str, str, tuple[int, ...], bytes]:
+    arr = np.ascontiguousarray(arr)
+    return (key, arr.dtype.str, tuple(arr.shape), arr.tobytes())
+
+
+def _meta_entry(tool: str) -> tuple[str, str, tuple[int, ...], bytes]:
+    doc = {"format": META_FORMAT, "writer": f"latentcache {_core.__version__}", "rewritten_by": tool}
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return (META_KEY, "|u1", (len(blob),), blob)
+
+
+def _rewrite(
+    path: str,
+    replace: Callable[[], list[tuple[str, str, tuple[int, ...], bytes]]],
+    drop: Sequence[str],
+    tool: str,
+) -> Callable[[], int]:
+    def run() -> int:
+        if _being_written(path):
+            raise OSError(f"{path} is being written by another process; skipped, run again later")
+        arrays = replace()
+        with open_cache(path) as f:
+            has_meta = META_KEY in f
+        if not has_meta:
+            arrays.append(_meta_entry(tool))
+        for warning in _core.write_npz(path, arrays, list(drop), True):
+            raise OSError(f"{path}: {warning}; the file was rewritten without the damaged member")
+        return os.path.getsize(path)
+
+    return run
+
+
+def migrate(
+    directory: str | os.PathLike[str],
+    *,
+    recursive: bool = False,
+    model: ModelLike = "anima",
+    squeeze_legacy: bool = False,
+    apply: bool = False,
+    show_progress: bool = False,
+) -> Plan:
+    """Plan (and with ``apply`` carry out) the rewrite of stock caches into the aligned layout.
+
+    Every entry keeps its values and dtype bit for bit (deflated entries are stored inflated); a file
+    without ``latentcache_meta`` gets one. With ``squeeze_legacy``, Anima's older ``(16, 1, h, w)``
+    latents become ``(16, h, w)`` (stock sd-scripts reads both). A file already aligned (and squeezed
+    when asked) is left alone, so a second run does nothing. A file another process is writing is
+    skipped with a note. Invalid files are left to ``repair``.
+    """
+    schema = get_model(model)
+    root = os.fspath(directory)
+    plan = Plan("migrate")
+    paths, plan.notes = cache_files(root, schema, recursive)
+    for path in paths:
+        try:
+            with open_cache(path, model=schema) as f:
+                inflate = [k for k in f.keys() if f.data_offset(k) is None]
+                legacy: list[str] = []
+                if squeeze_legacy:
+                    for h, w in f.resolutions():
+                        for base in (schema.keys.latents, schema.keys.latents_flipped):
+                            key = schema.key(base, h, w)
+                            if key in f and len(f._header(key)[0]) == 4:
+                                legacy.append(key)
+                aligned = f.is_aligned()
+        except (LatentCacheError, OSError, ValueError) as e:
+            plan.notes.append(f"{path}: not migrated, it cannot be read ({e}); see `latentcache repair`")
+            continue
+        if aligned and not legacy:
+            continue
+        if _being_written(path):
+            plan.notes.append(f"{path}: being written by another process; skipped")
+            continue
+        why = []
+        if not aligned:
+            why.append("stock layout (unaligned or deflated payloads)")
+        if legacy:
+            why.append(f"legacy (C, 1, h, w) latents in {', '.join(legacy)}")
+
+        def replace(
+            p: str = path,
+            keys: tuple[str, ...] = (*inflate, *legacy),
+            squeeze: frozenset[str] = frozenset(legacy),
+        ) -> list[tuple[str, str, tuple[int, ...], bytes]]:
+            out = []
+            with open_cache(p, model=schema) as g:
+                for k in dict.fromkeys(keys):
+                    arr = g.get(k)
+                    if k in squeeze and arr.ndim == 4 and arr.shape[1] == 1:
+                        arr = arr.reshape(arr.shape[0], arr.shape[2], arr.shape[3])
+                    out.append(_npy_entry(k, arr))
+            return out
+
+        plan.actions.append(
+            Action(
+                "rewrite",
+                path,
+                "; ".join(why),
+                nbytes=os.path.getsize(path),
+                run=_rewrite(path, replace, [], "migrate"),
+            )
+        )
+    if apply:
+        plan.apply(show_progress, workers=_WORKERS)
+    return plan
+
+
+def prune(
+    directory: str | os.PathLike[str],
+    keep_buckets: Iterable[tuple[int, int]],
+    *,
+    recursive: bool = False,
+    model: ModelLike = "anima",
+    apply: bool = False,
+    show_progress: bool = False,
+) -> Plan:
+    """Plan (and with ``apply`` carry out) the removal of resolutions no kept bucket will load.
+
+    ``keep_buckets`` are ``(width, height)`` pixel buckets; a resolution is kept when some bucket maps
+    to its latent size. The kept resolutions and every other entry stay byte for byte. A file none of
+    whose resolutions is kept is removed (nothing in it would ever be loaded). Single-resolution kinds
+    (SD, SDXL) hold one resolution per file and are not pruned.
+
+    Raises:
+        ValueError: no bucket given, or a bucket that is not a pair of positive multiples of the stride.
+    """
+    schema = get_model(model)
+    keep: set[tuple[int, int]] = set()
+    for b in keep_buckets:
+        w, h = (int(b[0]), int(b[1]))
+        if w <= 0 or h <= 0 or w % schema.stride or h % schema.stride:
+            raise ValueError(f"bucket {w}x{h} is not a pair of positive multiples of {schema.stride}")
+        keep.add(schema.latent_size((w, h)))
+    if not keep:
+        raise ValueError("give at least one bucket to keep")
+    root = os.fspath(directory)
+    plan = Plan("prune")
+    if not schema.multi_resolution:
+        plan.notes.append(f"{schema.name} caches hold one resolution per file; nothing to prune")
+        return plan
+    paths, plan.notes = cache_files(root, schema, recursive)
+    for path in paths:
+        try:
+            with open_cache(path, model=schema) as f:
+                held = f.resolutions()
+                present = set(f.keys())
+        except (LatentCacheError, OSError, ValueError) as e:
+            plan.notes.append(f"{path}: not pruned, it cannot be read ({e})")
+            continue
+        gone = [r for r in held if r not in keep]
+        if not gone:
+            continue
+        sizes = ", ".join(f"{h}x{w}" for h, w in gone)
+        if len(gone) == len(held):
+            plan.actions.append(
+                Action(
+                    "remove",
+                    path,
+                    f"holds only resolutions no bucket loads ({sizes})",
+                    run=_remove_file(path),
+                )
+            )
+            continue
+        drop = [schema.key(base, h, w) for h, w in gone for base in schema.keys.all()]
+        drop = [k for k in drop if k in present]
+        plan.actions.append(
+            Action(
+                "prune",
+                path,
+                f"drops resolutions no bucket loads: {sizes}",
+                run=_rewrite(path, list, drop, "prune"),
+            )
+        )
+    if apply:
+        plan.apply(show_progress, workers=_WORKERS)
+    return plan
+
+
+def _remove_file(path: str) -> Callable[[], int]:
+    def run() -> int:
+        n = os.path.getsize(path)
+        os.remove(path)
+        return n
+
+    return run
