@@ -94,9 +94,7 @@ def main() -> None:
         print(
             f"{name:<18} {int(r['files']):>8} {r['seconds']:>9.3f} {r['files_per_s']:>10,.0f} {ratio:>7.2f}x"
         )
-    print(
-        "ratio: migrate vs np.load+np.savez (higher: faster); stats/repair vs verify_directory (1.0: same)"
-    )
+    print("ratio: migrate vs np.load+np.savez (higher: faster); stats/repair vs verify_directory (1.0: same)")
 
 
 if __name__ == "__main__":

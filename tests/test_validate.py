@@ -356,6 +356,7 @@ def test_status_codes_are_the_documented_set() -> None:
         "crc_mismatch",
         "non_finite",
         "io_error",
+        "wrong_model",
         "stale",
     ]
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from latentcache import models
 
 KEYS = ("latents", "latents_flipped", "alpha_mask", "original_size", "crop_ltrb")
 POSIX = os.name == "posix"
@@ -118,13 +119,16 @@ def test_torch_tensors(tmp_path: Path) -> None:
 
 
 @given(
-    c=st.integers(1, 16),
+    # The writer takes only the model's channel count (it used to write any C that validate then
+    # called bad_shape), so the channels come from a multi-resolution model.
+    model=st.sampled_from([m for m in models.names() if models.get(m).multi_resolution]),
     reso=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=4),
     flips=st.lists(st.booleans(), min_size=4, max_size=4),
 )
 def test_accumulated_resolutions(
-    tmp_path_factory: pytest.TempPathFactory, c: int, reso: list[tuple[int, int]], flips: list[bool]
+    tmp_path_factory: pytest.TempPathFactory, model: str, reso: list[tuple[int, int]], flips: list[bool]
 ) -> None:
+    c = models.get(model).channels
     p = tmp_path_factory.mktemp("acc") / "a.npz"
     want: dict[str, np.ndarray] = {}
     for i, (h, w) in enumerate(reso):
@@ -134,7 +138,12 @@ def test_accumulated_resolutions(
             want.pop(k + sfx, None)
         fl = -lat if flips[i] else None
         lc.write_latents(
-            p, latents=lat, original_size=(w * 8, h * 8), crop_ltrb=(0, 0, w, h), latents_flipped=fl
+            p,
+            latents=lat,
+            original_size=(w * 8, h * 8),
+            crop_ltrb=(0, 0, w, h),
+            latents_flipped=fl,
+            model=model,
         )
         want["latents" + sfx] = lat
         if fl is not None:

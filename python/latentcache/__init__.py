@@ -19,7 +19,9 @@ from latentcache._core import (
     scan_directory,
 )
 from latentcache.errors import CachePathError, CorruptCacheWarning, LatentCacheError, NpzFormatError
+from latentcache.handle import CacheHandle, open_cache
 from latentcache.loader import CachedLatents, load, load_batch
+from latentcache.models import ModelSchema
 from latentcache.validation import stale_reason, status_codes, validate, verify_directory
 from latentcache.writer import (
     find_temp_files,
@@ -29,17 +31,22 @@ from latentcache.writer import (
     write_latents,
 )
 
+# latentcache.open(path), as safetensors' safe_open; left out of __all__ so `import *` keeps the builtin.
+open = open_cache
+
 __all__ = [
     "DEFAULT_SUFFIX",
     "IMAGE_EXTENSIONS",
     "CachedLatents",
     "CacheFile",
+    "CacheHandle",
     "CachePathError",
     "CacheStatus",
     "CorruptCacheWarning",
     "DoubledCache",
     "ImageEntry",
     "LatentCacheError",
+    "ModelSchema",
     "NpzFormatError",
     "ScanReport",
     "SharedStem",

@@ -1,11 +1,12 @@
 # Hand-written stub for the Rust extension; kept true by `python -m mypy.stubtest latentcache._core`.
 import os
 from collections.abc import Sequence
-from typing import final
+from typing import Any, final
 
 import numpy as np
 
 from latentcache.loader import CachedLatents
+from latentcache.models import ModelSchema
 
 __all__ = [
     "CacheFile",
@@ -21,6 +22,7 @@ __all__ = [
     "find_source_image",
     "load_batch_into",
     "load_file",
+    "model_schemas",
     "parse_cache_path",
     "path_key",
     "scan_directory",
@@ -43,10 +45,18 @@ DEFAULT_SUFFIX: str
 IMAGE_EXTENSIONS: list[str]
 
 _Path = str | os.PathLike[str]
+_Model = str | ModelSchema
 
-def cache_path(image_path: _Path, image_size: tuple[int, int], suffix: str = "_anima.npz") -> str: ...
-def parse_cache_path(path: _Path, suffix: str = "_anima.npz") -> tuple[str, tuple[int, int]]: ...
-def find_source_image(cache_path: _Path, suffix: str = "_anima.npz") -> str | None: ...
+def model_schemas() -> list[dict[str, Any]]: ...
+def cache_path(
+    image_path: _Path, image_size: tuple[int, int], suffix: str | None = None, *, model: _Model | None = None
+) -> str: ...
+def parse_cache_path(
+    path: _Path, suffix: str | None = None, *, model: _Model | None = None
+) -> tuple[str, tuple[int, int]]: ...
+def find_source_image(
+    cache_path: _Path, suffix: str | None = None, *, model: _Model | None = None
+) -> str | None: ...
 def path_key(path: _Path, *, casefold: bool | None = None) -> str: ...
 
 @final
@@ -102,7 +112,9 @@ class ScanReport:
     @property
     def is_clean(self) -> bool: ...
 
-def scan_directory(path: _Path, suffix: str = "_anima.npz", recursive: bool = False) -> ScanReport: ...
+def scan_directory(
+    path: _Path, suffix: str | None = None, recursive: bool = False, *, model: _Model | None = None
+) -> ScanReport: ...
 def load_file(
     fd: int,
     handle: int,
@@ -110,6 +122,7 @@ def load_file(
     bucket_reso: tuple[int, int],
     map_latents: bool = False,
     copy: bool = False,
+    model: _Model | None = None,
 ) -> CachedLatents: ...
 def _read_pool_stats() -> tuple[int, int, int]: ...
 def _read_buffer(nbytes: int) -> bytearray: ...
@@ -119,6 +132,7 @@ def load_batch_into(
     flipped: list[bool],
     out: np.ndarray,
     workers: int | None = None,
+    model: _Model | None = None,
 ) -> None: ...
 
 @final
@@ -144,6 +158,7 @@ def validate(
     verify_crc: bool = False,
     check_finite: bool = False,
     workers: int | None = None,
+    model: _Model | None = None,
 ) -> list[CacheStatus]: ...
 def _validate_with_meta(
     paths: Sequence[_Path],
@@ -154,6 +169,7 @@ def _validate_with_meta(
     verify_crc: bool = False,
     check_finite: bool = False,
     workers: int | None = None,
+    model: _Model | None = None,
 ) -> list[tuple[CacheStatus, bytes | None]]: ...
 def _header_read_floor(paths: Sequence[_Path], workers: int | None = None) -> tuple[float, int]: ...
 def _verify_many(
@@ -162,6 +178,7 @@ def _verify_many(
     check_finite: bool = False,
     workers: int | None = None,
     with_meta: bool = False,
+    model: _Model | None = None,
 ) -> list[
     tuple[list[str] | None, list[tuple[tuple[int, int] | None, bool, bool, CacheStatus]], bytes | None]
 ]: ...

@@ -17,8 +17,12 @@ class CachePathError(LatentCacheError, ValueError):
     """A path is not what the call needs, for example not a cache name for the suffix."""
 
 
-class NpzFormatError(LatentCacheError):
-    """An npz file is malformed, truncated or does not hold what the cache needs."""
+class NpzFormatError(LatentCacheError, ValueError):
+    """An npz file is malformed, truncated or does not hold what the cache needs.
+
+    Also a ``ValueError``, as ``np.load`` raises for a bad file, so code moved from ``np.load``
+    keeps catching it.
+    """
 
 
 class CorruptCacheWarning(RuntimeWarning):

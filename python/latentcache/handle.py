@@ -15,7 +15,7 @@ import re
 import zipfile
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -165,14 +165,16 @@ class CacheHandle:
         shape, fortran, dtype, data_off = self._header(key)
         if dtype.hasobject:
             raise NpzFormatError(f"{self.path}: entry '{key}': object arrays are not cache data")
-        order = "F" if fortran else "C"
+        order: Literal["C", "F"] = "F" if fortran else "C"
         count = int(np.prod(shape, dtype=np.int64))
         if not copy and info.compress_type == zipfile.ZIP_STORED:
             start = self._data_start(info) + data_off
             if start % max(dtype.alignment, 1) == 0 and start + count * dtype.itemsize <= self._size():
-                arr = np.ndarray(shape, dtype=dtype, buffer=self._mapping(), offset=start, order=order)
-                arr.flags.writeable = False
-                return arr
+                view: np.ndarray = np.ndarray(
+                    shape, dtype=dtype, buffer=self._mapping(), offset=start, order=order
+                )
+                view.flags.writeable = False
+                return view
         try:
             with self._zip.open(info) as f:
                 f.seek(data_off)
@@ -184,7 +186,8 @@ class CacheHandle:
                 f"{self.path}: entry '{key}': {len(raw)} data bytes for {shape} {dtype} "
                 f"({count * dtype.itemsize} needed)"
             )
-        return np.frombuffer(raw, dtype=dtype).reshape(shape, order=order).copy(order="K")
+        flat: np.ndarray = np.frombuffer(raw, dtype=dtype)
+        return flat.reshape(tuple(shape), order=order).copy(order="K")
 
     def _size(self) -> int:
         return os.fstat(self._file.fileno()).st_size

@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from latentcache import _core
+from latentcache import _core, models
+from latentcache.models import ModelLike
 from latentcache.validation import _check_many
 
 __all__ = ["CachedLatents", "load", "load_batch"]
@@ -40,7 +41,12 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
 
 
 def load(
-    path: _PathLike, bucket_reso: tuple[int, int], *, copy: bool = False, map_latents: bool = False
+    path: _PathLike,
+    bucket_reso: tuple[int, int],
+    *,
+    copy: bool = False,
+    map_latents: bool = False,
+    model: ModelLike | None = None,
 ) -> CachedLatents:
     """Load one bucket's arrays from a cache file.
 
@@ -67,9 +73,11 @@ def load(
 
     Args:
         path: the ``.npz`` cache file.
-        bucket_reso: the bucket ``(W, H)`` in pixels; keys carry ``_{H//8}x{W//8}``.
+        bucket_reso: the bucket ``(W, H)`` in pixels; keys carry ``_{H//s}x{W//s}`` for the model's
+            stride ``s`` (8 for Anima), or are bare for a single-resolution model (sd, sdxl).
         copy: never map; read each array once into owned, aligned memory.
         map_latents: map the latents as well when they are stored aligned (ignored with ``copy``).
+        model: the cache kind, a name or ``ModelSchema`` (default Anima): its keys and stride.
 
     Returns:
         ``CachedLatents(latents, original_size, crop_ltrb, latents_flipped, alpha_mask)``.
@@ -79,11 +87,12 @@ def load(
         FileNotFoundError: the file does not exist.
     """
     p = os.fspath(path)
+    name = None if model is None else models.get(model).name
     # A raw descriptor: no buffered file object per load. A mapping keeps its own copy of it, so
     # it is closed at once.
     fd = os.open(p, _OPEN_FLAGS)
     try:
-        return _core.load_file(fd, _os_handle(fd), p, bucket_reso, map_latents, copy)
+        return _core.load_file(fd, _os_handle(fd), p, bucket_reso, map_latents, copy, name)
     finally:
         os.close(fd)
 
@@ -95,33 +104,37 @@ def load_batch(
     flipped: Sequence[bool] | None = None,
     out: np.ndarray | None = None,
     workers: int | None = None,
+    model: ModelLike | None = None,
 ) -> np.ndarray:
-    """Load the latents of a batch of cache files of one bucket into one ``(B, 16, h, w)`` array.
+    """Load the latents of a batch of cache files of one bucket into one ``(B, C, h, w)`` array.
 
     Files are read in parallel with the interpreter lock released, each with one copy from the page
-    cache into its slot. The older ``(16, 1, h, w)`` layout is squeezed to ``(16, h, w)``.
+    cache into its slot. ``C`` is the model's channel count (16 for Anima). Anima's older
+    ``(16, 1, h, w)`` layout is squeezed to ``(16, h, w)``.
 
     Args:
         paths: the B cache files.
-        bucket_reso: the bucket ``(W, H)`` in pixels; h, w = H // 8, W // 8.
+        bucket_reso: the bucket ``(W, H)`` in pixels; h, w = H // s, W // s for the model's stride s.
         flipped: B booleans; item i comes from ``latents_flipped`` when true. Default: none flipped.
-        out: a C-contiguous, writable float32 ``(B, 16, h, w)`` numpy array to fill (for example the
+        out: a C-contiguous, writable float32 ``(B, C, h, w)`` numpy array to fill (for example the
             numpy view of a pinned torch tensor). Default: a new array. No other thread may use it
             during the call.
         workers: threads for this call (default: ``LATENTCACHE_NUM_THREADS``, else the CPU count).
+        model: the cache kind, a name or ``ModelSchema`` (default Anima): channels, stride, keys.
 
     Returns:
         ``out`` (or the new array), filled.
 
     Raises:
-        NpzFormatError: a file is invalid or its latents are not float32 ``(16, h, w)``; the message
+        NpzFormatError: a file is invalid or its latents are not float32 ``(C, h, w)``; the message
             names the file and the entry.
         ValueError: ``out`` or ``flipped`` does not fit the batch.
     """
     _check_many(paths, "load_batch")
     strs = [os.fspath(p) for p in paths]
+    schema = models.get(models.DEFAULT_MODEL if model is None else model)
     w, h = bucket_reso
-    shape = (len(strs), 16, h // 8, w // 8)
+    shape = (len(strs), schema.channels, h // schema.stride, w // schema.stride)
     if out is None:
         # A kept buffer when one is free (see `load`): a training loop calls this once per batch
         # and drops the result, so the next call reuses its memory instead of faulting in fresh
@@ -142,5 +155,5 @@ def load_batch(
     if len(flags) != len(strs):
         raise ValueError(f"flipped has {len(flags)} entries for {len(strs)} paths")
     if strs:
-        _core.load_batch_into(strs, bucket_reso, flags, out, workers)
+        _core.load_batch_into(strs, bucket_reso, flags, out, workers, schema.name)
     return out

@@ -1,13 +1,14 @@
-"""``validate``: the Rust header-only check, plus the opt-in source-image staleness check."""
+"""``validate``: the Rust header-only check, plus the opt-in source-image and VAE staleness checks."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from latentcache import _core
+from latentcache import _core, models
 from latentcache.errors import CachePathError, LatentCacheError
+from latentcache.models import ModelLike, ModelSchema
 from latentcache.writer import parse_meta, read_meta, source_fingerprint
 
 __all__ = ["stale_reason", "status_codes", "validate", "verify_directory"]
@@ -25,30 +26,60 @@ def _check_many(paths: object, what: str) -> None:
 
 
 def status_codes() -> list[str]:
-    """Every code ``validate`` can return: the core's set, then ``stale`` (``check_source=True``)."""
+    """Every code ``validate`` can return: the core's set, then ``stale`` (``check_source=True`` or
+    ``vae=``)."""
     return [*_core.status_codes(), "stale"]
 
 
-def stale_reason(cache: _PathLike, suffix: str = _core.DEFAULT_SUFFIX) -> str | None:
-    """Why a cache no longer matches its source image, or None when it matches or cannot be told.
+class _Stale(NamedTuple):
+    """What the metadata checks of one call compare: the model (for the image's name), the cache
+    suffix, whether to compare the source image, and the VAE fingerprint to compare (or None)."""
 
-    Only caches whose ``latentcache_meta`` records a ``source`` fingerprint can be stale; stock
-    caches never are. Size and mtime are compared first; when they differ, the content hash decides,
+    schema: ModelSchema
+    suffix: str
+    source: bool
+    vae: str | None
+
+
+def stale_reason(
+    cache: _PathLike,
+    suffix: str | None = None,
+    *,
+    model: ModelLike | None = None,
+    vae: str | None = None,
+) -> str | None:
+    """Why a cache no longer matches its source image (or VAE), or None when it matches or cannot be told.
+
+    Only caches whose ``latentcache_meta`` records a ``source`` fingerprint can be stale by their
+    image, and only those that record a ``vae`` by their VAE; stock caches never are. With ``vae``
+    (the fingerprint the encoder would record now), a cache that records another one is stale.
+
+    Of the image, size and mtime are compared first; when they differ, the content hash decides,
     so a copied dataset (new mtimes, same bytes) is not stale. The hash covers the first and the last
     64 KiB of the image: an edit that keeps the file's size and changes only bytes in between is not
     seen. Compressed formats (PNG, JPEG, WebP) change size or their ends on nearly any edit;
     uncompressed ones (BMP, some TIFF) can keep both. A cache whose name does not end in
     ``_<W>x<H>`` and ``suffix`` has no image to compare with, so it cannot be told either.
+
+    ``suffix`` defaults to the model's; ``model`` (a name or ``ModelSchema``) to the suffix's model,
+    else Anima (a suffix that is another model's is a ``ValueError``).
     """
-    return _stale_by_meta(cache, read_meta(cache), suffix)
+    schema, sfx = models.resolve(model, suffix)
+    return _stale_by_meta(cache, read_meta(cache), _Stale(schema, sfx, True, vae))
 
 
-def _stale_by_meta(cache: _PathLike, meta: dict[str, Any] | None, suffix: str) -> str | None:
+def _stale_by_meta(cache: _PathLike, meta: dict[str, Any] | None, how: _Stale) -> str | None:
     """``stale_reason`` with the cache's metadata already read."""
-    if not meta or not isinstance(meta.get("source"), dict):
+    if not meta:
+        return None
+    if how.vae is not None:
+        recorded_vae = meta.get("vae")
+        if recorded_vae is not None and recorded_vae != how.vae:
+            return f"made with VAE {recorded_vae!r}, the current VAE is {how.vae!r}"
+    if not how.source or not isinstance(meta.get("source"), dict):
         return None
     try:
-        image = _core.find_source_image(cache, suffix)
+        image = _core.find_source_image(cache, how.suffix, model=how.schema.name)
     except CachePathError:
         return None  # not named <stem>_<W>x<H><suffix>: its image cannot be told
     if image is None:
@@ -77,16 +108,33 @@ def validate(
     check_finite: bool = False,
     check_source: bool = False,
     workers: int | None = None,
-    suffix: str = _core.DEFAULT_SUFFIX,
+    suffix: str | None = None,
+    model: ModelLike | None = None,
+    vae: str | None = None,
 ) -> list[_core.CacheStatus]:
-    """Check sd-scripts Anima caches; see ``latentcache._core.validate`` for the rules and codes.
+    """Check sd-scripts latent caches of one model; see ``latentcache._core.validate`` for the rules
+    and codes.
+
+    ``model`` (a name such as ``"sdxl"`` or a ``ModelSchema``) says which cache kind the files are:
+    its key names, latent channels, stride and layouts. It defaults to the model of ``suffix``,
+    else Anima. A cache of another model is refused: ``missing_key`` when its keys are bare and
+    these carry a resolution (or the other way round), ``bad_shape`` for another channel count,
+    and ``wrong_model`` for a file named as another model's cache (several models share one
+    layout, so only the name tells them apart).
 
     With ``check_source=True``, a cache that is otherwise ``ok`` but whose recorded source
     fingerprint no longer matches its image gets the code ``stale`` (see ``stale_reason``); its
-    image is found by the cache's name with ``suffix``.
+    image is found by the cache's name with ``suffix`` (default: the model's). With ``vae`` (the
+    fingerprint of the VAE that would encode it now), a cache that records another ``vae`` is
+    ``stale`` too; one without a record (stock sd-scripts) stays ``ok``.
+
+    Raises:
+        ValueError: an unknown model, or a ``suffix`` that is another model's.
     """
     _check_many(paths, "validate")
-    if check_source:
+    schema, sfx = models.resolve(model, suffix)
+    if check_source or vae is not None:
+        how = _Stale(schema, sfx, check_source, vae)
         # One pass that also hands back each valid file's metadata member, read through the file
         # it opened: only caches that record a source are looked at again, and none is reopened.
         checked = _core._validate_with_meta(
@@ -97,8 +145,9 @@ def validate(
             verify_crc=verify_crc,
             check_finite=check_finite,
             workers=workers,
+            model=schema.name,
         )
-        return [s if m is None else _source_status(s, m, suffix) for s, m in checked]
+        return [s if m is None else _source_status(s, m, how) for s, m in checked]
     return _core.validate(
         paths,
         bucket_resos,
@@ -107,14 +156,16 @@ def validate(
         verify_crc=verify_crc,
         check_finite=check_finite,
         workers=workers,
+        model=schema.name,
     )
 
 
-def _source_status(s: _core.CacheStatus, meta: bytes, suffix: str) -> _core.CacheStatus:
-    """An ``ok`` status as it stands, or ``stale`` when its source image changed; ``meta`` is the
-    file's metadata member. A broken member or an unreadable image is a status, never an exception."""
+def _source_status(s: _core.CacheStatus, meta: bytes, how: _Stale) -> _core.CacheStatus:
+    """An ``ok`` status as it stands, or ``stale`` when its source image (or VAE) changed; ``meta``
+    is the file's metadata member. A broken member or an unreadable image is a status, never an
+    exception."""
     try:
-        reason = _stale_by_meta(s.path, parse_meta(s.path, meta), suffix)
+        reason = _stale_by_meta(s.path, parse_meta(s.path, meta), how)
     except LatentCacheError as e:
         return _core.CacheStatus(s.path, "malformed", str(e))
     except OSError as e:
@@ -126,19 +177,23 @@ def verify_directory(
     path: _PathLike,
     *,
     recursive: bool = False,
-    suffix: str = _core.DEFAULT_SUFFIX,
+    suffix: str | None = None,
+    model: ModelLike | None = None,
     verify_crc: bool = False,
     check_finite: bool = False,
     check_source: bool = False,
+    vae: str | None = None,
     workers: int | None = None,
 ) -> list[_core.CacheStatus]:
     """Check every cache in a folder for every resolution it holds, without knowing the buckets.
 
     The caches are found by name as ``scan_directory`` finds them (paired, orphan and doubled-suffix
     ones). Each file's index is read once, header-only, and checked once per ``latents_{h}x{w}``
-    key, for the bucket ``(8w, 8h)``, with its flipped latents and alpha mask checked when it holds
-    them. A file that cannot be read as an npz gets one status with its code (``truncated``,
-    ``not_npz``, ...), and a readable one without any ``latents_{h}x{w}`` key gets ``missing_key``.
+    key, for the bucket ``(s*w, s*h)`` (``s`` the model's stride), with its flipped latents and
+    alpha mask checked when it holds them; a bare-key model (sd, sdxl) has one ``latents`` array,
+    checked at the size its shape gives. A file that cannot be read as an npz gets one status with
+    its code (``truncated``, ``not_npz``, ...), and a readable one without any latents key gets
+    ``missing_key``. ``model``, ``suffix``, ``check_source`` and ``vae`` are as in ``validate``.
 
     Returns:
         One status per file and resolution, in path order, then archive order.
@@ -146,7 +201,9 @@ def verify_directory(
     Raises:
         FileNotFoundError: the folder does not exist. ValueError: it is not a folder.
     """
-    report = _core.scan_directory(path, suffix, recursive)
+    schema, sfx = models.resolve(model, suffix)
+    how = _Stale(schema, sfx, check_source, vae)
+    report = _core.scan_directory(path, sfx, recursive, model=schema.name)
     caches = sorted(
         {c.path for i in report.images for c in i.caches}
         | {c.path for c in report.orphan_caches}
@@ -155,25 +212,27 @@ def verify_directory(
     out: list[_core.CacheStatus] = []
     # One parallel pass that reads each file's index once and checks every resolution in it (and,
     # for the source check, reads its metadata member through the same open file).
-    verified = _core._verify_many(caches, verify_crc, check_finite, workers, check_source)
+    with_meta = check_source or vae is not None
+    verified = _core._verify_many(caches, verify_crc, check_finite, workers, with_meta, model=schema.name)
+    wanted = schema.keys.latents + ("_{h}x{w}" if schema.multi_resolution else "")
     for cache, (keys, checks, meta) in zip(caches, verified, strict=True):
         if keys is not None and not checks:
             held = ", ".join(sorted(keys)) or "no arrays"
-            message = f"{cache}: no latents_{{h}}x{{w}} entry (the file holds: {held})"
+            message = f"{cache}: no {wanted} entry for model {schema.name!r} (the file holds: {held})"
             out.append(_core.CacheStatus(cache, "missing_key", message))
             continue
         statuses = [status for _, _, _, status in checks]
-        out.extend(statuses if meta is None else _judged_once(statuses, meta, suffix))
+        out.extend(statuses if meta is None else _judged_once(statuses, meta, how))
     return out
 
 
-def _judged_once(statuses: list[_core.CacheStatus], meta: bytes, suffix: str) -> list[_core.CacheStatus]:
+def _judged_once(statuses: list[_core.CacheStatus], meta: bytes, how: _Stale) -> list[_core.CacheStatus]:
     """The source check of one file's statuses (one per resolution), made once: each ``ok`` one
     takes the verdict."""
     first = next((s for s in statuses if s.ok), None)
     if first is None:
         return statuses
-    judged = _source_status(first, meta, suffix)
+    judged = _source_status(first, meta, how)
     if judged is first:
         return statuses
     return [_core.CacheStatus(s.path, judged.code, judged.message) if s.ok else s for s in statuses]

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from latentcache import _core
+from latentcache import _core, models
 from latentcache._core import find_temp_files, remove_stale_temp, source_fingerprint
-from latentcache.errors import CorruptCacheWarning, NpzFormatError
+from latentcache.errors import CachePathError, CorruptCacheWarning, NpzFormatError
+from latentcache.models import ModelLike, ModelSchema
 
 __all__ = [
     "META_KEY",
@@ -61,11 +62,15 @@ def _float_array(value: Any, path: str, arg: str, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
-def _check_latents(arr: np.ndarray, path: str, arg: str) -> None:
-    ok = arr.ndim == 3 or (arr.ndim == 4 and arr.shape[1] == 1)
-    if not ok or 0 in arr.shape:
+_LAYOUT_SHAPES = {"chw": "(C, h, w)", "c1hw": "(C, 1, h, w)"}
+
+
+def _check_latents(arr: np.ndarray, path: str, arg: str, schema: ModelSchema) -> None:
+    if 0 in arr.shape or not schema.accepts_shape(tuple(arr.shape)):
+        shapes = " or ".join(_LAYOUT_SHAPES[x].replace("C", str(schema.channels)) for x in schema.layouts)
         raise ValueError(
-            f"{path}: {arg} must have shape (C, h, w) or (C, 1, h, w) with no zero dimension, got {arr.shape}"
+            f"{path}: {arg} must have shape {shapes} with no zero dimension for model {schema.name!r}, "
+            f"got {arr.shape}"
         )
     # A NaN or Inf latent (a float16 VAE that overflowed) would poison every step that samples it.
     bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
@@ -83,14 +88,17 @@ def write_latents(
     alpha_mask: Any = None,
     meta: Mapping[str, Any] | None = None,
     durable: bool = True,
+    model: ModelLike | None = None,
 ) -> None:
     """Store one resolution of an image's latents in its npz cache, crash-safely.
 
     The keys are sd-scripts': ``latents_{h}x{w}``, ``original_size_{h}x{w}``, ``crop_ltrb_{h}x{w}``
     and, when given, ``latents_flipped_{h}x{w}`` and ``alpha_mask_{h}x{w}``, with ``h, w`` the last two
-    dimensions of ``latents``. Other resolutions and unknown members of an existing file are kept byte
-    for byte; this resolution's members are replaced (a flipped latent or alpha mask not given now is
-    dropped). A corrupt existing file is replaced with a ``CorruptCacheWarning``.
+    dimensions of ``latents``; a single-resolution model (sd, sdxl) has the bare keys (``latents``,
+    ...), so a file holds one resolution and writing replaces it. Other resolutions and unknown
+    members of an existing file are kept byte for byte; this resolution's members are replaced (a
+    flipped latent or alpha mask not given now is dropped). A corrupt existing file is replaced with
+    a ``CorruptCacheWarning``.
 
     The new file is written next to the target and renamed over it under a per-file lock, so readers
     see the old file or the new one and concurrent writers of different resolutions all land. The
@@ -100,62 +108,71 @@ def write_latents(
 
     Args:
         path: the cache file (its folder must exist).
-        latents: float array or CPU torch tensor, ``(C, h, w)`` or legacy ``(C, 1, h, w)``; stored as
-            float32 in the layout given.
+        latents: float array or CPU torch tensor in a layout of the model: ``(C, h, w)`` with its
+            channel count ``C``, or Anima's legacy ``(16, 1, h, w)``; stored as float32 in the layout
+            given.
         original_size: ``(W, H)`` of the source image; stored as int64 ``(2,)``.
         crop_ltrb: ``(L, T, R, B)`` in bucket pixels; stored as float64 ``(4,)``.
         latents_flipped: latents of the horizontally flipped image, the same shape as ``latents``.
-        alpha_mask: float ``(H, W)`` mask in [0, 1] at bucket pixel size (``H, W = 8h, 8w``); stored
-            as float32.
+        alpha_mask: float ``(H, W)`` mask in [0, 1] at bucket pixel size (``H, W = s*h, s*w`` for the
+            model's stride ``s``); stored as float32.
         meta: JSON-serialisable metadata; the keys ``format`` and ``writer`` are reserved (a
             ``ValueError``).
         durable: fsync the file and its folder, so the write survives a power loss. A file system
             that cannot flush a folder (some network and FUSE ones) is not an error.
+        model: the cache kind, a name or ``ModelSchema`` (default Anima): its keys, channels,
+            layouts and stride.
 
     Raises:
-        ValueError: an argument has the wrong shape or dtype, or the latents hold NaN or Inf (the
-            message names file and argument; nothing is written).
+        ValueError: an argument has the wrong shape or dtype for the model (a channel count or
+            layout it does not store, say), the latents hold NaN or Inf, or the file is named as
+            another model's cache (the message names the file and what is wrong; nothing is
+            written); an unknown model.
         OSError: the file could not be written (errno and filename set; the old file is untouched),
             or, with ``durable``, flushing the folder after the rename failed (the message says the new
             file is in place).
     """
     spath = os.fspath(path)
+    schema = models.get(models.DEFAULT_MODEL if model is None else model)
+    _check_name(spath, schema)
     lat = _float_array(latents, spath, "latents", "<f4")
-    _check_latents(lat, spath, "latents")
+    _check_latents(lat, spath, "latents", schema)
     h, w = lat.shape[-2:]
-    sfx = f"_{h}x{w}"
+    sfx = f"_{h}x{w}" if schema.multi_resolution else ""
+    keys = schema.keys
 
     arrays: list[tuple[str, str, tuple[int, ...], bytes]] = []
 
     def add(key: str, arr: np.ndarray) -> None:
         arrays.append((key + sfx, arr.dtype.str, tuple(arr.shape), arr.tobytes()))
 
-    add("latents", lat)
+    add(keys.latents, lat)
     if latents_flipped is not None:
         flipped = _float_array(latents_flipped, spath, "latents_flipped", "<f4")
         if flipped.shape != lat.shape:
             raise ValueError(
                 f"{spath}: latents_flipped has shape {flipped.shape}, latents {lat.shape}; they must match"
             )
-        _check_latents(flipped, spath, "latents_flipped")
-        add("latents_flipped", flipped)
+        _check_latents(flipped, spath, "latents_flipped", schema)
+        add(keys.latents_flipped, flipped)
     if alpha_mask is not None:
         mask = _float_array(alpha_mask, spath, "alpha_mask", "<f4")
-        if mask.shape != (8 * h, 8 * w):
+        s = schema.stride
+        if mask.shape != (s * h, s * w):
             raise ValueError(
-                f"{spath}: alpha_mask must have the bucket's pixel shape (H, W) = ({8 * h}, {8 * w}) for "
+                f"{spath}: alpha_mask must have the bucket's pixel shape (H, W) = ({s * h}, {s * w}) for "
                 f"latents of {h}x{w}, got {mask.shape}"
             )
-        add("alpha_mask", mask)
+        add(keys.alpha_mask, mask)
 
     size = _to_numpy(original_size, spath, "original_size")
     if size.shape != (2,) or size.dtype.kind not in "iuf" or not np.array_equal(size, np.round(size)):
         raise ValueError(f"{spath}: original_size must be two integers (W, H), got {size!r}")
-    add("original_size", np.ascontiguousarray(size, dtype="<i8"))
+    add(keys.original_size, np.ascontiguousarray(size, dtype="<i8"))
     crop = _to_numpy(crop_ltrb, spath, "crop_ltrb")
     if crop.shape != (4,) or crop.dtype.kind not in "iuf":
         raise ValueError(f"{spath}: crop_ltrb must be four numbers (L, T, R, B), got {crop!r}")
-    add("crop_ltrb", np.ascontiguousarray(crop, dtype="<f8"))
+    add(keys.crop_ltrb, np.ascontiguousarray(crop, dtype="<f8"))
 
     doc: dict[str, Any] = dict(meta or {})
     reserved = sorted({"format", "writer"} & doc.keys())
@@ -170,9 +187,25 @@ def write_latents(
     blob = text.encode("utf-8")
     arrays.append((META_KEY, "|u1", (len(blob),), blob))
 
-    drop = [k + sfx for k in ("latents", "latents_flipped", "alpha_mask", "original_size", "crop_ltrb")]
+    drop = [k + sfx for k in keys.all()]
     for message in _core.write_npz(spath, arrays, drop, durable):
         warnings.warn(message, CorruptCacheWarning, stacklevel=2)
+
+
+def _check_name(path: str, schema: ModelSchema) -> None:
+    """Refuse to write ``schema``'s keys into a file named as another model's cache (as ``validate``
+    calls such a file ``wrong_model``)."""
+    other = models.by_suffix(path)
+    if other is None or other.name == schema.name or path.endswith(schema.suffix):
+        return
+    try:
+        _core.parse_cache_path(path, other.suffix)
+    except CachePathError:
+        return
+    raise ValueError(
+        f"{path}: named as a {other.name!r} cache ({other.suffix}), written as a {schema.name!r} cache; "
+        f"pass model={other.name!r}"
+    )
 
 
 def read_meta(path: _PathLike) -> dict[str, Any] | None:

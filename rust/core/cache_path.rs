@@ -9,8 +9,8 @@ use unicode_normalization::UnicodeNormalization;
 
 use crate::core::error::{Error, Result};
 
-/// The cache suffix of sd-scripts' Anima strategy.
-pub const DEFAULT_SUFFIX: &str = "_anima.npz";
+/// The cache suffix of the default model (sd-scripts' Anima strategy).
+pub const DEFAULT_SUFFIX: &str = crate::core::schema::anima::SUFFIX;
 
 /// sd-scripts' image extensions, in its order (avif and jxl are added there when their Pillow plugins
 /// are installed; a file with one of those names and the cache's exact stem is that image either way).
@@ -61,7 +61,7 @@ pub fn split_ext(path: &str) -> (&str, &str) {
 pub(crate) fn check_suffix(suffix: &str) -> Result<()> {
     if suffix.is_empty() || suffix.contains('/') || suffix.contains('\\') {
         return Err(Error::Value(format!(
-            "invalid cache suffix {suffix:?}: it must be a non-empty file-name ending such as \"_anima.npz\""
+            "invalid cache suffix {suffix:?}: it must be a non-empty file-name ending such as {DEFAULT_SUFFIX:?}"
         )));
     }
     Ok(())
@@ -151,6 +151,26 @@ pub fn find_source_image(cache: &str, suffix: &str) -> Result<Option<String>> {
         Some(inner) => image_with_stem(inner),
         None => Ok(None),
     }
+}
+
+/// [`find_source_image`], and for a name that is not a cache name for `suffix` but ends with one of
+/// `legacy` (SD's plain `<stem>.npz`, which has no size in it), the image with that stem.
+pub fn find_source_image_legacy(
+    cache: &str,
+    suffix: &str,
+    legacy: &[&str],
+) -> Result<Option<String>> {
+    check_suffix(suffix)?;
+    if strip_cache_layer(cache, suffix).is_none() {
+        let stem = legacy
+            .iter()
+            .filter_map(|l| cache.strip_suffix(l))
+            .find(|stem| stem.len() > basename_start(stem));
+        if let Some(stem) = stem {
+            return image_with_stem(stem);
+        }
+    }
+    find_source_image(cache, suffix)
 }
 
 fn image_with_stem(stem: &str) -> Result<Option<String>> {

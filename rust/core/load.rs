@@ -12,6 +12,7 @@ use crate::core::npy::{
     ScalarKind,
 };
 use crate::core::quick::{quick_arrays, QuickArray, QuickIndex, Scratch};
+use crate::core::schema::Schema;
 use crate::core::zip::{read_at, Compression, Member, Src};
 
 /// One array to hand to Python: where it lies and what it holds.
@@ -61,9 +62,9 @@ pub struct LoadPlan {
     pub crop_ltrb: Vec<Scalar>,
 }
 
-/// The key suffix `_{h}x{w}` for a bucket `(W, H)` in pixels.
-pub fn key_suffix(bucket_reso: (u32, u32)) -> String {
-    format!("_{}x{}", bucket_reso.1 / 8, bucket_reso.0 / 8)
+/// The key suffix of a bucket `(W, H)` in pixels: `_{h}x{w}`, or empty for bare keys.
+pub fn key_suffix(schema: &Schema, bucket_reso: (u32, u32)) -> String {
+    schema.key_suffix(bucket_reso)
 }
 
 fn open(path: &Path) -> Result<File> {
@@ -150,9 +151,9 @@ fn f16_to_f64(bits: u16) -> f64 {
 
 /// Read the index of `path` and locate this bucket's arrays. Reads only headers, plus the few bytes
 /// of `original_size` and `crop_ltrb`.
-pub fn plan(path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
+pub fn plan(path: &Path, schema: &Schema, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
     let file = open(path)?;
-    plan_from(&file, path, bucket_reso)
+    plan_from(&file, path, schema, bucket_reso)
 }
 
 /// [`plan`] on an already open file, so that the caller can map the very file it planned.
@@ -161,23 +162,28 @@ pub fn plan(path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
 /// every sd-scripts and latentcache file, their size known from the bucket) and of the end is asked
 /// for before the headers are read, so the disk fetches the payload while the index is parsed
 /// instead of after it.
-pub fn plan_from(file: &File, path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
-    plan_knowing(file, path, bucket_reso, None)
+pub fn plan_from(
+    file: &File,
+    path: &Path,
+    schema: &Schema,
+    bucket_reso: (u32, u32),
+) -> Result<LoadPlan> {
+    plan_knowing(file, path, schema, bucket_reso, None)
 }
 
 /// [`plan_from`] when whether the file's start is cached is already known (`None`: probe it).
 fn plan_knowing(
     file: &File,
     path: &Path,
+    schema: &Schema,
     bucket_reso: (u32, u32),
     cold: Option<bool>,
 ) -> Result<LoadPlan> {
     let src = Src::new(file, path)?;
     if cold.or_else(|| is_cold(file)) == Some(true) {
-        let (h, w) = (u64::from(bucket_reso.1 / 8), u64::from(bucket_reso.0 / 8));
-        advise_willneed(file, src.file_len(), 16 * h * w * 4);
+        advise_willneed(file, src.file_len(), schema.latents_nbytes(bucket_reso));
     }
-    plan_via(&src, path, bucket_reso)
+    plan_via(&src, path, schema, bucket_reso)
 }
 
 /// What a read that must not wait for the disk found.
@@ -244,9 +250,9 @@ pub(crate) fn is_cold(file: &File) -> Option<bool> {
 /// in an sd-scripts or latentcache file, the small members and the zip directory that follow.
 pub const AFTER_LATENTS: usize = 4 << 10;
 
-/// The bytes of a bucket's latents in the layout sd-scripts writes: float32 `(16, H/8, W/8)`.
-pub fn latents_nbytes(bucket_reso: (u32, u32)) -> u64 {
-    16 * u64::from(bucket_reso.1 / 8) * u64::from(bucket_reso.0 / 8) * 4
+/// The bytes of a bucket's latents in the layout sd-scripts writes: float32 `(C, h, w)`.
+pub fn latents_nbytes(schema: &Schema, bucket_reso: (u32, u32)) -> u64 {
+    schema.latents_nbytes(bucket_reso)
 }
 
 /// A [`LoadPlan`], and whether the latents' bytes are already in the caller's buffer.
@@ -279,15 +285,16 @@ pub struct PlannedRead {
 pub fn plan_reading_latents(
     file: &File,
     path: &Path,
+    schema: &Schema,
     bucket_reso: (u32, u32),
     buf: &mut [u8],
 ) -> Result<PlannedRead> {
-    let cold = match plan_in_one_read(file, path, bucket_reso, buf) {
+    let cold = match plan_in_one_read(file, path, schema, bucket_reso, buf) {
         Ok(done) => return Ok(done),
         Err(cold) => cold,
     };
     Ok(PlannedRead {
-        plan: plan_knowing(file, path, bucket_reso, cold)?,
+        plan: plan_knowing(file, path, schema, bucket_reso, cold)?,
         latents_read: false,
         #[cfg(test)]
         reads: None,
@@ -301,10 +308,11 @@ pub fn plan_reading_latents(
 fn plan_in_one_read(
     file: &File,
     path: &Path,
+    schema: &Schema,
     bucket_reso: (u32, u32),
     buf: &mut [u8],
 ) -> std::result::Result<PlannedRead, Option<bool>> {
-    let Some(buf) = usize::try_from(latents_nbytes(bucket_reso))
+    let Some(buf) = usize::try_from(schema.latents_nbytes(bucket_reso))
         .ok()
         .and_then(|n| buf.get_mut(..n.checked_add(AFTER_LATENTS)?))
     else {
@@ -322,7 +330,7 @@ fn plan_in_one_read(
                 (got, None)
             }
         };
-        one_read_after_head(file, path, bucket_reso, buf, scratch, got).ok_or(cold)
+        one_read_after_head(file, path, schema, bucket_reso, buf, scratch, got).ok_or(cold)
     })
 }
 
@@ -339,9 +347,11 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn one_read_after_head(
     file: &File,
     path: &Path,
+    schema: &Schema,
     bucket_reso: (u32, u32),
     buf: &mut [u8],
     scratch: &mut Scratch,
@@ -350,7 +360,7 @@ fn one_read_after_head(
     let want = buf.len();
     let n = want - AFTER_LATENTS;
     let mut name_buf = [0u8; NAME_MAX];
-    let (name, sfx) = latents_name(&mut name_buf, bucket_reso)?;
+    let (name, sfx) = latents_name(&mut name_buf, schema, bucket_reso)?;
     let data_at = stored_data_offset(&scratch.head()[..got], name)?;
     // One read: a regular file's read comes back short only at its end (were it short elsewhere,
     // the index would not parse at the wrong length, and the general path would take over).
@@ -362,6 +372,7 @@ fn one_read_after_head(
     if let Some(planned) = quick_plan(
         file,
         path,
+        schema,
         sfx,
         &buf[n..total],
         data_at,
@@ -386,7 +397,7 @@ fn one_read_after_head(
         data_at + (total - keep) as u64,
         buf[total - keep..total].to_vec(),
     );
-    let plan = plan_via(&src, path, bucket_reso).ok()?;
+    let plan = plan_via(&src, path, schema, bucket_reso).ok()?;
     let e = &plan.latents.entry;
     let latents_read = e.member.compression == Compression::Stored
         && e.array_offset == Some(data_at)
@@ -404,14 +415,25 @@ fn one_read_after_head(
 
 const NAME_MAX: usize = 48;
 
-/// `latents_{h}x{w}.npy` and its `_{h}x{w}`, written into `buf` without an allocation.
-fn latents_name(buf: &mut [u8; NAME_MAX], bucket_reso: (u32, u32)) -> Option<(&str, &str)> {
+/// `latents_{h}x{w}.npy` (`latents.npy` for bare keys) and its `_{h}x{w}` (or ``), written into
+/// `buf` without an allocation.
+fn latents_name<'b>(
+    buf: &'b mut [u8; NAME_MAX],
+    schema: &Schema,
+    bucket_reso: (u32, u32),
+) -> Option<(&'b str, &'b str)> {
     use std::io::Write;
     let mut w = &mut buf[..];
-    write!(w, "latents_{}x{}.npy", bucket_reso.1 / 8, bucket_reso.0 / 8).ok()?;
+    let key = schema.keys.latents;
+    if schema.multi_resolution {
+        let (h, lw) = schema.latent_hw(bucket_reso);
+        write!(w, "{key}_{h}x{lw}.npy").ok()?;
+    } else {
+        write!(w, "{key}.npy").ok()?;
+    }
     let len = NAME_MAX - w.len();
     let name = std::str::from_utf8(&buf[..len]).ok()?;
-    Some((name, &name["latents".len()..len - ".npy".len()]))
+    Some((name, &name[key.len()..len - ".npy".len()]))
 }
 
 /// `load_batch`'s one read for a warm file whose head (`head`, read from offset 0) shows this
@@ -422,13 +444,14 @@ fn latents_name(buf: &mut [u8; NAME_MAX], bucket_reso: (u32, u32)) -> Option<(&s
 fn read_latents_into_slot(
     file: &File,
     path: &Path,
+    schema: &Schema,
     bucket_reso: (u32, u32),
     slot: &mut [u8],
     head: &[u8],
     data_at: u64,
 ) -> Option<LoadPlan> {
     let mut name_buf = [0u8; NAME_MAX];
-    let (_, sfx) = latents_name(&mut name_buf, bucket_reso)?;
+    let (_, sfx) = latents_name(&mut name_buf, schema, bucket_reso)?;
     let n = slot.len();
     let mut after = [0u8; AFTER_LATENTS];
     let total = crate::core::zip::read_upto2(file, slot, &mut after, data_at)?;
@@ -439,7 +462,18 @@ fn read_latents_into_slot(
     with_scratch(|scratch| {
         scratch.head_mut()[..head.len()].copy_from_slice(head);
         let after = &after[..total - n];
-        let planned = quick_plan(file, path, sfx, after, data_at, n, eof, scratch, head.len())?;
+        let planned = quick_plan(
+            file,
+            path,
+            schema,
+            sfx,
+            after,
+            data_at,
+            n,
+            eof,
+            scratch,
+            head.len(),
+        )?;
         planned.latents_read.then_some(planned.plan)
     })
 }
@@ -453,6 +487,7 @@ fn read_latents_into_slot(
 fn quick_plan(
     file: &File,
     path: &Path,
+    schema: &Schema,
     sfx: &str,
     after: &[u8],
     data_at: u64,
@@ -462,7 +497,7 @@ fn quick_plan(
     got: usize,
 ) -> Option<PlannedRead> {
     quick_arrays(scratch, file, got, after, data_at + n as u64, eof, |q| {
-        plan_from_quick(q, path, sfx, data_at, n)
+        plan_from_quick(q, path, schema, sfx, data_at, n)
     })
 }
 
@@ -470,6 +505,7 @@ fn quick_plan(
 fn plan_from_quick(
     q: &mut QuickIndex<'_, '_>,
     path: &Path,
+    schema: &Schema,
     sfx: &str,
     data_at: u64,
     n: usize,
@@ -479,11 +515,12 @@ fn plan_from_quick(
             .find(|a| a.key().strip_prefix(name) == Some(sfx))
             .map(|a| ArraySpec { entry: entry_of(a) })
     };
-    let latents = find("latents")?;
-    let original_size = find("original_size")?.entry;
-    let crop_ltrb = find("crop_ltrb")?.entry;
-    let flipped = find("latents_flipped");
-    let alpha_mask = find("alpha_mask");
+    let keys = &schema.keys;
+    let latents = find(keys.latents)?;
+    let original_size = find(keys.original_size)?.entry;
+    let crop_ltrb = find(keys.crop_ltrb)?.entry;
+    let flipped = find(keys.latents_flipped);
+    let alpha_mask = find(keys.alpha_mask);
     let mut small = |e: &ArrayEntry| -> Option<Vec<Scalar>> {
         check_small(path, e).ok()?;
         let bytes = q.bytes(e.array_offset?, usize::try_from(e.array_len).ok()?)?;
@@ -557,9 +594,14 @@ fn stored_data_offset(head: &[u8], name: &str) -> Option<u64> {
     (npy_at as u64).checked_add(header_len)
 }
 
-fn plan_via(src: &Src<'_>, path: &Path, bucket_reso: (u32, u32)) -> Result<LoadPlan> {
+fn plan_via(
+    src: &Src<'_>,
+    path: &Path,
+    schema: &Schema,
+    bucket_reso: (u32, u32),
+) -> Result<LoadPlan> {
     let index = read_npz_index_via(src)?;
-    let sfx = key_suffix(bucket_reso);
+    let sfx = schema.key_suffix(bucket_reso);
     let find = |name: &str| index.get(&format!("{name}{sfx}")).cloned();
     let required = |name: &str| {
         find(name).ok_or_else(|| {
@@ -577,13 +619,14 @@ fn plan_via(src: &Src<'_>, path: &Path, bucket_reso: (u32, u32)) -> Result<LoadP
             )
         })
     };
-    let latents = required("latents")?;
-    let original_size = required("original_size")?;
-    let crop_ltrb = required("crop_ltrb")?;
+    let keys = &schema.keys;
+    let latents = required(keys.latents)?;
+    let original_size = required(keys.original_size)?;
+    let crop_ltrb = required(keys.crop_ltrb)?;
     Ok(LoadPlan {
         latents: ArraySpec { entry: latents },
-        flipped: find("latents_flipped").map(|entry| ArraySpec { entry }),
-        alpha_mask: find("alpha_mask").map(|entry| ArraySpec { entry }),
+        flipped: find(keys.latents_flipped).map(|entry| ArraySpec { entry }),
+        alpha_mask: find(keys.alpha_mask).map(|entry| ArraySpec { entry }),
         original_size: decode_small(src, path, &original_size)?,
         crop_ltrb: decode_small(src, path, &crop_ltrb)?,
     })
@@ -668,18 +711,23 @@ enum Opened {
 /// Where this bucket's latents start, when the file whose head is `head` starts with them stored
 /// and their last byte is in the page cache (a file `validate` just read has its head and tail
 /// cached, not always its latents). Otherwise `load_batch` announces the file's ranges first.
-fn cached_latents_at(file: &File, head: &[u8], bucket_reso: (u32, u32)) -> Option<u64> {
+fn cached_latents_at(
+    file: &File,
+    head: &[u8],
+    schema: &Schema,
+    bucket_reso: (u32, u32),
+) -> Option<u64> {
     let mut name_buf = [0u8; NAME_MAX];
-    let (name, _) = latents_name(&mut name_buf, bucket_reso)?;
+    let (name, _) = latents_name(&mut name_buf, schema, bucket_reso)?;
     let data_at = stored_data_offset(head, name)?;
-    let last = data_at.checked_add(latents_nbytes(bucket_reso).checked_sub(1)?)?;
+    let last = data_at.checked_add(schema.latents_nbytes(bucket_reso).checked_sub(1)?)?;
     matches!(read_nowait_at(file, &mut [0u8; 1], last), Nowait::Read(_)).then_some(data_at)
 }
 
-/// The latents `load_batch` copies as they are: little-endian float32 `(16, h, w)` or
-/// `(16, 1, h, w)` in C order.
-fn batch_shape_ok(hd: &NpyHeader, h: u64, w: u64) -> bool {
-    (hd.shape == [16, h, w] || hd.shape == [16, 1, h, w])
+/// The latents `load_batch` copies as they are: little-endian float32 in a layout of the schema
+/// (`(C, h, w)`, or `(C, 1, h, w)`, which has the same bytes) in C order.
+fn batch_shape_ok(hd: &NpyHeader, schema: &Schema, h: u64, w: u64) -> bool {
+    schema.accepts_latents(&hd.shape, h, w)
         && hd.dtype.kind == ScalarKind::F4
         && hd.dtype.endian != crate::core::npy::Endian::Big
         && !hd.fortran_order
@@ -697,17 +745,19 @@ pub fn pool(workers: Option<usize>, default: usize) -> Result<std::sync::Arc<ray
     crate::core::pool::pool(n)
 }
 
-/// Fill `dst` (B items of `(16, h, w)` float32, C order) from `paths`, item `i` from
-/// `latents_flipped` when `flipped[i]`. The older `(16, 1, h, w)` layout has the same bytes.
+/// Fill `dst` (B items of `(C, h, w)` float32, C order) from `paths`, item `i` from
+/// `latents_flipped` when `flipped[i]`. A `(C, 1, h, w)` layout has the same bytes.
 pub fn load_batch(
     paths: &[PathBuf],
+    schema: &Schema,
     bucket_reso: (u32, u32),
     flipped: &[bool],
     dst: &mut [u8],
     workers: Option<usize>,
 ) -> Result<()> {
-    let (h, w) = ((bucket_reso.1 / 8) as u64, (bucket_reso.0 / 8) as u64);
-    let item = 16 * h * w * 4;
+    let (h, w) = schema.latent_hw(bucket_reso);
+    let (h, w) = (u64::from(h), u64::from(w));
+    let item = schema.latents_nbytes(bucket_reso);
     if item == 0 || dst.len() as u64 != item * paths.len() as u64 || flipped.len() != paths.len() {
         return Err(Error::Value(format!(
             "load_batch: output of {} bytes for {} paths and {} flip flags; expected {} bytes",
@@ -718,7 +768,7 @@ pub fn load_batch(
         )));
     }
     let pool = pool(workers, crate::core::pool::cpus().unwrap_or(2))?;
-    let sfx = key_suffix(bucket_reso);
+    let sfx = schema.key_suffix(bucket_reso);
     // At most PREFETCH files are open at once, so a huge batch cannot run out of descriptors.
     let per = PREFETCH * item as usize;
     for ((dst, paths), flipped) in dst
@@ -740,7 +790,7 @@ pub fn load_batch(
                         let cached = if flip {
                             None
                         } else {
-                            cached_latents_at(&file, &head[..got], bucket_reso)
+                            cached_latents_at(&file, &head[..got], schema, bucket_reso)
                         };
                         if let Some(data_at) = cached {
                             return Ok(Opened::Warm {
@@ -769,10 +819,16 @@ pub fn load_batch(
                             data_at,
                         } => {
                             let head = &head[..got];
-                            if let Some(plan) =
-                                read_latents_into_slot(&file, path, bucket_reso, chunk, head, data_at)
-                            {
-                                if batch_shape_ok(&plan.latents.entry.header, h, w) {
+                            if let Some(plan) = read_latents_into_slot(
+                                &file,
+                                path,
+                                schema,
+                                bucket_reso,
+                                chunk,
+                                head,
+                                data_at,
+                            ) {
+                                if batch_shape_ok(&plan.latents.entry.header, schema, h, w) {
                                     return Ok(());
                                 }
                             }
@@ -783,23 +839,28 @@ pub fn load_batch(
                     };
                     let index = read_npz_index_with_len(&file, path, len)?;
                     let key = if flip {
-                        format!("latents_flipped{sfx}")
+                        format!("{}{sfx}", schema.keys.latents_flipped)
                     } else {
-                        format!("latents{sfx}")
+                        format!("{}{sfx}", schema.keys.latents)
                     };
                     let entry = index.get(&key).ok_or_else(|| {
                         Error::npz(path, Some(&key), "not found for this bucket".to_string())
                     })?;
                     let hd = &entry.header;
-                    if !batch_shape_ok(hd, h, w) {
+                    if !batch_shape_ok(hd, schema, h, w) {
                         return Err(Error::npz(
                             path,
                             Some(&key),
                             format!(
-                                "expected float32 (16, {h}, {w}) or (16, 1, {h}, {w}) in C order, found {} {}{}",
+                                "expected {} in C order, found {} {}{}",
+                                schema.expected_latents(h, w),
                                 hd.dtype.name(),
                                 crate::core::npy::shape_repr(&hd.shape),
-                                if hd.fortran_order { " in Fortran order" } else { "" }
+                                if hd.fortran_order {
+                                    " in Fortran order"
+                                } else {
+                                    ""
+                                }
                             ),
                         ));
                     }
@@ -846,7 +907,7 @@ mod tests {
             assert!(evict(&p));
         }
         assert_eq!(is_cold(&f), Some(true));
-        let plan = plan_from(&f, &p, (1024, 1024)).unwrap();
+        let plan = plan_from(&f, &p, &crate::core::schema::anima::ANIMA, (1024, 1024)).unwrap();
         let e = &plan.latents.entry;
         let middle = (e.array_offset.unwrap() + e.array_len / 2) as usize / 4096;
         assert!(
@@ -861,8 +922,19 @@ mod tests {
         // The one-read path on a cold file hands over to the general path, which prefetches on
         // what the head read learnt (no second probe).
         assert!(evict(&p));
-        let mut buf = vec![0u8; latents_nbytes((1024, 1024)) as usize + AFTER_LATENTS];
-        let planned = plan_reading_latents(&f, &p, (1024, 1024), &mut buf).unwrap();
+        let mut buf = vec![
+            0u8;
+            latents_nbytes(&crate::core::schema::anima::ANIMA, (1024, 1024)) as usize
+                + AFTER_LATENTS
+        ];
+        let planned = plan_reading_latents(
+            &f,
+            &p,
+            &crate::core::schema::anima::ANIMA,
+            (1024, 1024),
+            &mut buf,
+        )
+        .unwrap();
         assert!(!planned.latents_read && planned.reads.is_none());
         assert_eq!(format!("{:?}", planned.plan), format!("{plan:?}"));
         assert!(
@@ -880,21 +952,39 @@ mod tests {
         let (_dir, p, f) = cache_1024();
         let mut head = [0u8; crate::core::zip::HEAD_READ as usize];
         let got = crate::core::zip::read_upto(&f, &mut head, 0).unwrap();
-        assert!(cached_latents_at(&f, &head[..got], (1024, 1024)).is_some());
+        assert!(cached_latents_at(
+            &f,
+            &head[..got],
+            &crate::core::schema::anima::ANIMA,
+            (1024, 1024)
+        )
+        .is_some());
         // Another bucket: not this file's first member, so never the one read.
-        assert!(cached_latents_at(&f, &head[..got], (512, 512)).is_none());
+        assert!(cached_latents_at(
+            &f,
+            &head[..got],
+            &crate::core::schema::anima::ANIMA,
+            (512, 512)
+        )
+        .is_none());
         if !evict(&p) {
             eprintln!("this file system keeps the file cached; the cold case is not checked");
             return;
         }
         crate::core::zip::read_upto(&f, &mut head, 0).unwrap();
-        assert!(cached_latents_at(&f, &head[..got], (1024, 1024)).is_none());
+        assert!(cached_latents_at(
+            &f,
+            &head[..got],
+            &crate::core::schema::anima::ANIMA,
+            (1024, 1024)
+        )
+        .is_none());
     }
 
     /// The plan and error of the general path, as text, for comparing the two paths.
     fn general(p: &Path, bucket: (u32, u32)) -> std::result::Result<String, String> {
         let f = File::open(p).unwrap();
-        plan_from(&f, p, bucket)
+        plan_from(&f, p, &crate::core::schema::anima::ANIMA, bucket)
             .map(|plan| format!("{plan:?}"))
             .map_err(|e| e.to_string())
     }
@@ -916,7 +1006,13 @@ mod tests {
         let t = crate::core::zip::testutil::temp_file(bytes);
         let f = File::open(t.path()).unwrap();
         let mut buf = vec![0xA5u8; buf_len];
-        let got = plan_reading_latents(&f, t.path(), bucket, &mut buf);
+        let got = plan_reading_latents(
+            &f,
+            t.path(),
+            &crate::core::schema::anima::ANIMA,
+            bucket,
+            &mut buf,
+        );
         let (latents_read, reads, quick) = match &got {
             Ok(p) => (p.latents_read, p.reads, p.quick),
             Err(_) => (false, None, false),
@@ -945,7 +1041,7 @@ mod tests {
     }
 
     fn room(bucket: (u32, u32)) -> usize {
-        latents_nbytes(bucket) as usize + AFTER_LATENTS
+        latents_nbytes(&crate::core::schema::anima::ANIMA, bucket) as usize + AFTER_LATENTS
     }
 
     #[test]
@@ -1134,11 +1230,21 @@ mod tests {
         let f = File::open(t.path()).unwrap();
         let mut head = [0u8; crate::core::zip::HEAD_READ as usize];
         let got = crate::core::zip::read_upto(&f, &mut head, 0).unwrap();
-        let mut slot = vec![0xA5u8; latents_nbytes(bucket) as usize];
+        let mut slot =
+            vec![0xA5u8; latents_nbytes(&crate::core::schema::anima::ANIMA, bucket) as usize];
         let mut name_buf = [0u8; NAME_MAX];
-        let (name, _) = latents_name(&mut name_buf, bucket).unwrap();
+        let (name, _) =
+            latents_name(&mut name_buf, &crate::core::schema::anima::ANIMA, bucket).unwrap();
         let plan = stored_data_offset(&head[..got], name).and_then(|data_at| {
-            read_latents_into_slot(&f, t.path(), bucket, &mut slot, &head[..got], data_at)
+            read_latents_into_slot(
+                &f,
+                t.path(),
+                &crate::core::schema::anima::ANIMA,
+                bucket,
+                &mut slot,
+                &head[..got],
+                data_at,
+            )
         });
         if let Some(p) = &plan {
             let e = &p.latents.entry;
@@ -1210,7 +1316,57 @@ mod tests {
 
     #[test]
     fn suffix_is_latent_h_by_w() {
-        assert_eq!(key_suffix((1024, 768)), "_96x128");
+        assert_eq!(
+            key_suffix(&crate::core::schema::anima::ANIMA, (1024, 768)),
+            "_96x128"
+        );
+    }
+
+    /// A bare-key (SDXL) cache plans and batch-loads through the one-read paths under its schema,
+    /// and is refused, naming the key it lacks, under Anima's.
+    #[test]
+    fn a_bare_key_cache_loads_under_its_own_schema_only() {
+        use crate::core::npy::testutil::{f32s, npy};
+        use crate::core::schema::{anima::ANIMA, others::SDXL};
+        use crate::core::zip::testutil::{temp_file, zip_bytes, ZipOpts};
+        let vals: Vec<f32> = (0..4 * 2 * 3).map(|i| i as f32).collect();
+        let lat = npy("<f4", &[4, 2, 3], &f32s(&vals));
+        let size = npy("<i8", &[2], &[1u8; 16]);
+        let crop = npy("<f8", &[4], &[0u8; 32]);
+        let bytes = zip_bytes(
+            &[
+                ("latents.npy", &lat, false),
+                ("original_size.npy", &size, false),
+                ("crop_ltrb.npy", &crop, false),
+            ],
+            ZipOpts::default(),
+        );
+        let t = temp_file(&bytes);
+        let f = File::open(t.path()).unwrap();
+        let bucket = (24, 16);
+        assert_eq!(key_suffix(&SDXL, bucket), "");
+        let mut buf = vec![0u8; latents_nbytes(&SDXL, bucket) as usize + AFTER_LATENTS];
+        let planned = plan_reading_latents(&f, t.path(), &SDXL, bucket, &mut buf).unwrap();
+        assert!(planned.latents_read);
+        assert_eq!(planned.plan.latents.shape(), &[4, 2, 3]);
+        assert_eq!(&buf[..vals.len() * 4], f32s(&vals).as_slice());
+        let mut dst = vec![0u8; 2 * vals.len() * 4];
+        let paths = [t.path().to_path_buf(), t.path().to_path_buf()];
+        load_batch(&paths, &SDXL, bucket, &[false, false], &mut dst, Some(1)).unwrap();
+        assert_eq!(&dst[vals.len() * 4..], f32s(&vals).as_slice());
+        let e = plan(t.path(), &ANIMA, bucket).unwrap_err().to_string();
+        assert!(e.contains("latents_2x3"), "{e}");
+        let e = load_batch(
+            &paths,
+            &ANIMA,
+            bucket,
+            &[false, false],
+            &mut vec![0u8; 2 * 16 * 6 * 4],
+            Some(1),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("latents_2x3"), "{e}");
     }
 
     #[test]
@@ -1241,7 +1397,13 @@ mod tests {
         let t = temp_file(&z);
         let f = File::open(t.path()).unwrap();
         let src = Src::new(&f, t.path()).unwrap();
-        let plan = plan_via(&src, t.path(), (512, 512)).unwrap();
+        let plan = plan_via(
+            &src,
+            t.path(),
+            &crate::core::schema::anima::ANIMA,
+            (512, 512),
+        )
+        .unwrap();
         assert_eq!(
             plan.original_size,
             vec![Scalar::Int(1037), Scalar::Int(1035)]

@@ -6,6 +6,7 @@ pub mod npy;
 mod pool;
 mod quick;
 pub mod scan;
+pub mod schema;
 pub mod validate;
 pub mod write;
 pub mod zip;

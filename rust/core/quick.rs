@@ -818,6 +818,7 @@ mod tests {
     use proptest::prelude::*;
 
     const EXP: Expectation = Expectation {
+        schema: &crate::core::schema::anima::ANIMA,
         bucket_reso: (64, 32),
         flip_aug: false,
         alpha_mask: false,
@@ -854,6 +855,7 @@ mod tests {
                     for z64 in [false, true] {
                         let b = cache(flip, alpha, other, z64);
                         let exp = Expectation {
+                            schema: &crate::core::schema::anima::ANIMA,
                             flip_aug: flip,
                             alpha_mask: alpha,
                             ..EXP
@@ -931,6 +933,7 @@ mod tests {
             (true, false, true),
         ] {
             let exp = Expectation {
+                schema: &crate::core::schema::anima::ANIMA,
                 flip_aug: flip,
                 alpha_mask: alpha,
                 ..EXP
@@ -978,12 +981,14 @@ mod tests {
     fn never_ok_when_the_general_path_is_not() {
         let b = cache(false, false, false, true);
         let flip_exp = Expectation {
+            schema: &crate::core::schema::anima::ANIMA,
             flip_aug: true,
             ..EXP
         };
         assert_eq!(quick(&b, &flip_exp).map(|r| r.0), Some(false));
         assert_eq!(general(&b, &flip_exp), Code::MissingKey);
         let other = Expectation {
+            schema: &crate::core::schema::anima::ANIMA,
             bucket_reso: (32, 16),
             ..EXP
         };
@@ -1077,7 +1082,7 @@ mod tests {
                 }
                 // The second resolution's bucket now and then: another set of required keys.
                 let bucket = if *small { (32, 16) } else { EXP.bucket_reso };
-                let exp = Expectation { flip_aug: *want_flip, alpha_mask: *want_alpha, bucket_reso: bucket };
+                let exp = Expectation { schema: &crate::core::schema::anima::ANIMA, flip_aug: *want_flip, alpha_mask: *want_alpha, bucket_reso: bucket };
                 let t = temp_file(&b);
                 let f = File::open(t.path()).unwrap();
                 let len = b.len() as u64;

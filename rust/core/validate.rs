@@ -1,4 +1,5 @@
-//! Validation of sd-scripts Anima latent caches (`*_anima.npz`): one status per file, never a panic.
+//! Validation of sd-scripts latent caches of one model (its [`Schema`]: key names, channels,
+//! stride, layouts): one status per file, never a panic.
 //!
 //! Check order: the file and its zip/npy structure, then the required keys (the first missing one
 //! is reported), then each key's dtype and shape, then the opt-in checks (CRC-32 of every member,
@@ -16,6 +17,7 @@ use crate::core::npy::{
     read_npz_index_with_len, shape_repr, ArrayEntry, DType, NpzIndex, ScalarKind,
 };
 use crate::core::quick::Meta;
+use crate::core::schema::Schema;
 use crate::core::zip::{
     read_at, stream_member, tail_window, Member, ReadError, ReadErrorKind, HEAD_READ,
 };
@@ -23,6 +25,8 @@ use crate::core::zip::{
 /// What the cache must hold for one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expectation {
+    /// The kind of cache: its key names, latent channels, stride and layouts.
+    pub schema: &'static Schema,
     /// (W, H) in pixels.
     pub bucket_reso: (u32, u32),
     pub flip_aug: bool,
@@ -58,6 +62,9 @@ pub enum Code {
     NonFinite,
     /// An OS error other than "not found" (permission denied, EIO, ...).
     IoError,
+    /// The file is named as another model's cache (`a_0512x0512_flux.npz` checked as Anima):
+    /// several models share one layout, so only the name tells them apart.
+    WrongModel,
 }
 
 impl Code {
@@ -75,11 +82,12 @@ impl Code {
             Code::CrcMismatch => "crc_mismatch",
             Code::NonFinite => "non_finite",
             Code::IoError => "io_error",
+            Code::WrongModel => "wrong_model",
         }
     }
 
     /// All codes, in declaration order.
-    pub const ALL: [Code; 12] = [
+    pub const ALL: [Code; 13] = [
         Code::Ok,
         Code::Missing,
         Code::Empty,
@@ -92,6 +100,7 @@ impl Code {
         Code::CrcMismatch,
         Code::NonFinite,
         Code::IoError,
+        Code::WrongModel,
     ];
 }
 
@@ -368,13 +377,16 @@ pub(crate) struct Required {
 
 impl Required {
     pub(crate) fn new(exp: &Expectation) -> Self {
-        let (w_px, h_px) = exp.bucket_reso;
+        let schema = exp.schema;
         let mut sfx = [0u8; 24];
-        let sfx_len = {
+        let sfx_len = if schema.multi_resolution {
             use std::io::Write;
+            let (h, w) = schema.latent_hw(exp.bucket_reso);
             let mut cur = std::io::Cursor::new(&mut sfx[..]);
-            let _ = write!(cur, "_{}x{}", h_px / 8, w_px / 8);
+            let _ = write!(cur, "_{h}x{w}");
             cur.position() as usize
+        } else {
+            0
         };
         let mut r = Required {
             sfx,
@@ -386,14 +398,15 @@ impl Required {
             r.list[r.len] = (prefix, rule);
             r.len += 1;
         };
-        need("latents", Rule::Latents);
+        let keys = &schema.keys;
+        need(keys.latents, Rule::Latents);
         if exp.flip_aug {
-            need("latents_flipped", Rule::Latents);
+            need(keys.latents_flipped, Rule::Latents);
         }
-        need("original_size", Rule::OriginalSize);
-        need("crop_ltrb", Rule::CropLtrb);
+        need(keys.original_size, Rule::OriginalSize);
+        need(keys.crop_ltrb, Rule::CropLtrb);
         if exp.alpha_mask {
-            need("alpha_mask", Rule::AlphaMask);
+            need(keys.alpha_mask, Rule::AlphaMask);
         }
         r
     }
@@ -420,17 +433,20 @@ impl Required {
 impl<'a> Ctx<'a> {
     pub(crate) fn new(path: &'a Path, exp: &Expectation) -> Self {
         let (w_px, h_px) = exp.bucket_reso;
+        let (h, w) = exp.schema.latent_hw(exp.bucket_reso);
         Ctx {
             path,
-            h: u64::from(h_px / 8),
-            w: u64::from(w_px / 8),
+            schema: exp.schema,
+            h: u64::from(h),
+            w: u64::from(w),
             h_px: u64::from(h_px),
             w_px: u64::from(w_px),
         }
     }
 }
 
-/// Validate one Anima cache file against what the trainer will ask of it.
+/// Validate one cache file against what the trainer will ask of it (the expectation's schema
+/// says which kind of cache it is).
 ///
 /// Args: `path` of the `.npz`, `exp` the bucket and options it was cached for, `opts` opt-in checks.
 /// Returns: a [`Status`]; a broken file is a status, never an error or a panic.
@@ -450,6 +466,9 @@ pub fn validate_with(
         Ok(f) => f,
         Err(s) => return s,
     };
+    if let Some(s) = wrong_model(path, exp.schema) {
+        return s;
+    }
     let mut meta = Meta::Unknown;
     let status = checks(opener, &file, path, exp, opts, &mut meta);
     if !(opts.with_meta && status.code == Code::Ok) {
@@ -465,6 +484,30 @@ pub fn validate_with(
         Ok(meta) => Status { meta, ..status },
         Err(e) => meta_error(path, e),
     }
+}
+
+/// The `wrong_model` status of a file named as another schema's cache (`<stem>_<W>x<H><suffix>`
+/// with another registered schema's suffix and not `schema`'s own), or None.
+fn wrong_model(path: &Path, schema: &'static Schema) -> Option<Status> {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    if bytes.ends_with(schema.suffix.as_bytes()) {
+        return None;
+    }
+    let other = crate::core::schema::ALL
+        .iter()
+        .find(|s| bytes.ends_with(s.suffix.as_bytes()))?;
+    let name = path.to_str()?;
+    let other = crate::core::schema::by_suffix(name).unwrap_or(other);
+    crate::core::cache_path::strip_cache_layer(name, other.suffix)?;
+    Some(Status::new(
+        Code::WrongModel,
+        path,
+        None,
+        format!(
+            "named as a {:?} cache ({}), checked as a {:?} cache ({}); pass model={:?}",
+            other.name, other.suffix, schema.name, schema.suffix, other.name
+        ),
+    ))
 }
 
 /// The checks of [`validate_with`] on the file it opened. With [`Options::with_meta`], the quick
@@ -598,6 +641,7 @@ fn check_index(
 
 pub(crate) struct Ctx<'a> {
     path: &'a Path,
+    schema: &'static Schema,
     h: u64,
     w: u64,
     h_px: u64,
@@ -607,11 +651,7 @@ pub(crate) struct Ctx<'a> {
 impl Ctx<'_> {
     fn expected(&self, rule: Rule) -> String {
         match rule {
-            Rule::Latents => format!(
-                "float32 shape {} or {}",
-                shape_repr(&[16, self.h, self.w]),
-                shape_repr(&[16, 1, self.h, self.w])
-            ),
+            Rule::Latents => self.schema.expected_latents(self.h, self.w),
             Rule::AlphaMask => format!("float32 shape {}", shape_repr(&[self.h_px, self.w_px])),
             Rule::OriginalSize => "an integer dtype shape (2,)".to_owned(),
             Rule::CropLtrb => "an integer or float dtype shape (4,)".to_owned(),
@@ -636,7 +676,7 @@ impl Ctx<'_> {
             return Some(Fault::Dtype);
         }
         let shape_ok = match rule {
-            Rule::Latents => shape == [16, self.h, self.w] || shape == [16, 1, self.h, self.w],
+            Rule::Latents => self.schema.accepts_latents(shape, self.h, self.w),
             Rule::AlphaMask => shape == [self.h_px, self.w_px],
             Rule::OriginalSize => shape == [2],
             Rule::CropLtrb => shape == [4],
@@ -1093,16 +1133,40 @@ fn index_of(file: &File, path: &Path, len: u64) -> std::result::Result<NpzIndex,
     })
 }
 
-/// The `(h, w)` of a `latents_{h}x{w}` key: decimal digits, both above zero, with the bucket
-/// `(8w, 8h)` within 32 bits.
+/// The `(h, w)` of an Anima `latents_{h}x{w}` key (see [`Schema::latents_resolution`]).
 pub fn latents_resolution(key: &str) -> Option<(u32, u32)> {
-    let (h, w) = key.strip_prefix("latents_")?.split_once('x')?;
-    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
-    if !digits(h) || !digits(w) {
-        return None;
+    crate::core::schema::DEFAULT.latents_resolution(key)
+}
+
+/// The resolutions [`verify_many`] checks in a file with these `keys`, as `(h, w, bucket)`: one per
+/// `latents_{h}x{w}` key of a multi-resolution schema, in key order; for bare keys, the one
+/// `latents` array's, its size read from its last two dimensions (a latents array of another rank
+/// is checked against the bucket (0, 0), which its shape cannot match).
+fn resolutions(
+    schema: &'static Schema,
+    index: &NpzIndex,
+    keys: &[String],
+) -> Vec<(u32, u32, (u32, u32))> {
+    if schema.multi_resolution {
+        return keys
+            .iter()
+            .filter_map(|k| schema.latents_resolution(k))
+            .filter_map(|(h, w)| Some((h, w, schema.bucket_of(h, w)?)))
+            .collect();
     }
-    let (h, w): (u32, u32) = (h.parse().ok()?, w.parse().ok()?);
-    (h > 0 && w > 0 && h.checked_mul(8).is_some() && w.checked_mul(8).is_some()).then_some((h, w))
+    if !keys.iter().any(|k| k == schema.keys.latents) {
+        return Vec::new();
+    }
+    let hw = index
+        .get(schema.keys.latents)
+        .and_then(|a| match a.header.shape[..] {
+            [_, .., h, w] if a.header.shape.len() >= 3 => {
+                let (h, w) = (u32::try_from(h).ok()?, u32::try_from(w).ok()?);
+                Some((h, w, schema.bucket_of(h, w)?))
+            }
+            _ => None,
+        });
+    vec![hw.unwrap_or((0, 0, (0, 0)))]
 }
 
 /// What [`verify_many`] found in one file.
@@ -1127,6 +1191,7 @@ pub enum Verified {
 /// latents and the alpha mask of that resolution required when the file holds them.
 pub fn verify_many<P: AsRef<Path> + Sync>(
     paths: &[P],
+    schema: &'static Schema,
     opts: &Options,
     workers: Option<usize>,
 ) -> Result<Vec<Verified>> {
@@ -1148,17 +1213,26 @@ pub fn verify_many<P: AsRef<Path> + Sync>(
         let keys: Vec<String> = (index.arrays.iter().map(|a| a.key.clone()))
             .chain(index.unsupported.iter().map(|u| u.key.clone()))
             .collect();
-        let results = keys
-            .iter()
-            .filter_map(|k| latents_resolution(k))
-            .map(|(h, w)| {
-                let has = |name: &str| keys.iter().any(|k| *k == format!("{name}_{h}x{w}"));
-                let exp = Expectation {
-                    bucket_reso: (8 * w, 8 * h),
-                    flip_aug: has("latents_flipped"),
-                    alpha_mask: has("alpha_mask"),
+        let results = resolutions(schema, &index, &keys)
+            .into_iter()
+            .map(|(h, w, bucket_reso)| {
+                let sfx = if schema.multi_resolution {
+                    format!("_{h}x{w}")
+                } else {
+                    String::new()
                 };
-                (exp, check_index(&file, path, &index, &exp, opts))
+                let has = |name: &str| keys.iter().any(|k| *k == format!("{name}{sfx}"));
+                let exp = Expectation {
+                    schema,
+                    bucket_reso,
+                    flip_aug: has(schema.keys.latents_flipped),
+                    alpha_mask: has(schema.keys.alpha_mask),
+                };
+                let status = match wrong_model(path, schema) {
+                    Some(s) => s,
+                    None => check_index(&file, path, &index, &exp, opts),
+                };
+                (exp, status)
             })
             .collect();
         let (results, meta) = with_meta_of(&file, path, &index, results, opts);
@@ -1273,11 +1347,13 @@ mod tests {
     use proptest::prelude::*;
 
     const EXP: Expectation = Expectation {
+        schema: &crate::core::schema::anima::ANIMA,
         bucket_reso: (32, 16), // W=32, H=16 -> h=2, w=4
         flip_aug: false,
         alpha_mask: false,
     };
     const ALL: Expectation = Expectation {
+        schema: &crate::core::schema::anima::ANIMA,
         bucket_reso: (32, 16),
         flip_aug: true,
         alpha_mask: true,
@@ -1502,6 +1578,7 @@ mod tests {
         );
         // Another bucket's keys.
         let other = Expectation {
+            schema: &crate::core::schema::anima::ANIMA,
             bucket_reso: (64, 64),
             ..EXP
         };
@@ -1892,7 +1969,7 @@ mod tests {
             ),
             Verified::Unreadable(s) => panic!("unreadable: {}", s.message),
         };
-        let got = verify_many(&paths, &asked, Some(2)).unwrap();
+        let got = verify_many(&paths, &crate::core::schema::anima::ANIMA, &asked, Some(2)).unwrap();
         // Both resolutions of a file with metadata are valid, and the bytes come once with them.
         let (codes, m) = parts(&got[0]);
         assert_eq!(
@@ -1913,7 +1990,13 @@ mod tests {
         }
         assert_eq!(parts(&got[2]), (vec![(Code::Ok, String::new())], None));
         // Not asked: no bytes, and the odd member is not looked at.
-        let plain = verify_many(&paths, &Options::default(), Some(1)).unwrap();
+        let plain = verify_many(
+            &paths,
+            &crate::core::schema::anima::ANIMA,
+            &Options::default(),
+            Some(1),
+        )
+        .unwrap();
         assert_eq!(parts(&plain[0]).1, None);
         assert!(parts(&plain[1]).0.iter().all(|c| c.0 == Code::Ok));
     }
@@ -1937,7 +2020,7 @@ mod tests {
             dir.path().join("missing.npz"),
         ];
         let opts = Options::default();
-        let got = verify_many(&paths, &opts, Some(2)).unwrap();
+        let got = verify_many(&paths, &crate::core::schema::anima::ANIMA, &opts, Some(2)).unwrap();
         assert_eq!(got.len(), 4);
         let checked = |v: &Verified| match v {
             Verified::Checked { keys, results, .. } => (keys.clone(), results.clone()),
@@ -1958,6 +2041,7 @@ mod tests {
         assert_eq!(
             exps,
             [Expectation {
+                schema: &crate::core::schema::anima::ANIMA,
                 bucket_reso: (32, 16),
                 flip_aug: true,
                 alpha_mask: true
@@ -1969,11 +2053,13 @@ mod tests {
             exps,
             [
                 Expectation {
+                    schema: &crate::core::schema::anima::ANIMA,
                     bucket_reso: (64, 32),
                     flip_aug: true,
                     alpha_mask: true
                 },
                 Expectation {
+                    schema: &crate::core::schema::anima::ANIMA,
                     bucket_reso: (32, 16),
                     flip_aug: false,
                     alpha_mask: false
@@ -1998,8 +2084,12 @@ mod tests {
         }
         assert!(matches!(&got[2], Verified::Unreadable(s) if s.code != Code::Ok));
         assert!(matches!(&got[3], Verified::Unreadable(s) if s.code == Code::Missing));
-        assert!(verify_many(&paths, &opts, Some(0)).is_err());
-        assert!(verify_many::<PathBuf>(&[], &opts, None).unwrap().is_empty());
+        assert!(verify_many(&paths, &crate::core::schema::anima::ANIMA, &opts, Some(0)).is_err());
+        assert!(
+            verify_many::<PathBuf>(&[], &crate::core::schema::anima::ANIMA, &opts, None)
+                .unwrap()
+                .is_empty()
+        );
         // A FIFO named like a cache is not read, and opening it does not wait for a writer.
         #[cfg(unix)]
         {
@@ -2007,7 +2097,13 @@ mod tests {
             let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
             // SAFETY: a valid NUL-terminated path; the result is checked.
             assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-            let got = verify_many(&[fifo, dir.path().to_path_buf()], &opts, Some(1)).unwrap();
+            let got = verify_many(
+                &[fifo, dir.path().to_path_buf()],
+                &crate::core::schema::anima::ANIMA,
+                &opts,
+                Some(1),
+            )
+            .unwrap();
             assert!(got
                 .iter()
                 .all(|v| matches!(v, Verified::Unreadable(s) if s.code == Code::NotNpz)));
@@ -2088,6 +2184,126 @@ mod tests {
             .is_empty());
     }
 
+    /// A cache of `channels` latents of 2x4 cells (bare keys or `_2x4` ones), as np.savez lays it out (both the quick and
+    /// the general path judge it: stored and deflated).
+    fn cache_of(channels: u64, bare: bool) -> Cache {
+        let sfx = if bare { "" } else { "_2x4" };
+        let mut c = Cache {
+            members: Vec::new(),
+        };
+        let n = (channels * 8) as usize;
+        c.set(
+            &format!("latents{sfx}"),
+            npy("<f4", &[channels, 2, 4], &f32s(&vec![0.5; n])),
+        );
+        c.set(&format!("original_size{sfx}"), npy("<i8", &[2], &[7u8; 16]));
+        c.set(&format!("crop_ltrb{sfx}"), npy("<f8", &[4], &[0u8; 32]));
+        c
+    }
+
+    #[test]
+    fn every_schema_validates_its_own_caches_and_refuses_the_others() {
+        use crate::core::schema::ALL as SCHEMAS;
+        for held in SCHEMAS {
+            let (h, w) = (2u32, 4u32);
+            let bucket = held.bucket_of(h, w).unwrap();
+            let c = cache_of(held.channels, !held.multi_resolution);
+            for deflated in [false, true] {
+                let bytes = c.bytes(deflated);
+                for asked in SCHEMAS {
+                    let exp = Expectation {
+                        schema: asked,
+                        bucket_reso: bucket,
+                        flip_aug: false,
+                        alpha_mask: false,
+                    };
+                    let got = run(&bytes, &exp, &Options::default());
+                    let want = if asked == held {
+                        Code::Ok
+                    } else if asked.multi_resolution != held.multi_resolution
+                        || asked.stride != held.stride
+                    {
+                        Code::MissingKey
+                    } else if asked.channels != held.channels {
+                        Code::BadShape
+                    } else {
+                        // One layout for several models (Anima, FLUX, SD3, Lumina; SD, SDXL):
+                        // only a name tells them apart, and this file has none.
+                        Code::Ok
+                    };
+                    assert_eq!(
+                        got.code, want,
+                        "{} as {}: {}",
+                        held.name, asked.name, got.message
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_named_as_another_models_cache_is_wrong_model() {
+        use crate::core::schema::{anima::ANIMA, others::FLUX, others::SD};
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = cache_of(16, false).bytes(false);
+        let exp = |schema| Expectation {
+            schema,
+            bucket_reso: (32, 16),
+            flip_aug: false,
+            alpha_mask: false,
+        };
+        for (name, schema, want) in [
+            ("a_0032x0016_flux.npz", &ANIMA, Code::WrongModel),
+            ("a_0032x0016_flux.npz", &FLUX, Code::Ok),
+            ("a_0032x0016_anima.npz", &ANIMA, Code::Ok),
+            ("a_0032x0016_anima.npz", &SD, Code::WrongModel),
+            // Not a cache name: the contents decide.
+            ("a_flux.npz", &ANIMA, Code::Ok),
+            ("plain.npz", &ANIMA, Code::Ok),
+        ] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, &bytes).unwrap();
+            let got = validate_one(&p, &exp(schema), &Options::default());
+            assert_eq!(got.code, want, "{name} as {}: {}", schema.name, got.message);
+            if want == Code::WrongModel {
+                assert!(got.message.contains(schema.name), "{}", got.message);
+            }
+        }
+        // A missing file stays missing, whatever its name.
+        let gone = dir.path().join("gone_0032x0016_flux.npz");
+        assert_eq!(
+            validate_one(&gone, &exp(&ANIMA), &Options::default()).code,
+            Code::Missing
+        );
+    }
+
+    #[test]
+    fn verify_checks_the_one_bare_resolution_by_its_shape() {
+        use crate::core::schema::{anima::ANIMA, others::SDXL};
+        let t = temp_file(&cache_of(4, true).bytes(false));
+        let got = verify_many(&[t.path()], &SDXL, &Options::default(), Some(1)).unwrap();
+        match &got[0] {
+            Verified::Checked { results, .. } => {
+                assert_eq!(results.len(), 1);
+                assert_eq!(results[0].0.bucket_reso, (32, 16));
+                assert_eq!(results[0].1.code, Code::Ok, "{}", results[0].1.message);
+            }
+            v => panic!("{v:?}"),
+        }
+        // As Anima it has no `latents_{h}x{w}` key: nothing to check.
+        let got = verify_many(&[t.path()], &ANIMA, &Options::default(), Some(1)).unwrap();
+        assert!(matches!(&got[0], Verified::Checked { results, .. } if results.is_empty()));
+        // Latents of another rank are checked against the bucket (0, 0), which no shape matches.
+        let mut c = cache_of(4, true);
+        c.set("latents", npy("<f4", &[4], &f32s(&[0.0; 4])));
+        let t = temp_file(&c.bytes(false));
+        let got = verify_many(&[t.path()], &SDXL, &Options::default(), Some(1)).unwrap();
+        match &got[0] {
+            Verified::Checked { results, .. } => assert_eq!(results[0].1.code, Code::BadShape),
+            v => panic!("{v:?}"),
+        }
+    }
+
     #[test]
     fn code_strings() {
         let names: Vec<&str> = Code::ALL.iter().map(Code::as_str).collect();
@@ -2105,7 +2321,8 @@ mod tests {
                 "malformed",
                 "crc_mismatch",
                 "non_finite",
-                "io_error"
+                "io_error",
+                "wrong_model"
             ]
         );
     }

@@ -185,17 +185,6 @@ pub fn write_npz(
     Ok(report)
 }
 
-/// The keys sd-scripts stores for one resolution suffix (`_{h}x{w}`, or `""` for legacy files).
-pub fn resolution_keys(suffix: &str) -> [String; 5] {
-    [
-        format!("latents{suffix}"),
-        format!("latents_flipped{suffix}"),
-        format!("alpha_mask{suffix}"),
-        format!("original_size{suffix}"),
-        format!("crop_ltrb{suffix}"),
-    ]
-}
-
 fn check_arrays(path: &Path, arrays: &[NewArray<'_>]) -> Result<Vec<Vec<u8>>> {
     let bad =
         |key: &str, msg: String| Error::Value(format!("{}: array '{key}': {msg}", path.display()));
@@ -1260,6 +1249,45 @@ mod tests {
         assert!(r.warnings[0].contains("CRC"), "{:?}", r.warnings);
         let idx = read_npz_index(&p).unwrap();
         assert!(idx.get("x").is_none() && idx.get("y").is_some());
+    }
+
+    #[test]
+    fn replacing_a_file_that_is_mapped() {
+        // A live mapping of the target (a `load` view) blocks a replace on Windows. The write then
+        // either lands or fails with the file named; either way the mapping keeps the old bytes, the
+        // target is a whole file and no temporary file is left.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mapped_0064x0064_anima.npz");
+        write_npz(&p, &[arr("a", "|u1", &[3], &[1, 2, 3])], &[], DURABLE).unwrap();
+        let old = fs::read(&p).unwrap();
+        let file = File::open(&p).unwrap();
+        // SAFETY: the test is the only writer and replaces the file by rename, never in place.
+        let map = unsafe { memmap2::Mmap::map(&file).unwrap() };
+        drop(file);
+        match write_npz(&p, &[arr("b", "|u1", &[2], &[4, 5])], &[], DURABLE) {
+            Ok(_) => {
+                let idx = read_npz_index(&p).unwrap();
+                assert!(idx.get("a").is_some() && idx.get("b").is_some());
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("mapped_0064x0064_anima.npz"), "{e}");
+                assert_eq!(
+                    fs::read(&p).unwrap(),
+                    old,
+                    "a failed replace must keep the old file"
+                );
+            }
+        }
+        assert_eq!(&map[..], &old[..], "the mapping must keep the old bytes");
+        drop(map);
+        let temps = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let n = e.as_ref().unwrap().file_name();
+                n.to_string_lossy().contains(".lctmp")
+            })
+            .count();
+        assert_eq!(temps, 0, "no temporary file may stay behind");
     }
 
     #[test]

@@ -93,18 +93,19 @@ fn float32_memory<'a>(out: &Bound<'_, PyAny>, nbytes: usize) -> PyResult<&'a mut
     unsafe { out_slice(address, nbytes) }
 }
 
-/// Fill a float32 `(B, 16, h, w)` numpy array with the latents of B cache files of one bucket, in
+/// Fill a float32 `(B, C, h, w)` numpy array with the latents of B cache files of one bucket, in
 /// parallel with the interpreter lock released.
 ///
 /// Args:
 ///     paths: the B cache files.
 ///     bucket_reso: `(W, H)` in pixels.
 ///     flipped: B booleans; item i comes from `latents_flipped` when true.
-///     out: a writable, C-contiguous float32 `numpy.ndarray` of `B * 16 * h * w` elements. No
+///     out: a writable, C-contiguous float32 `numpy.ndarray` of `B * C * h * w` elements. No
 ///         other thread may use it during the call.
 ///     workers: threads for this call (default: `LATENTCACHE_NUM_THREADS`, else the CPU count).
+///     model: the registry name of the cache kind (default Anima): its channels `C`, stride and keys.
 #[pyfunction]
-#[pyo3(signature = (paths, bucket_reso, flipped, out, workers = None))]
+#[pyo3(signature = (paths, bucket_reso, flipped, out, workers = None, model = None))]
 pub fn load_batch_into(
     py: Python<'_>,
     paths: Vec<PathBuf>,
@@ -112,15 +113,19 @@ pub fn load_batch_into(
     flipped: Vec<bool>,
     out: &Bound<'_, PyAny>,
     workers: Option<usize>,
+    model: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let (w, h) = (bucket_reso.0 as usize / 8, bucket_reso.1 as usize / 8);
-    let nbytes = [paths.len(), 16, h, w, 4]
+    let schema = super::schema::schema_of(model)?;
+    let (h, w) = schema.latent_hw(bucket_reso);
+    let channels = usize::try_from(schema.channels)
+        .map_err(|_| PyValueError::new_err("the batch does not fit in memory"))?;
+    let nbytes = [paths.len(), channels, h as usize, w as usize, 4]
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
         .ok_or_else(|| PyValueError::new_err("the batch does not fit in memory"))?;
     let dst = float32_memory(out, nbytes)?;
     super::detached(py, move || {
-        core_load::load_batch(&paths, bucket_reso, &flipped, dst, workers)
+        core_load::load_batch(&paths, schema, bucket_reso, &flipped, dst, workers)
     })
 }
 
@@ -346,7 +351,8 @@ fn array_out<'py, 'a>(
 /// Raises:
 ///     NpzFormatError: the file is not a valid npz or lacks this bucket's keys.
 #[pyfunction]
-#[pyo3(signature = (fd, handle, path, bucket_reso, map_latents = false, copy = false))]
+#[pyo3(signature = (fd, handle, path, bucket_reso, map_latents = false, copy = false, model = None))]
+#[allow(clippy::too_many_arguments)]
 pub fn load_file<'py>(
     py: Python<'py>,
     fd: i64,
@@ -355,11 +361,13 @@ pub fn load_file<'py>(
     bucket_reso: (u32, u32),
     map_latents: bool,
     copy: bool,
+    model: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let schema = super::schema::schema_of(model)?;
     let file = borrow_file(handle)?;
     // Latents that will be read are read while the file is planned, into a buffer made for the
     // bucket's float32 latents and the bytes after them (see `plan_reading_latents`).
-    let want = core_load::latents_nbytes(bucket_reso) + core_load::AFTER_LATENTS as u64;
+    let want = core_load::latents_nbytes(schema, bucket_reso) + core_load::AFTER_LATENTS as u64;
     let pre = if (copy || !map_latents) && want <= PLAN_READ_MAX {
         Some(uninit_bytearray(
             py,
@@ -376,10 +384,10 @@ pub fn load_file<'py>(
             // references it until it returns.
             let buf = unsafe { out_slice(address, want as usize) }
                 .map_err(|e| crate::core::error::Error::Value(e.to_string()))?;
-            core_load::plan_reading_latents(&file, &path, bucket_reso, buf)
+            core_load::plan_reading_latents(&file, &path, schema, bucket_reso, buf)
         }
         // No buffer: planned only.
-        None => core_load::plan_reading_latents(&file, &path, bucket_reso, &mut []),
+        None => core_load::plan_reading_latents(&file, &path, schema, bucket_reso, &mut []),
     })?;
     let plan = &planned.plan;
     let mut reads: Vec<(usize, usize, &core_load::ArraySpec)> = Vec::new();

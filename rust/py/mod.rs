@@ -6,6 +6,7 @@ mod errors;
 mod load;
 mod paths;
 mod scan;
+mod schema;
 mod validate;
 mod write;
 
@@ -21,6 +22,8 @@ mod _core {
     use super::scan::{
         scan_directory, PyCacheFile, PyDoubledCache, PyImageEntry, PyScanReport, PySharedStem,
     };
+    #[pymodule_export]
+    use super::schema::model_schemas;
 
     #[pymodule_export]
     use super::validate::{

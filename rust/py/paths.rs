@@ -23,7 +23,9 @@ pub(crate) fn path_str(p: PathBuf) -> PyResult<String> {
 ///     image_path: the image (or an existing cache name: exactly one `_<W>x<H><suffix>` layer is
 ///         stripped first, so the suffix is never doubled).
 ///     image_size: the original image size `(W, H)` in pixels.
-///     suffix: the strategy's cache suffix.
+///     suffix: the cache suffix (default: the model's).
+///     model: a model name or `ModelSchema` (default: the suffix's model, else Anima). A suffix
+///         that is another model's is a ValueError naming both.
 ///
 /// Returns:
 ///     `splitext(image_path)[0] + f"_{W:04d}x{H:04d}" + suffix`.
@@ -32,8 +34,14 @@ pub(crate) fn path_str(p: PathBuf) -> PyResult<String> {
 ///     ValueError: `image_size` is not two positive integers that fit 32 bits.
 ///     CachePathError: the path has no file name.
 #[pyfunction]
-#[pyo3(signature = (image_path, image_size, suffix = "_anima.npz"))]
-pub fn cache_path(image_path: PathBuf, image_size: (i64, i64), suffix: &str) -> PyResult<String> {
+#[pyo3(signature = (image_path, image_size, suffix = None, *, model = None))]
+pub fn cache_path(
+    image_path: PathBuf,
+    image_size: (i64, i64),
+    suffix: Option<&str>,
+    model: Option<&Bound<'_, PyAny>>,
+) -> PyResult<String> {
+    let (_, suffix) = super::schema::resolve(model, suffix)?;
     let (w, h) = image_size;
     let size = match (u32::try_from(w), u32::try_from(h)) {
         (Ok(w), Ok(h)) if w > 0 && h > 0 => (w, h),
@@ -44,14 +52,15 @@ pub fn cache_path(image_path: PathBuf, image_size: (i64, i64), suffix: &str) -> 
             )))
         }
     };
-    Ok(cp::cache_path(&path_str(image_path)?, size, suffix)?)
+    Ok(cp::cache_path(&path_str(image_path)?, size, &suffix)?)
 }
 
 /// Split a cache name into its image stem path and the original image size.
 ///
 /// Args:
 ///     path: a cache file name such as `d/cat_0640x0480_anima.npz`.
-///     suffix: the strategy's cache suffix.
+///     suffix: the cache suffix (default: the model's).
+///     model: a model name or `ModelSchema` (default: the suffix's model, else Anima).
 ///
 /// Returns:
 ///     `(stem_path, (W, H))`, e.g. `("d/cat", (640, 480))`.
@@ -59,28 +68,43 @@ pub fn cache_path(image_path: PathBuf, image_size: (i64, i64), suffix: &str) -> 
 /// Raises:
 ///     CachePathError: the name is not a cache name for `suffix`.
 #[pyfunction]
-#[pyo3(signature = (path, suffix = "_anima.npz"))]
-pub fn parse_cache_path(path: PathBuf, suffix: &str) -> PyResult<(String, (u32, u32))> {
-    Ok(cp::parse_cache_path(&path_str(path)?, suffix)?)
+#[pyo3(signature = (path, suffix = None, *, model = None))]
+pub fn parse_cache_path(
+    path: PathBuf,
+    suffix: Option<&str>,
+    model: Option<&Bound<'_, PyAny>>,
+) -> PyResult<(String, (u32, u32))> {
+    let (_, suffix) = super::schema::resolve(model, suffix)?;
+    Ok(cp::parse_cache_path(&path_str(path)?, &suffix)?)
 }
 
 /// The image whose stem is exactly the cache's stem, or None.
 ///
 /// Tries sd-scripts' image extensions in its order, in both cases. Never a prefix match:
-/// `cat.png` is never the image of `cat_and_dog_0640x0480_anima.npz`.
+/// `cat.png` is never the image of `cat_and_dog_0640x0480_anima.npz`. For a model with a legacy
+/// suffix (SD's plain `<stem>.npz`), a name that is not a cache name for `suffix` but ends with a
+/// legacy suffix is the cache of the image with that stem.
+///
+/// Args:
+///     cache_path: the cache file name.
+///     suffix: the cache suffix (default: the model's).
+///     model: a model name or `ModelSchema` (default: the suffix's model, else Anima).
 ///
 /// Raises:
 ///     CachePathError: `cache_path` is not a cache name for `suffix`.
 #[pyfunction]
-#[pyo3(signature = (cache_path, suffix = "_anima.npz"))]
+#[pyo3(signature = (cache_path, suffix = None, *, model = None))]
 pub fn find_source_image(
     py: Python<'_>,
     cache_path: PathBuf,
-    suffix: &str,
+    suffix: Option<&str>,
+    model: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Option<String>> {
+    let (schema, suffix) = super::schema::resolve(model, suffix)?;
     let cache = path_str(cache_path)?;
-    let suffix = suffix.to_owned();
-    super::detached(py, move || cp::find_source_image(&cache, &suffix))
+    super::detached(py, move || {
+        cp::find_source_image_legacy(&cache, &suffix, schema.legacy_suffixes)
+    })
 }
 
 /// The normal form used to match a path from metadata against a path from the disk.

@@ -234,8 +234,9 @@ impl From<core_scan::ScanReport> for PyScanReport {
 ///
 /// Args:
 ///     path: the folder.
-///     suffix: the strategy's cache suffix.
+///     suffix: the cache suffix (default: the model's).
 ///     recursive: also scan subfolders.
+///     model: a model name or `ModelSchema` (default: the suffix's model, else Anima).
 ///
 /// Returns:
 ///     A `ScanReport`.
@@ -244,14 +245,15 @@ impl From<core_scan::ScanReport> for PyScanReport {
 ///     FileNotFoundError: the folder does not exist.
 ///     ValueError: the path is not a folder.
 #[pyfunction]
-#[pyo3(signature = (path, suffix = "_anima.npz", recursive = false))]
+#[pyo3(signature = (path, suffix = None, recursive = false, *, model = None))]
 pub fn scan_directory(
     py: Python<'_>,
     path: PathBuf,
-    suffix: &str,
+    suffix: Option<&str>,
     recursive: bool,
+    model: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyScanReport> {
-    let suffix = suffix.to_owned();
+    let (_, suffix) = super::schema::resolve(model, suffix)?;
     let report = super::detached(py, move || {
         core_scan::scan_directory(&path, &suffix, recursive)
     })?;

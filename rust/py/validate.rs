@@ -11,7 +11,8 @@ use crate::core::validate as core_validate;
 /// The verdict on one cache file.
 ///
 /// `code` is one of: `ok`, `missing`, `empty`, `not_npz`, `truncated`, `missing_key`, `bad_shape`,
-/// `bad_dtype`, `malformed`, `io_error`, and with the opt-in checks `crc_mismatch` and `non_finite`.
+/// `bad_dtype`, `malformed`, `io_error`, `wrong_model`, and with the opt-in checks `crc_mismatch`
+/// and `non_finite`.
 /// `message` names the file, the entry, what was expected and what was found (empty when ok).
 #[pyclass(frozen, get_all, name = "CacheStatus", module = "latentcache._core")]
 pub struct PyCacheStatus {
@@ -89,12 +90,15 @@ pub fn status_codes() -> Vec<&'static str> {
         .collect()
 }
 
-/// Check sd-scripts Anima caches from their zip directory and npy headers, in parallel.
+/// Check sd-scripts latent caches from their zip directory and npy headers, in parallel.
 ///
-/// Expected per file, with h, w = H // 8, W // 8: `latents_{h}x{w}` float32 `(16, h, w)` or
-/// `(16, 1, h, w)`, `original_size_{h}x{w}` 2 integers, `crop_ltrb_{h}x{w}` 4 numbers, plus
+/// Expected per file, for the model's channels C and stride s, with h, w = H // s, W // s:
+/// `latents_{h}x{w}` float32 `(C, h, w)` (or `(C, 1, h, w)` where the model has that layout),
+/// `original_size_{h}x{w}` 2 integers, `crop_ltrb_{h}x{w}` 4 numbers, plus
 /// `latents_flipped_{h}x{w}` when `flip_aug` and `alpha_mask_{h}x{w}` float32 `(H, W)` when
-/// `alpha_mask`; all in C order. No payload is read unless `verify_crc` or `check_finite`.
+/// `alpha_mask`; all in C order. A single-resolution model (sd, sdxl) has bare keys (`latents`,
+/// ...). A file named as another model's cache is `wrong_model`. No payload is read unless
+/// `verify_crc` or `check_finite`.
 ///
 /// Args:
 ///     paths: the cache files.
@@ -106,11 +110,12 @@ pub fn status_codes() -> Vec<&'static str> {
 ///     workers: threads for this call (default: `LATENTCACHE_NUM_THREADS`, else 2 per core when
 ///         a sample of the files (64 or more) is already in the page cache, else
 ///         `clamp(8 * cores, 8, 32)` for reads that wait on the disk).
+///     model: a model name or `ModelSchema` (default Anima).
 ///
 /// Returns:
 ///     One `CacheStatus` per path, in input order. A broken file is a status, never an exception.
 #[pyfunction]
-#[pyo3(signature = (paths, bucket_resos, *, flip_aug = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None))]
+#[pyo3(signature = (paths, bucket_resos, *, flip_aug = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None, model = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn validate<'py>(
     py: Python<'py>,
@@ -121,6 +126,7 @@ pub fn validate<'py>(
     verify_crc: bool,
     check_finite: bool,
     workers: Option<usize>,
+    model: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, pyo3::types::PyList>> {
     let opts = core_validate::Options {
         verify_crc,
@@ -135,6 +141,7 @@ pub fn validate<'py>(
         alpha_mask,
         &opts,
         workers,
+        model,
     )?;
     let list = pyo3::types::PyList::empty(py);
     for (name, s) in names.into_iter().zip(statuses) {
@@ -155,7 +162,7 @@ type WithMeta<'py> = (Bound<'py, PyCacheStatus>, Option<Bound<'py, PyBytes>>);
 ///     that has the member, None otherwise. A member that cannot be read makes the file
 ///     `malformed` (`io_error` for a failed read).
 #[pyfunction]
-#[pyo3(signature = (paths, bucket_resos, *, flip_aug = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None))]
+#[pyo3(signature = (paths, bucket_resos, *, flip_aug = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None, model = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn _validate_with_meta<'py>(
     py: Python<'py>,
@@ -166,6 +173,7 @@ pub fn _validate_with_meta<'py>(
     verify_crc: bool,
     check_finite: bool,
     workers: Option<usize>,
+    model: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Vec<WithMeta<'py>>> {
     let opts = core_validate::Options {
         verify_crc,
@@ -180,6 +188,7 @@ pub fn _validate_with_meta<'py>(
         alpha_mask,
         &opts,
         workers,
+        model,
     )?;
     names
         .into_iter()
@@ -193,7 +202,7 @@ pub fn _validate_with_meta<'py>(
 
 /// The arguments of `validate` checked and turned into the core's, and the core's statuses, with
 /// the name each status carries (the caller's str where it gave one).
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn run<'py>(
     py: Python<'py>,
     paths: Vec<Bound<'py, PyAny>>,
@@ -202,7 +211,9 @@ fn run<'py>(
     alpha_mask: Option<&Bound<'_, PyAny>>,
     opts: &core_validate::Options,
     workers: Option<usize>,
+    model: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Vec<Bound<'py, PyString>>, Vec<core_validate::Status>)> {
+    let schema = super::schema::schema_of(model)?;
     let n = paths.len();
     // Keep each caller's str object for the status; Path objects become their str. A str that is
     // valid UTF-8 (nearly all) is read in place, without a copy: `paths` keeps it alive, and
@@ -222,9 +233,12 @@ fn run<'py>(
         bufs.push(Cow::Owned(buf));
     }
     let resos: Vec<(u32, u32)> = per_path(bucket_resos, "bucket_resos", n)?;
-    if let Some(&(w, h)) = resos.iter().find(|&&(w, h)| w < 8 || h < 8) {
+    let stride = schema.stride;
+    if let Some(&(w, h)) = resos.iter().find(|&&(w, h)| w < stride || h < stride) {
         return Err(PyValueError::new_err(format!(
-            "bucket_resos: ({w}, {h}) is not a bucket: W and H are pixels, at least 8 each"
+            "bucket_resos: ({w}, {h}) is not a bucket: W and H are pixels, at least {stride} each \
+             (the {:?} model's latent stride)",
+            schema.name
         )));
     }
     let flips: Vec<bool> = match flip_aug {
@@ -238,6 +252,7 @@ fn run<'py>(
     let len = resos.len().max(flips.len()).max(alphas.len());
     let exps: Vec<core_validate::Expectation> = (0..len)
         .map(|i| core_validate::Expectation {
+            schema,
             bucket_reso: resos[pick(resos.len(), i)],
             flip_aug: flips[pick(flips.len(), i)],
             alpha_mask: alphas[pick(alphas.len(), i)],
@@ -293,8 +308,9 @@ type VerifiedFile<'py> = (
 
 /// Check every resolution each file holds, reading each file's index once, in parallel with the
 /// interpreter lock released (for `verify_directory`): for every `latents_{h}x{w}` key, the checks
-/// of `validate` for the bucket `(8w, 8h)`, with that resolution's flipped latents and alpha mask
-/// required when the file holds them.
+/// of `validate` for the bucket `(s*w, s*h)` (s the model's stride), with that resolution's flipped
+/// latents and alpha mask required when the file holds them. A bare-key model (sd, sdxl) checks
+/// its one `latents` array, at the size its shape gives.
 ///
 /// Returns, per path: `(keys, checks, meta)`. `keys` is the file's array keys, or None when it
 /// cannot be read as an npz; then `checks` holds one `(None, False, False, status)` that says why.
@@ -303,7 +319,7 @@ type VerifiedFile<'py> = (
 /// with a valid resolution, read through the same open file (a member that cannot be read turns
 /// each valid status into the one that says why); otherwise, and without the member, None.
 #[pyfunction]
-#[pyo3(signature = (paths, verify_crc = false, check_finite = false, workers = None, with_meta = false))]
+#[pyo3(signature = (paths, verify_crc = false, check_finite = false, workers = None, with_meta = false, model = None))]
 pub fn _verify_many<'py>(
     py: Python<'py>,
     paths: Vec<PathBuf>,
@@ -311,13 +327,17 @@ pub fn _verify_many<'py>(
     check_finite: bool,
     workers: Option<usize>,
     with_meta: bool,
+    model: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Vec<VerifiedFile<'py>>> {
+    let schema = super::schema::schema_of(model)?;
     let opts = core_validate::Options {
         verify_crc,
         check_finite,
         with_meta,
     };
-    let found = super::detached(py, || core_validate::verify_many(&paths, &opts, workers))?;
+    let found = super::detached(py, || {
+        core_validate::verify_many(&paths, schema, &opts, workers)
+    })?;
     let mut out = Vec::with_capacity(found.len());
     for (path, v) in paths.iter().zip(found) {
         let name = PyString::new(py, &path.to_string_lossy());

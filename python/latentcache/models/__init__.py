@@ -19,6 +19,7 @@ __all__ = [
     "by_suffix",
     "get",
     "names",
+    "resolve",
 ]
 
 DEFAULT_MODEL = "anima"
@@ -60,3 +61,29 @@ def by_suffix(name: str) -> ModelSchema | None:
         if name.endswith(m.suffix) and (best is None or len(m.suffix) > len(best.suffix)):
             best = m
     return best
+
+
+def resolve(model: ModelLike | None = None, suffix: str | None = None) -> tuple[ModelSchema, str]:
+    """The schema and cache suffix of a call given ``model`` and/or ``suffix``.
+
+    Neither: Anima and its suffix. Only ``model``: that schema and its suffix. Only ``suffix``: the
+    schema whose suffix it is (``by_suffix``; Anima for a suffix no model has) and that suffix. Both:
+    that schema and that suffix, unless the suffix is another model's.
+
+    Raises:
+        ValueError: an unknown model name, or a suffix that is another model's (naming both).
+        TypeError: ``model`` is neither a name nor a ``ModelSchema``.
+    """
+    if suffix is None:
+        schema = get(DEFAULT_MODEL if model is None else model)
+        return schema, schema.suffix
+    if model is None:
+        return by_suffix(suffix) or get(DEFAULT_MODEL), suffix
+    schema = get(model)
+    other = by_suffix(suffix)
+    if other is not None and other.name != schema.name:
+        raise ValueError(
+            f"suffix {suffix!r} is model {other.name!r}'s, not model {schema.name!r}'s ({schema.suffix!r}); "
+            "give one of them"
+        )
+    return schema, suffix
