@@ -750,6 +750,83 @@ def test_each_cache_file_is_written_by_one_rank(fake_sd: Path, tmp_path: Path) -
     ]
 
 
+def test_memory_caching_goes_through_the_pipeline(fake_sd: Path, tmp_path: Path) -> None:
+    from latentcache import sd_scripts
+
+    sd_scripts.install()
+    import library.strategy_anima as sa
+    import library.train_util as tu
+    from library.strategy_base import LatentsCachingStrategy
+
+    specs = [("a.png", (64, 48)), ("b.png", (48, 64)), ("c.png", (128, 96))]
+    for i, (name, (w, h)) in enumerate(specs):
+        png(tmp_path / name, w, h, seed=i)
+    LatentsCachingStrategy.set_strategy(sa.AnimaLatentsCachingStrategy(False, 2, False))
+    vae = CountingVae()
+    ds = make_dataset(tu, tmp_path, specs, flip=True)
+    tu.DatasetGroup([ds]).new_cache_latents(vae, Accel())
+    assert sum(vae.encoded) == 6  # 3 images and their flips
+    for info in ds.image_data.values():
+        w, h = info.bucket_reso
+        assert isinstance(info.latents, torch.Tensor) and info.latents.device.type == "cpu"
+        assert info.latents.shape == (16, h // 8, w // 8) and info.latents.dtype == torch.float32
+        assert (
+            isinstance(info.latents_flipped, torch.Tensor)
+            and info.latents_flipped.shape == info.latents.shape
+        )
+        assert (
+            tuple(info.latents_original_size) == tuple(info.image_size) and len(info.latents_crop_ltrb) == 4
+        )
+        assert info.alpha_mask is None
+        # CountingVae's latents are the pooled pixels: the flipped ones are the mirror image.
+        torch.testing.assert_close(info.latents_flipped, torch.flip(info.latents, dims=[2]), atol=0.1, rtol=0)
+    assert not list(tmp_path.glob("*.npz"))
+
+
+def test_the_drop_in_folds_a_qwen_vae_and_leaves_it_as_it_was(
+    fake_sd: Path, tmp_path: Path, tiny_vae
+) -> None:  # type: ignore[no-untyped-def]
+    import inspect
+
+    from latentcache import sd_scripts
+    from latentcache.encode.encoders import vae_fingerprint
+
+    sd_scripts.install()
+    import library.train_util as tu
+
+    specs = [("a.png", (64, 48)), ("b.png", (48, 64))]
+    for i, (name, (w, h)) in enumerate(specs):
+        png(tmp_path / name, w, h, seed=i)
+    set_strategy()
+    before = {k: v.clone() for k, v in tiny_vae.state_dict().items()}
+    modules = [type(m) for m in tiny_vae.modules()]
+    ds = make_dataset(tu, tmp_path, specs)
+    tu.DatasetGroup([ds]).new_cache_latents(tiny_vae, Accel())
+    after = tiny_vae.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [type(m) for m in tiny_vae.modules()] == modules
+    fingerprint = vae_fingerprint(tiny_vae)
+    for info in ds.image_data.values():
+        assert lc.read_meta(info.latents_npz)["vae"] == fingerprint
+        pixels, _, _, _ = anima.prepare_pixels([info], False, False)
+        lat = lc.load(info.latents_npz, info.bucket_reso).latents
+        torch.testing.assert_close(
+            torch.from_numpy(lat), reference_latents(tiny_vae, pixels)[0], atol=1e-5, rtol=0
+        )
+    if "vae" not in inspect.signature(lc.validate).parameters:
+        return
+    # Another VAE: the caches are stale and made again.
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(1)
+    other = diffusers.AutoencoderKLQwenImage(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True],
+    ).eval()  # fmt: skip
+    tu.DatasetGroup([make_dataset(tu, tmp_path, specs)]).new_cache_latents(other, Accel())
+    for info in ds.image_data.values():
+        assert lc.read_meta(info.latents_npz)["vae"] == vae_fingerprint(other)
+
+
 # -- the launcher ---------------------------------------------------------------------------------
 
 

@@ -82,8 +82,9 @@ def _driver(spec: dict[str, Any]) -> dict[str, Any]:
 
     parser = anima_train_network.setup_parser()
     args = parser.parse_args(
-        ["--dataset_config", spec["config"], "--cache_latents", "--cache_latents_to_disk",
+        ["--dataset_config", spec["config"], "--cache_latents",
          "--vae_batch_size", str(spec.get("vae_batch_size", 2)), "--seed", "1"]
+        + ([] if spec.get("memory") else ["--cache_latents_to_disk"])
         + (["--skip_cache_check"] if spec.get("skip") else [])
     )  # fmt: skip
     train_util.prepare_dataset_args(args, True)
@@ -107,6 +108,17 @@ def _driver(spec: dict[str, Any]) -> dict[str, Any]:
         original_cache(self, model, infos, flip, alpha, crop)
 
     type(strategy).cache_batch_latents = counting  # type: ignore[method-assign]
+    if spec.get("install", True):
+        # latentcache's drop-in hands its whole to-do list to the pipeline: count what it is given.
+        from latentcache.encode import pipeline
+
+        original_items = pipeline.encode_items
+
+        def counting_items(items: list[Any], *a: Any, **kw: Any) -> Any:
+            encoded.extend(f"{i.image_path}|{i.bucket[0]}x{i.bucket[1]}|{int(i.flip)}" for i in items)
+            return original_items(items, *a, **kw)
+
+        pipeline.encode_items = counting_items  # type: ignore[assignment]
     accelerator = _Accelerator()
     result: dict[str, Any] = {"encoded": encoded, "strategy": type(strategy).__module__}
     try:
@@ -119,13 +131,13 @@ def _driver(spec: dict[str, Any]) -> dict[str, Any]:
     checks = []
     for ds in group.datasets:
         for info in ds.image_data.values():
-            checks.append(_check(ds, info, vae, train_util))
+            checks.append(_check(ds, info, vae, train_util, memory=bool(spec.get("memory"))))
     result["checks"] = checks
     result["lengths_ok"] = group.cumulative_sizes[-1] == sum(len(d) for d in group.datasets)
     return result
 
 
-def _check(ds: Any, info: Any, vae: Any, train_util: Any) -> dict[str, Any]:
+def _check(ds: Any, info: Any, vae: Any, train_util: Any, memory: bool = False) -> dict[str, Any]:
     import copy
 
     import torch
@@ -145,9 +157,15 @@ def _check(ds: Any, info: Any, vae: Any, train_util: Any) -> dict[str, Any]:
         want = vae.encode_pixels_to_latents(pixels)[0].float().numpy()
         want_f = vae.encode_pixels_to_latents(torch.flip(pixels, dims=[3]))[0].float().numpy()
     try:
-        lat, size, _, flipped, _ = ds.latents_caching_strategy.load_latents_from_disk(
-            info.latents_npz, info.bucket_reso
-        )
+        if memory:  # what sd-scripts' memory caching leaves in the info: CPU tensors
+            assert isinstance(info.latents, torch.Tensor) and info.latents.device.type == "cpu"
+            lat, size = info.latents.float().numpy(), info.latents_original_size
+            flipped = None if info.latents_flipped is None else info.latents_flipped.float().numpy()
+            out["crop_ok"] = len(info.latents_crop_ltrb) == 4
+        else:
+            lat, size, _, flipped, _ = ds.latents_caching_strategy.load_latents_from_disk(
+                info.latents_npz, info.bucket_reso
+            )
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
         return out
@@ -370,5 +388,111 @@ def test_two_processes_write_each_file_once(sd: Any, tmp_path: Path) -> None:
         _all_correct(r)
 
 
+def test_memory_caching_goes_through_the_pipeline(sd: Any, tmp_path: Path) -> None:
+    """cache_latents without _to_disk: the latents land in the infos, as sd-scripts' caching leaves them."""
+    d = tmp_path / "img"
+    _images(d, SET)
+    cfg = _toml(tmp_path / "c.toml", [{"resolution": 64, "subset": {"image_dir": str(d), "flip_aug": True}}])
+    result = sd(cfg, memory=True)
+    _all_correct(result)
+    assert len(result["encoded"]) == 3 and all(c["crop_ok"] for c in result["checks"])
+    assert not list(d.glob("*_anima.npz"))
+
+
+# -- `latentcache encode` first, then sd-scripts finds every cache valid ---------------------------
+
+
+def _encode_driver(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``latentcache encode`` with the tiny sd-scripts VAE, saved as a .safetensors file."""
+    import contextlib
+    import io
+
+    sys.path.insert(0, os.environ["SD_SCRIPTS_DIR"])
+    import diffusers
+    from latentcache.cli import main
+    from latentcache.encode import weights
+    from safetensors.torch import save_file
+
+    vae = _tiny_vae(Path(spec["vae_state"]))
+    vae_file = str(Path(spec["vae_state"]).with_suffix(".safetensors"))
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_file)
+    if not hasattr(diffusers, "AutoencoderKLQwenImage"):
+        # sd-scripts pins a diffusers without the Qwen-Image VAE class: stand in sd-scripts' own VAE
+        # (same weights) for the file the command would load.
+        weights.load_vae = lambda path, device="cpu", dtype=None: vae.to(device, dtype)  # type: ignore[assignment]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["encode", spec["target"], "--vae", vae_file, "--device", "cpu", "--dtype", "fp32",
+                   "--batch-size", "3", "--json", *spec["flags"]])  # fmt: skip
+    return {"rc": rc, "doc": json.loads(out.getvalue())}
+
+
+def _config(path: Path, general: dict[str, Any], resolution: int, subset: dict[str, Any]) -> Path:
+    def value(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else json.dumps(v)
+
+    lines = ["[general]", "caption_extension = '.txt'"] + [f"{k} = {value(v)}" for k, v in general.items()]
+    lines += [
+        "",
+        "[[datasets]]",
+        f"resolution = {resolution}",
+        "batch_size = 1",
+        "",
+        "  [[datasets.subsets]]",
+    ]
+    lines += [f"  {k} = {value(v)}" for k, v in subset.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+BUCKET_FLAGS = {"enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 16}
+SIZES = [
+    ("p", 96, 64),
+    ("q", 64, 96),
+    ("r", 80, 80),
+    ("s", 200, 90),
+    ("t", 40, 56),
+    ("u", 130, 131),
+    ("v", 33, 100),
+]
+
+
+@pytest.mark.parametrize(
+    ("general", "subset"),
+    [
+        (BUCKET_FLAGS, {"flip_aug": True}),
+        ({**BUCKET_FLAGS, "bucket_no_upscale": True}, {}),
+        ({}, {"flip_aug": True}),  # no bucketing: one fixed resolution
+    ],
+    ids=["buckets", "no_upscale", "fixed"],
+)
+@pytest.mark.parametrize("use", ["folder", "config"])
+def test_latentcache_encode_then_sd_scripts_encodes_nothing(
+    sd: Any, tmp_path: Path, general: dict[str, Any], subset: dict[str, Any], use: str
+) -> None:
+    d = tmp_path / "img"
+    _images(d, SIZES)
+    cfg = _config(tmp_path / "c.toml", general, 64, {"image_dir": str(d), **subset})
+    flags = ["--resolution", "64"]
+    for k, v in {**general, **subset}.items():
+        flags += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    spec = {"mode": "encode", "flags": flags if use == "folder" else [],
+            "target": str(d) if use == "folder" else str(cfg)}  # fmt: skip
+    encode = sd(cfg, **spec)
+    assert encode["rc"] == 0, encode
+    assert encode["doc"]["summary"]["encoded"] == len(SIZES)
+    # sd-scripts with latentcache installed: every cache valid (the VAE's fingerprint too).
+    installed = sd(cfg)
+    _all_correct(installed)
+    assert installed["encoded"] == []
+    # Stock sd-scripts: its own check finds every key it needs.
+    stock = sd(cfg, install=False)
+    assert "error" not in stock, stock["error"]
+    assert stock["encoded"] == []
+    for c in stock["checks"]:
+        assert "error" not in c and c["latents_ok"] and c["flip_ok"], c
+
+
 if __name__ == "__main__":
-    print(json.dumps(_driver(json.loads(sys.argv[1]))))
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(_encode_driver(spec) if spec.get("mode") == "encode" else _driver(spec)))

@@ -1,4 +1,8 @@
-"""``python -m latentcache``: the same command line as ``latentcache``."""
+"""``python -m latentcache``: the command line of ``latentcache``; ``torchrun -m latentcache encode`` too.
+
+Guarded, so that a spawned child process that re-imports the main module (as ``__mp_main__``) does not
+run the command again.
+"""
 
 from __future__ import annotations
 
@@ -6,4 +10,5 @@ import sys
 
 from latentcache.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,9 +12,13 @@ before any image is loaded:
    name was wrong (a prefix sibling's, a stale one), re-selects the bucket with the dataset's own
    ``make_buckets``, so that bucket, resized size and cache name follow the real image;
 3. gives every image its canonical cache path (a preset ``latents_npz`` is not trusted) and validates
-   all of them in one parallel pass (``latentcache.validate``, with the stale-source check);
-4. encodes only missing or invalid caches, with images decoded ahead of the VAE by a thread pool;
-   with several processes, each cache file is handled by one rank chosen from a stable hash of its
+   all of them in one parallel pass (``latentcache.validate``, with the stale-source check and, for a
+   Qwen-Image VAE, the VAE's fingerprint: caches made by another VAE are encoded again);
+4. hands the missing or invalid ones, all at once, to the encode pipeline
+   (``latentcache.encode.encode_items``: decode, VAE and writes overlapping) with the folded copy of
+   the training script's VAE (``build_encoder``; the VAE itself is left exactly as it was). With
+   ``cache_to_disk`` off the latents go into the image infos as sd-scripts' own caching puts them.
+   With several processes, each cache file is handled by one rank chosen from a stable hash of its
    path, and ranks meet at a barrier after every dataset, so no file has two writers.
 
 After all datasets the ``DatasetGroup``'s cumulative sizes are recomputed, since a repaired bucket can
@@ -29,7 +33,7 @@ import runpy
 import sys
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from latentcache import _core
@@ -199,14 +203,20 @@ def _wrap_group_class(cls: type) -> None:
 
 def cache_group_latents(group: Any, model: Any, accelerator: Any) -> None:
     """``DatasetGroup.new_cache_latents`` with a barrier after every dataset and the sizes recomputed."""
-    for i, dataset in enumerate(group.datasets):
-        logger.info("[Dataset %d]", i)
-        target = getattr(dataset, "dreambooth_dataset_delegate", dataset)
-        _wrap_dataset_class(_definer(type(target), "new_cache_latents"))
-        dataset.new_cache_latents(model, accelerator)
-        # One writer per file within a dataset (owner_rank); the barrier orders datasets, so a file
-        # shared by two datasets is never written by two ranks at once.
-        accelerator.wait_for_everyone()
+    # One encoder (fold and fingerprint) for all datasets; dropped afterwards, so that its copy of the
+    # encoder weights does not stay in device memory during training.
+    _GROUP_ENCODERS[id(model)] = (model, _encoder_for(model))
+    try:
+        for i, dataset in enumerate(group.datasets):
+            logger.info("[Dataset %d]", i)
+            target = getattr(dataset, "dreambooth_dataset_delegate", dataset)
+            _wrap_dataset_class(_definer(type(target), "new_cache_latents"))
+            dataset.new_cache_latents(model, accelerator)
+            # One writer per file within a dataset (owner_rank); the barrier orders datasets, so a file
+            # shared by two datasets is never written by two ranks at once.
+            accelerator.wait_for_everyone()
+    finally:
+        _GROUP_ENCODERS.pop(id(model), None)
     recompute_group_sizes(group)
 
 
@@ -335,18 +345,19 @@ def cache_dataset_latents(
         vae: the VAE passed to ``strategy.cache_batch_latents``.
         accelerator: has ``num_processes``, ``process_index`` and ``wait_for_everyone()``.
         strategy: the latentcache Anima strategy.
-        load_image: ``(path, alpha) -> uint8 HWC array``; default latentcache's PIL loader.
+        load_image: accepted for compatibility; the pipeline decodes the images itself.
 
     Returns:
         Counts: ``images``, ``owned`` (checked by this rank), ``valid``, ``encoded``, ``resized``.
     """
-    if load_image is None:
-        from latentcache.anima import load_image as load_image
+    del load_image  # the pipeline decodes (sd-scripts' own loader is not needed)
     num_processes = int(getattr(accelerator, "num_processes", 1) or 1)
     rank = int(getattr(accelerator, "process_index", 0) or 0)
     resized = repair_dataset(dataset, num_processes)
     infos = list(dataset.image_data.values())
     subset_of = dataset.image_to_subset
+    encoder = _encoder_for(vae)
+    vae_check = _validate_vae_kwargs(encoder)
 
     todo: list[Any] = []
     valid = 0
@@ -376,6 +387,7 @@ def cache_dataset_latents(
                 flip_aug=[bool(subset_of[info.image_key].flip_aug) for info in mine],
                 alpha_mask=[bool(subset_of[info.image_key].alpha_mask) for info in mine],
                 check_source=True,
+                **vae_check,
                 # One rank: the core picks the count (fewer threads when the caches are in the page
                 # cache); several ranks validate at once and share the cores.
                 workers=_workers(num_processes) if num_processes > 1 else None,
@@ -399,7 +411,7 @@ def cache_dataset_latents(
                 subset = subset_of[info.image_key]
                 if _core.path_key(preset) == _core.path_key(expected) and validate(
                     [preset], tuple(info.bucket_reso), flip_aug=bool(subset.flip_aug),
-                    alpha_mask=bool(subset.alpha_mask), check_source=True,
+                    alpha_mask=bool(subset.alpha_mask), check_source=True, **vae_check,
                 )[0].ok:  # fmt: skip
                     valid += 1
                     continue
@@ -412,58 +424,94 @@ def cache_dataset_latents(
         f", {resized} re-bucketed after their real size was read" if resized else "",
     )  # fmt: skip
     if todo:
-        _encode(todo, subset_of, vae, strategy, load_image, num_processes)
+        _encode(todo, subset_of, encoder, strategy, num_processes)
     return {"images": len(infos), "owned": owned, "valid": valid, "encoded": len(todo), "resized": resized}
 
 
-def _encode(
-    todo: list[Any], subset_of: Any, vae: Any, strategy: Any, load_image: Any, num_processes: int
-) -> None:
-    def condition(info: Any) -> tuple[Any, ...]:
-        s = subset_of[info.image_key]
-        return (tuple(info.bucket_reso), bool(s.flip_aug), bool(s.alpha_mask), bool(s.random_crop))
+# The encoder of the VAE being cached with, shared by the datasets of one group (one fold, one fingerprint).
+_GROUP_ENCODERS: dict[int, Any] = {}
 
-    todo.sort(key=lambda i: (i.bucket_reso[0] * i.bucket_reso[1], condition(i)))
-    batch_size = max(1, int(strategy.batch_size or 1))
-    batches: list[tuple[tuple[Any, ...], list[Any]]] = []
+
+def _encoder_for(vae: Any) -> Any:
+    """An ``Encoder`` for sd-scripts' VAE: the folded copy for a Qwen-Image VAE (the VAE itself is left
+    exactly as it was), else the VAE as it is (``encode_items`` calls its own encode)."""
+    found = _GROUP_ENCODERS.get(id(vae))
+    if found is not None and found[0] is vae:
+        return found[1]
+    from latentcache.encode.qwen_vae import is_qwen_image_vae
+
+    if not is_qwen_image_vae(vae):
+        return vae
+    from latentcache.encode.encoders import build_encoder
+
+    try:
+        return build_encoder(vae, "anima", fold=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        # A Qwen-Image VAE the fold does not know: its own encode still gives the same latents.
+        logger.warning("latentcache: cannot fold %s (%s); using its own encode", type(vae).__name__, e)
+        return vae
+
+
+def _validate_vae_kwargs(encoder: Any) -> dict[str, Any]:
+    """``vae=`` for ``validate`` when there is a fingerprint and the installed ``validate`` takes it."""
+    import inspect
+
+    fingerprint = getattr(encoder, "fingerprint", None)
+    if fingerprint is None or "vae" not in inspect.signature(validate).parameters:
+        return {}
+    return {"vae": fingerprint}
+
+
+def _encode(todo: list[Any], subset_of: Any, encoder: Any, strategy: Any, num_processes: int) -> None:
+    """Encode every info of ``todo`` through the pipeline: to its cache file, or into the info itself."""
+    import torch  # type: ignore[import-not-found,unused-ignore]
+
+    from latentcache.encode.pipeline import EncodeItem, as_encoder, encode_items
+
+    to_disk = bool(strategy.cache_to_disk)
+    items = []
     for info in todo:
-        cond = condition(info)
-        if not batches or batches[-1][0] != cond or len(batches[-1][1]) >= batch_size:
-            batches.append((cond, []))
-        batches[-1][1].append(info)
+        s = subset_of[info.image_key]
+        cache = info.latents_npz or strategy.get_latents_npz_path(info.absolute_path, info.image_size)
+        resized = getattr(info, "resized_size", None)
+        items.append(
+            EncodeItem(
+                os.fspath(info.absolute_path), os.fspath(cache),
+                (int(info.bucket_reso[0]), int(info.bucket_reso[1])),
+                flip=bool(s.flip_aug), alpha=bool(s.alpha_mask), random_crop=bool(s.random_crop), key=info,
+                resized_size=None if resized is None else (int(resized[0]), int(resized[1])),
+            )
+        )  # fmt: skip
+    enc = as_encoder(encoder, "anima")
+    dtype = enc.dtype
 
-    workers = max(1, min(8, (os.cpu_count() or 1) // max(1, num_processes)))
-    # Decode ahead of the VAE, independently of the VAE batch size.
-    ahead = max(2 * batch_size, 4 * workers)
-    flat = [info for _, b in batches for info in b]
-    with ThreadPoolExecutor(workers) as pool:
-        submitted = 0
+    def keep_in_memory(e: Any) -> None:
+        # What sd-scripts' _default_cache_batch_latents sets without cache_to_disk: CPU tensors, the
+        # latents in the VAE's dtype.
+        info = e.item.key
+        info.latents_original_size = e.original_size
+        info.latents_crop_ltrb = e.crop_ltrb
+        info.latents = torch.from_numpy(e.latents).to(dtype)
+        if e.item.flip:
+            info.latents_flipped = torch.from_numpy(e.latents_flipped).to(dtype)
+        info.alpha_mask = None if e.alpha_mask is None else torch.from_numpy(e.alpha_mask)
 
-        def submit_until(n: int) -> None:
-            nonlocal submitted
-            while submitted < min(n, len(flat)):
-                info = flat[submitted]
-                if info.image is None:
-                    alpha = bool(subset_of[info.image_key].alpha_mask)
-                    info.image = pool.submit(load_image, info.absolute_path, alpha)
-                submitted += 1
-
-        done = 0
-        try:
-            for (_, flip, alpha, crop), batch in batches:
-                submit_until(done + len(batch) + ahead)
-                for info in batch:
-                    if isinstance(info.image, Future):
-                        info.image = info.image.result()
-                strategy.cache_batch_latents(vae, batch, flip, alpha, crop)
-                for info in batch:
-                    info.image = None
-                done += len(batch)
-        finally:
-            for info in flat:
-                if isinstance(info.image, Future):
-                    info.image.cancel()
-                    info.image = None
+    summary = encode_items(
+        items,
+        enc,
+        model="anima",
+        batch_size=max(1, int(strategy.batch_size or 1)),
+        decode_workers=max(1, min(8, (os.cpu_count() or 1) // max(1, num_processes))),
+        sink=None if to_disk else keep_in_memory,
+        # Ownership and barriers are this module's (owner_rank, one barrier per dataset).
+        distributed=False,
+    )
+    if summary.interrupted:
+        raise KeyboardInterrupt("latentcache: caching interrupted; the caches written are complete")
+    if summary.failed:
+        listed = "; ".join(f"{path}: {msg}" for path, msg in summary.failures[:10])
+        more = f" (and {summary.failed - 10} more)" if summary.failed > 10 else ""
+        raise RuntimeError(f"latentcache: {summary.failed} image(s) could not be cached: {listed}{more}")
 
 
 # -- the launcher ---------------------------------------------------------------------------------

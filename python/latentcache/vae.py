@@ -3,25 +3,19 @@
 Both VAE classes share one state-dict layout. sd-scripts' class has ``encode_pixels_to_latents``, which
 normalises itself; diffusers' ``AutoencoderKLQwenImage`` does not, so the normalisation is applied here
 with the same constants. Either way the result is the deterministic mean (``mode()``), never a sample.
+
+This is the plain path (the VAE's own encode, one batch at a time). ``latentcache.encode`` has the fast
+one: ``build_encoder`` (the folded Qwen-Image encoder) and ``encode_items`` (the pipeline).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+# One table of the constants for the whole package: the Anima model schema's.
+from latentcache.models.anima import LATENTS_MEAN, LATENTS_STD
+
 __all__ = ["LATENTS_MEAN", "LATENTS_STD", "encode_pixels", "vae_device_dtype"]
-
-LATENTS_MEAN: tuple[float, ...] = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-)  # fmt: skip
-"""Per-channel mean of the Qwen-Image / Wan 2.1 VAE latents (subtracted before dividing by the std)."""
-
-LATENTS_STD: tuple[float, ...] = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
-)  # fmt: skip
-"""Per-channel standard deviation of the Qwen-Image / Wan 2.1 VAE latents."""
 
 
 def vae_device_dtype(vae: Any) -> tuple[Any, Any]:
