@@ -277,3 +277,38 @@ def _kill_trials(tmp_path: Path, tool: str, trials: int) -> None:
         fn = repair if tool == "repair" else migrate
         fn(d, apply=True)
         assert fn(d).actions == []
+
+
+def test_prune_by_dataset_config_keeps_each_images_bucket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from latentcache.encode import dataset
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    _image(data / "wide.png", 128, 64)
+    cfg = tmp_path / "data.toml"
+    cfg.write_text(
+        "[general]\nenable_bucket = true\nmin_bucket_reso = 64\nmax_bucket_reso = 256\n"
+        "bucket_reso_steps = 16\n\n[[datasets]]\nresolution = 64\n\n"
+        f"[[datasets.subsets]]\nimage_dir = '{data}'\n"
+    )
+    wanted = dataset.plan(dataset.subsets_from_config(str(cfg), {}), check=False).images
+    assert len(wanted) == 1
+    bw, bh = wanted[0].bucket
+    keep = (bh // 8, bw // 8)
+    cache = data / "wide_0128x0064_anima.npz"
+    _cache(cache, (128, 64), *keep)  # the resolution this config loads
+    _cache(cache, (128, 64), 8, 16, seed=3)  # one from an earlier run at full size
+    other = data / "notused_0064x0064_anima.npz"
+    _cache(other, (64, 64), 2, 2)  # no image the config uses: left alone
+    plan = prune(data, dataset_config=cfg)
+    assert [(a.kind, Path(a.path).name) for a in plan.actions] == [("prune", cache.name)], plan.format()
+    prune(data, dataset_config=cfg, apply=True)
+    with latentcache.open(cache) as f:
+        assert f.resolutions() == [keep]
+    assert other.exists()
+    assert main(["prune", str(data), "--dataset-config", str(cfg)]) == 0
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="not both or neither"):
+        prune(data)

@@ -41,6 +41,7 @@ class CacheHandle:
     def __init__(self, path: _PathLike, model: ModelLike = "anima") -> None:
         self.path = os.fspath(path)
         self.model: ModelSchema = get_model(model)
+        self._members: dict[str, zipfile.ZipInfo] = {}
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close()/__exit__
         self._map: mmap.mmap | None = None
         try:
@@ -48,7 +49,6 @@ class CacheHandle:
         except (zipfile.BadZipFile, OSError, ValueError) as e:
             self._file.close()
             raise NpzFormatError(f"{self.path}: not a readable npz: {e}") from e
-        self._members: dict[str, zipfile.ZipInfo] = {}
         for info in self._zip.infolist():
             # numpy names an entry by its member name less ".npy"; an exact name wins (as np.load).
             key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename

@@ -78,8 +78,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from latentcache.tools import prune
 
     plan = prune(
-        args.dir, args.keep_bucket, recursive=args.recursive, model=args.model, apply=args.apply,
-        show_progress=not args.json,
+        args.dir, args.keep_bucket, dataset_config=args.dataset_config, recursive=args.recursive,
+        model=args.model, apply=args.apply, show_progress=not args.json,
     )  # fmt: skip
     _emit(args, plan)
     return plan.exit_code()
@@ -110,8 +110,10 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("prune", help="drop resolutions that no kept bucket loads")
     _common(p)
-    p.add_argument(
-        "--keep-bucket", type=_bucket, action="append", required=True, metavar="WxH", help="a bucket to keep"
+    keep = p.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--keep-bucket", type=_bucket, action="append", metavar="WxH", help="a bucket to keep")
+    keep.add_argument(
+        "--dataset-config", metavar="FILE", help="keep what this sd-scripts dataset config loads"
     )
     p.set_defaults(func=_cmd_prune)
 

@@ -166,8 +166,9 @@ def migrate(
 
 def prune(
     directory: str | os.PathLike[str],
-    keep_buckets: Iterable[tuple[int, int]],
+    keep_buckets: Iterable[tuple[int, int]] | None = None,
     *,
+    dataset_config: str | os.PathLike[str] | None = None,
     recursive: bool = False,
     model: ModelLike = "anima",
     apply: bool = False,
@@ -175,23 +176,34 @@ def prune(
 ) -> Plan:
     """Plan (and with ``apply`` carry out) the removal of resolutions no kept bucket will load.
 
-    ``keep_buckets`` are ``(width, height)`` pixel buckets; a resolution is kept when some bucket maps
-    to its latent size. The kept resolutions and every other entry stay byte for byte. A file none of
-    whose resolutions is kept is removed (nothing in it would ever be loaded). Single-resolution kinds
-    (SD, SDXL) hold one resolution per file and are not pruned.
+    Give either ``keep_buckets``, ``(width, height)`` pixel buckets (a resolution is kept when some
+    bucket maps to its latent size), or ``dataset_config``, an sd-scripts dataset config: each image's
+    cache keeps exactly the resolutions the config's bucket settings give that image (sd-scripts'
+    ``BucketManager``, from the image's real size), and caches of images the config does not use are
+    left alone. The kept resolutions and every other entry stay byte for byte. A file none of whose
+    resolutions is kept is removed (nothing in it would ever be loaded). Single-resolution kinds (SD,
+    SDXL) hold one resolution per file and are not pruned.
 
     Raises:
-        ValueError: no bucket given, or a bucket that is not a pair of positive multiples of the stride.
+        ValueError: neither or both of ``keep_buckets`` and ``dataset_config``, or a bucket that is not a
+            pair of positive multiples of the stride; a config sd-scripts would reject.
     """
     schema = get_model(model)
+    if (keep_buckets is None) == (dataset_config is None):
+        raise ValueError("give either buckets to keep or a dataset config, not both or neither")
     keep: set[tuple[int, int]] = set()
-    for b in keep_buckets:
-        w, h = (int(b[0]), int(b[1]))
-        if w <= 0 or h <= 0 or w % schema.stride or h % schema.stride:
-            raise ValueError(f"bucket {w}x{h} is not a pair of positive multiples of {schema.stride}")
-        keep.add(schema.latent_size((w, h)))
-    if not keep:
-        raise ValueError("give at least one bucket to keep")
+    per_file: dict[str, set[tuple[int, int]]] | None = None
+    if dataset_config is not None:
+        per_file = _config_resolutions(os.fspath(dataset_config), schema)
+    else:
+        assert keep_buckets is not None
+        for b in keep_buckets:
+            w, h = (int(b[0]), int(b[1]))
+            if w <= 0 or h <= 0 or w % schema.stride or h % schema.stride:
+                raise ValueError(f"bucket {w}x{h} is not a pair of positive multiples of {schema.stride}")
+            keep.add(schema.latent_size((w, h)))
+        if not keep:
+            raise ValueError("give at least one bucket to keep")
     root = os.fspath(directory)
     plan = Plan("prune")
     if not schema.multi_resolution:
@@ -206,7 +218,13 @@ def prune(
         except (LatentCacheError, OSError, ValueError) as e:
             plan.notes.append(f"{path}: not pruned, it cannot be read ({e})")
             continue
-        gone = [r for r in held if r not in keep]
+        if per_file is not None:
+            wanted = per_file.get(os.path.normcase(os.path.abspath(path)))
+            if wanted is None:
+                continue  # an image the config does not use: not ours to judge
+        else:
+            wanted = keep
+        gone = [r for r in held if r not in wanted]
         if not gone:
             continue
         sizes = ", ".join(f"{h}x{w}" for h, w in gone)
@@ -242,3 +260,19 @@ def _remove_file(path: str) -> Callable[[], int]:
         return n
 
     return run
+
+
+def _config_resolutions(config: str, schema: ModelSchema) -> dict[str, set[tuple[int, int]]]:
+    """Cache path -> the latent sizes an sd-scripts dataset config gives its image (its real size)."""
+    from latentcache.encode import dataset
+
+    try:
+        subsets = dataset.subsets_from_config(config, {})
+        plan = dataset.plan(subsets, model=schema, check=False)
+    except dataset.DatasetConfigError as e:
+        raise ValueError(str(e)) from None
+    out: dict[str, set[tuple[int, int]]] = {}
+    for p in plan.images:
+        key = os.path.normcase(os.path.abspath(p.cache_path))
+        out.setdefault(key, set()).add(schema.latent_size(p.bucket))
+    return out
