@@ -73,3 +73,21 @@ def test_errors_name_file_and_entry(tmp_path: Path) -> None:
         z.writestr("latents_16x16.npy", b"\x93NUMPY garbage")
     with open_cache(broken) as f, pytest.raises(NpzFormatError, match="entry 'latents_16x16'"):
         f.get("latents_16x16")
+
+
+@pytest.mark.parametrize("order", [("x.npy", "x"), ("x", "x.npy")])
+def test_an_exact_member_name_wins_as_in_np_load(tmp_path: Path, order: tuple[str, str]) -> None:
+    import io
+
+    def npy(a: list[int]) -> bytes:
+        b = io.BytesIO()
+        np.lib.format.write_array(b, np.asarray(a))
+        return b.getvalue()
+
+    p = tmp_path / "g_0128x0128_anima.npz"
+    with zipfile.ZipFile(p, "w") as z:
+        for name in order:
+            z.writestr(name, npy([1] if name == "x" else [2]))
+    with np.load(p) as ref, open_cache(p) as f:
+        np.testing.assert_array_equal(f.get("x"), ref["x"])
+        assert f.keys() == ["x"]

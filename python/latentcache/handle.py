@@ -52,8 +52,9 @@ class CacheHandle:
         for info in self._zip.infolist():
             # numpy names an entry by its member name less ".npy"; an exact name wins (as np.load).
             key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-            if key in self._members and not info.filename.endswith(".npy"):
-                continue
+            have = self._members.get(key)
+            if have is not None and have.filename == key and info.filename != key:
+                continue  # "x" already read for key "x"; a later "x.npy" does not replace it
             self._members[key] = info
 
     def __enter__(self) -> CacheHandle:

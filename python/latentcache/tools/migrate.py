@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -19,7 +21,7 @@ from latentcache.errors import LatentCacheError
 from latentcache.handle import open_cache
 from latentcache.models import ModelLike, ModelSchema
 from latentcache.models import get as get_model
-from latentcache.tools.plan import Action, Inside, Plan
+from latentcache.tools.plan import Action, Inside, Plan, identity, unchanged
 from latentcache.writer import META_FORMAT, META_KEY
 
 __all__ = ["cache_files", "migrate", "prune"]
@@ -29,14 +31,19 @@ _WORKERS = min(16, 4 * (os.cpu_count() or 1))
 
 
 def cache_files(
-    root: str, schema: ModelSchema, recursive: bool, doubled: bool = False
+    root: str, schema: ModelSchema, recursive: bool, doubled: bool = False, temps: set[str] | None = None
 ) -> tuple[list[str], list[str]]:
     """This model's cache files under ``root`` (paired and orphan, and with ``doubled`` the #2362
-    leftovers; sorted) and notes on the ones left out because they resolve outside ``root``."""
+    leftovers; sorted) and notes on the ones left out because they resolve outside ``root``. With
+    ``temps``, the caches the scan found writers' temporary files for are added to it."""
     report = _core.scan_directory(root, schema.suffix, recursive, model=schema.name)
     found = {c.path for i in report.images for c in i.caches} | {c.path for c in report.orphan_caches}
     if doubled:
         found |= {d.path for d in report.doubled_caches}
+    if temps is not None:
+        for t in report.temp_files:
+            folder, name = os.path.split(t)
+            temps.add(os.path.join(folder, name[1:].rsplit(_TEMP_MARKER, 1)[0]))
     within = Inside(root)
     notes = []
     kept = []
@@ -48,13 +55,49 @@ def cache_files(
     return kept, notes
 
 
+_TEMP_MARKER = ".lctmp"
+
+
 def _being_written(path: str) -> bool:
+    """Whether a writer's temporary file of ``path`` exists (either form: locked or lockless)."""
     folder, name = os.path.split(path)
-    prefix = f".{name}.lctmp"
+    prefix = f".{name}{_TEMP_MARKER}"
     try:
         return any(n.startswith(prefix) for n in os.listdir(folder or "."))
     except OSError:
         return False
+
+
+def _no_live_writer(path: str, had_temp: bool) -> None:
+    """Raise unless no other process is writing ``path``. A temporary file left by a killed writer
+    (an earlier ``migrate`` included) is removed under its target's lock, which waits out a live
+    writer's one file write; a temporary file still there after that belongs to a live writer."""
+    folder, name = os.path.split(path)
+    locked = os.path.join(folder, f".{name}{_TEMP_MARKER}")
+    if os.path.lexists(locked):
+        _core.remove_stale_temp(locked)
+    # The listing (for lockless writers' unique names) only where the scan saw a temporary file.
+    if os.path.lexists(locked) or (had_temp and _being_written(path)):
+        raise OSError(f"{path} is being written by another process; skipped, run again later")
+
+
+def _damaged(path: str, skip: Sequence[str]) -> str | None:
+    """Why a member the rewrite keeps cannot be read back whole (its CRC fails, it is cut short), or
+    None. The writer would replace such a file with the new members only, dropping every other one,
+    so a damaged file is left for ``repair`` instead."""
+    name = ""
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                name = info.filename
+                if (name[:-4] if name.endswith(".npy") else name) in skip:
+                    continue
+                with z.open(info) as m:
+                    while m.read(1 << 20):
+                        pass
+    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError, NotImplementedError) as e:
+        return f"member '{name}': {e}" if name else str(e)
+    return None
 
 
 def _npy_entry(key: str, arr: np.ndarray) -> tuple[str, str, tuple[int, ...], bytes]:
@@ -73,17 +116,25 @@ def _rewrite(
     replace: Callable[[], list[tuple[str, str, tuple[int, ...], bytes]]],
     drop: Sequence[str],
     tool: str,
+    had_temp: bool = False,
 ) -> Callable[[], int]:
     def run() -> int:
-        if _being_written(path):
-            raise OSError(f"{path} is being written by another process; skipped, run again later")
+        _no_live_writer(path, had_temp)
+        before = identity(path)
+        damaged = _damaged(path, drop)
+        if damaged is not None:
+            raise OSError(f"{path}: not rewritten, {damaged} (verify --crc finds such files)")
         arrays = replace()
         with open_cache(path) as f:
             has_meta = META_KEY in f
+        # The file checked and read must still be the one there: a writer that replaced it meanwhile
+        # would otherwise get its members overwritten with the old ones (a narrow window remains
+        # until the writer's lock is taken below).
+        unchanged(path, before)
         if not has_meta:
             arrays.append(_meta_entry(tool))
         for warning in _core.write_npz(path, arrays, list(drop), True):
-            raise OSError(f"{path}: {warning}; the file was rewritten without the damaged member")
+            raise OSError(f"rewritten, with a warning from the writer: {warning}")
         return os.path.getsize(path)
 
     return run
@@ -109,7 +160,8 @@ def migrate(
     schema = get_model(model)
     root = os.fspath(directory)
     plan = Plan("migrate")
-    paths, plan.notes = cache_files(root, schema, recursive)
+    temps: set[str] = set()
+    paths, plan.notes = cache_files(root, schema, recursive, temps=temps)
     for path in paths:
         try:
             with open_cache(path, model=schema) as f:
@@ -119,22 +171,24 @@ def migrate(
                     for h, w in f.resolutions():
                         for base in (schema.keys.latents, schema.keys.latents_flipped):
                             key = schema.key(base, h, w)
-                            if key in f and len(f._header(key)[0]) == 4:
-                                legacy.append(key)
+                            if key in f:
+                                shape = f._header(key)[0]
+                                if len(shape) == 4 and shape[1] == 1:  # what the rewrite squeezes
+                                    legacy.append(key)
                 aligned = f.is_aligned()
-        except (LatentCacheError, OSError, ValueError) as e:
+            size = os.path.getsize(path)
+        except (LatentCacheError, KeyError, OSError, ValueError) as e:
             plan.notes.append(f"{path}: not migrated, it cannot be read ({e}); see `latentcache repair`")
             continue
         if aligned and not legacy:
-            continue
-        if _being_written(path):
-            plan.notes.append(f"{path}: being written by another process; skipped")
             continue
         why = []
         if not aligned:
             why.append("stock layout (unaligned or deflated payloads)")
         if legacy:
             why.append(f"legacy (C, 1, h, w) latents in {', '.join(legacy)}")
+        if path in temps:
+            why.append("a writer's temporary file is there (skipped if its writer is alive)")
 
         def replace(
             p: str = path,
@@ -155,8 +209,8 @@ def migrate(
                 "rewrite",
                 path,
                 "; ".join(why),
-                nbytes=os.path.getsize(path),
-                run=_rewrite(path, replace, [], "migrate"),
+                nbytes=size,
+                run=_rewrite(path, replace, [], "migrate", path in temps),
             )
         )
     if apply:
@@ -209,7 +263,8 @@ def prune(
     if not schema.multi_resolution:
         plan.notes.append(f"{schema.name} caches hold one resolution per file; nothing to prune")
         return plan
-    paths, plan.notes = cache_files(root, schema, recursive)
+    temps: set[str] = set()
+    paths, plan.notes = cache_files(root, schema, recursive, temps=temps)
     for path in paths:
         try:
             with open_cache(path, model=schema) as f:
@@ -234,7 +289,7 @@ def prune(
                     "remove",
                     path,
                     f"holds only resolutions no bucket loads ({sizes})",
-                    run=_remove_file(path),
+                    run=_remove_file(path, schema, wanted),
                 )
             )
             continue
@@ -245,7 +300,7 @@ def prune(
                 "prune",
                 path,
                 f"drops resolutions no bucket loads: {sizes}",
-                run=_rewrite(path, list, drop, "prune"),
+                run=_rewrite(path, list, drop, "prune", path in temps),
             )
         )
     if apply:
@@ -253,9 +308,17 @@ def prune(
     return plan
 
 
-def _remove_file(path: str) -> Callable[[], int]:
+def _remove_file(path: str, schema: ModelSchema, wanted: set[tuple[int, int]]) -> Callable[[], int]:
+    planned = identity(path)
+
     def run() -> int:
-        n = os.path.getsize(path)
+        # Re-checked now: a writer may have added a kept resolution since the plan (a new file, by
+        # rename). The file checked must be the one planned, and still hold nothing kept.
+        with open_cache(path, model=schema) as f:
+            kept = [r for r in f.resolutions() if r in wanted]
+        if kept:
+            raise OSError(f"{path} holds a kept resolution now; left alone")
+        n = unchanged(path, planned)
         os.remove(path)
         return n
 

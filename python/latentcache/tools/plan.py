@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Action", "Inside", "Plan", "inside", "progress"]
+__all__ = ["Action", "Identity", "Inside", "Plan", "identity", "inside", "progress", "unchanged"]
 
 
 @dataclass
@@ -84,8 +84,8 @@ class Plan:
             try:
                 a.nbytes = a.run() or a.nbytes
                 a.done = True
-            except (OSError, ValueError) as e:
-                a.error = str(e)
+            except Exception as e:  # any failure of one step is that step's error, never the run's
+                a.error = str(e) if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}"
             return a
 
         if workers <= 1:
@@ -132,8 +132,31 @@ class Plan:
             )
         else:
             failed = sum(1 for a in self.actions if a.error)
-            lines.append(f"{self.tool}: {len(self.actions) - failed} done, {failed} failed")
+            written = sum(a.nbytes for a in self.actions if a.done and a.kind in ("rewrite", "prune"))
+            total = f"; {written:,} bytes rewritten" if written else ""
+            lines.append(f"{self.tool}: {len(self.actions) - failed} done, {failed} failed{total}")
         return "\n".join(lines)
+
+
+Identity = tuple[int, int, int, int]
+
+
+def identity(path: str) -> Identity | None:
+    """What tells this file from one a writer put in its place since: device, inode, size, mtime."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def unchanged(path: str, planned: Identity | None) -> int:
+    """The file's size, after checking that it is still the file the plan looked at (a writer replaces
+    a cache by rename, so a new cache is a new inode; an in-place writer changes size or mtime)."""
+    st = os.lstat(path)
+    if planned is not None and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != planned:
+        raise OSError(f"{path} changed since the plan (a writer replaced it?); left for the next run")
+    return st.st_size
 
 
 class Inside:

@@ -7,6 +7,9 @@ ever touched; a file whose real path leaves the folder (a symlink pointing out) 
 
 from __future__ import annotations
 
+import errno
+import functools
+import itertools
 import os
 import shutil
 from collections.abc import Callable
@@ -15,7 +18,7 @@ from latentcache import _core
 from latentcache.errors import CachePathError, LatentCacheError
 from latentcache.models import ModelLike
 from latentcache.models import get as get_model
-from latentcache.tools.plan import Action, Inside, Plan
+from latentcache.tools.plan import Action, Identity, Inside, Plan, identity, unchanged
 from latentcache.validation import verify_directory
 
 __all__ = ["repair"]
@@ -42,7 +45,7 @@ def _image_size(path: str) -> tuple[int, int] | None:
 
     try:
         return image_size_from_header(path)
-    except (OSError, ValueError):
+    except Exception:  # PIL raises more than OSError (a decompression bomb, a bad header): unknown
         return None
 
 
@@ -67,39 +70,119 @@ def _valid_for(cache: str, size: tuple[int, int], schema_name: str) -> bool:
     return all(s.ok for s in validate([cache] * len(buckets), buckets, model=schema_name))
 
 
-def _remove(path: str) -> Callable[[], int]:
+# A re-check made just before a step runs: None when the step still applies, else why not.
+_Recheck = Callable[[], "str | None"]
+
+
+def _checked(path: str, planned: Identity | None, recheck: _Recheck | None) -> int:
+    if recheck is not None:
+        why = recheck()
+        if why is not None:
+            raise OSError(f"{path}: {why}; left alone")
+    return unchanged(path, planned)  # after the re-check: the file re-checked is the one planned
+
+
+def _remove(path: str, planned: Identity | None = None, recheck: _Recheck | None = None) -> Callable[[], int]:
     def run() -> int:
-        n = os.lstat(path).st_size
+        n = _checked(path, planned, recheck)
         os.remove(path)
         return n
 
     return run
 
 
-def _move(path: str, dest: str) -> Callable[[], int]:
+def _free_name(dest: str) -> str:
+    """``dest``, or ``dest.1``, ``dest.2``, ... when an earlier run quarantined a file of that name."""
+    if not os.path.lexists(dest):
+        return dest
+    for i in itertools.count(1):
+        cand = f"{dest}.{i}"
+        if not os.path.lexists(cand):
+            return cand
+    raise AssertionError("unreachable")
+
+
+def _move(
+    path: str, dest: str, planned: Identity | None = None, recheck: _Recheck | None = None
+) -> Callable[[], int]:
     def run() -> int:
+        n = _checked(path, planned, recheck)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        if os.path.exists(dest):
-            raise OSError(f"{dest} already exists; {path} is left where it is")
-        n = os.lstat(path).st_size
-        shutil.move(path, dest)
+        target = _free_name(dest)
+        try:
+            os.rename(path, target)  # atomic within one file system
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            # Another file system: copy under a temporary name, publish it, then remove the
+            # original. A kill leaves the original in place (and at worst a copy in the quarantine).
+            part = target + ".lcpart"
+            shutil.copy2(path, part, follow_symlinks=False)
+            os.replace(part, target)
+            os.remove(path)
         return n
 
     return run
 
 
-def _promote(leftover: str, cache: str, schema_name: str, size: tuple[int, int]) -> Callable[[], int]:
+def _rename_no_clobber(src: str, dst: str) -> None:
+    """Give ``src`` the name ``dst`` unless ``dst`` exists, atomically: never replaces a file."""
+    if os.name == "nt":
+        os.rename(src, dst)  # Windows' rename fails when the target exists
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except (OSError, NotImplementedError):
+        # No hard links here (FAT, some network shares): check, then rename (a narrow window).
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "exists", dst) from None
+        os.rename(src, dst)
+        return
+    # A kill here leaves both names on one file; the next run removes the leftover.
+    os.unlink(src)
+
+
+def _promote(
+    leftover: str, cache: str, schema_name: str, size: tuple[int, int], planned: Identity | None
+) -> Callable[[], int]:
     def run() -> int:
         # Re-checked now: another run may have made the cache since the plan.
-        if os.path.exists(cache):
+        if os.path.lexists(cache):
             raise OSError(f"{cache} exists now; the leftover {leftover} is left for the next run")
         if not _valid_for(leftover, size, schema_name):
             raise OSError(f"{leftover} is no longer a valid cache for the image")
-        n = os.lstat(leftover).st_size
-        os.replace(leftover, cache)  # atomic: the leftover's name or the cache's, never neither
+        n = unchanged(leftover, planned)
+        try:
+            _rename_no_clobber(leftover, cache)
+        except FileExistsError:
+            raise OSError(
+                f"{cache} was written meanwhile; the leftover {leftover} is left for the next run"
+            ) from None
         return n
 
     return run
+
+
+def _size_back(images: tuple[str, ...], size: tuple[int, int]) -> str | None:
+    """None when no image of the stem has ``size`` (and all can be read), else why the cache stays."""
+    current = {_image_size(i) for i in images}
+    if None in current:
+        return "an image of its stem cannot be read now"
+    if size in current:
+        return f"an image of its stem is {size[0]}x{size[1]} again"
+    return None
+
+
+def _invalid_now(path: str, model: str) -> str | None:
+    """None when ``path`` still fails with a code that proves it unusable, else why it is kept."""
+    ((keys, checks, _meta),) = _core._verify_many([path], False, False, None, False, model=model)
+    if keys is not None and not checks:
+        return None  # no latents at all
+    if any(st.code in _INVALID for _, _, _, st in checks):
+        return None
+    return "it is no longer an invalid cache (a writer replaced it?)"
 
 
 def repair(
@@ -125,7 +208,8 @@ def repair(
     - Orphan caches (no image) are listed, and removed only with ``orphans="delete"``.
 
     Raises:
-        ValueError: ``orphans`` is neither ``keep`` nor ``delete``; an unknown model.
+        ValueError: ``orphans`` is neither ``keep`` nor ``delete``; an unknown model; a quarantine
+            that is the folder itself or above it.
         FileNotFoundError: the folder does not exist.
     """
     if orphans not in ("keep", "delete"):
@@ -135,25 +219,38 @@ def repair(
     plan = Plan("repair")
     report = _core.scan_directory(root, schema.suffix, recursive, model=schema.name)
     qdir = os.fspath(quarantine) if quarantine is not None else None
+    if qdir is not None and Inside(qdir)(os.path.join(root, "x")):
+        raise ValueError(f"the quarantine {qdir} must not be {root} itself or a folder above it")
     seen: set[str] = set()
 
     within = Inside(root)
+    # Files already in the quarantine (when it lies inside the folder) are this tool's own: a
+    # recursive run must not find them again as invalid or orphan caches.
+    in_quarantine = Inside(qdir) if qdir is not None else None
 
     def outside(path: str) -> bool:
+        if in_quarantine is not None and in_quarantine(path):
+            seen.add(path)
+            return True
         if within(path):
             return False
-        plan.notes.append(f"{path} resolves outside {root}; left alone")
+        if path not in seen:
+            seen.add(path)
+            plan.notes.append(f"{path} resolves outside {root}; left alone")
         return True
 
-    def drop(path: str, reason: str) -> None:
+    def drop(path: str, reason: str, recheck: Callable[[], str | None] | None = None) -> None:
         if path in seen or outside(path):
             return
         seen.add(path)
+        ident = identity(path)
         if qdir is not None:
             dest = os.path.join(qdir, os.path.relpath(path, root))
-            plan.actions.append(Action("quarantine", path, reason, target=dest, run=_move(path, dest)))
+            plan.actions.append(
+                Action("quarantine", path, reason, target=dest, run=_move(path, dest, ident, recheck))
+            )
         else:
-            plan.actions.append(Action("remove", path, reason, run=_remove(path)))
+            plan.actions.append(Action("remove", path, reason, run=_remove(path, ident, recheck)))
 
     # 1. Writers' temporary files, in every folder the scan listed.
     for temp in report.temp_files:
@@ -196,7 +293,7 @@ def repair(
         elif (
             tuple(d.size) == real
             and own is not None
-            and not os.path.exists(own)
+            and not os.path.lexists(own)
             and _valid_for(d.path, real, schema.name)
         ):
             seen.add(d.path)
@@ -206,35 +303,57 @@ def repair(
                     d.path,
                     f"a doubled-suffix leftover (sd-scripts #2362) valid for {os.path.basename(d.image)}",
                     target=own,
-                    run=_promote(d.path, own, schema.name, real),
+                    run=_promote(d.path, own, schema.name, real, identity(d.path)),
                 )
             )
         else:
-            why = "the image's cache exists" if own and os.path.exists(own) else "not valid for the image"
+            why = "the image's cache exists" if own and os.path.lexists(own) else "not valid for the image"
             drop(d.path, f"a doubled-suffix leftover (sd-scripts #2362); {why}")
 
     for path, reason in sorted(invalid.items()):
-        drop(path, f"invalid cache ({reason})")
+        drop(path, f"invalid cache ({reason})", functools.partial(_invalid_now, path, schema.name))
 
-    # 4. Caches of an outdated size.
+    # 4. Caches of an outdated size. Images that share a stem (a.png and a.jpg) share cache names, so
+    #    a cache is outdated only when no image of its stem has its size.
+    group: dict[str, list[str]] = {}
+    for shared in report.shared_stems:
+        for img in shared.images:
+            group[img] = list(shared.images)
+    done_groups: set[tuple[str, ...]] = set()
+    caches_of = {e.path: list(e.caches) for e in report.images}
     for entry in report.images:
-        if not entry.caches:
+        images = tuple(sorted(group.get(entry.path, [entry.path])))
+        if images in done_groups:
             continue
-        real = _image_size(entry.path)
-        if real is None:
+        done_groups.add(images)
+        caches = {c.path: c for img in images for c in caches_of.get(img, [])}
+        if not caches:
+            continue
+        sizes = [_image_size(img) for img in images]
+        if any(sz is None for sz in sizes):
             plan.notes.append(f"{entry.path}: cannot read its size; its caches are left alone")
             continue
-        for c in entry.caches:
-            if tuple(c.size) != real and c.path not in seen:
-                drop(c.path, f"made for {c.size[0]}x{c.size[1]}; the image is now {real[0]}x{real[1]}")
+        now = ", ".join(f"{sz[0]}x{sz[1]}" for sz in sorted({sz for sz in sizes if sz is not None}))
+        for c in caches.values():
+            size = (int(c.size[0]), int(c.size[1]))
+            if size not in sizes and c.path not in seen:
+                drop(
+                    c.path,
+                    f"made for {size[0]}x{size[1]}; the image is now {now}",
+                    functools.partial(_size_back, images, size),
+                )
 
     # 5. Orphans.
+    def image_back(path: str) -> str | None:
+        img = _core.find_source_image(path, model=schema.name)
+        return None if img is None else f"its image {img} exists now"
+
     for c in report.orphan_caches:
         if c.path in seen:
             continue
         if orphans == "delete":
-            drop(c.path, "an orphan cache (no image with its stem)")
-        else:
+            drop(c.path, "an orphan cache (no image with its stem)", functools.partial(image_back, c.path))
+        elif not outside(c.path):
             plan.notes.append(f"orphan cache kept: {c.path} (use --orphans delete to remove it)")
     _check_names(plan, schema.name)
     if apply:
