@@ -92,6 +92,22 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime_errors_exit_1(fn: Any) -> Any:
+    """A missing or wrong DIR is bad usage (2, from the caller); an OS error met while working on a
+    folder that exists (a permission error deep in it) leaves problems, so it exits 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args))
+        except (FileNotFoundError, NotADirectoryError):
+            raise
+        except OSError as e:
+            print(f"latentcache {args.command}: error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
 def add_parsers(sub: Any) -> None:
     """Add the four subcommands to an ``argparse`` subparsers object."""
     p = sub.add_parser("repair", help="fix #2362 leftovers, temp files, invalid and outdated caches")
@@ -100,13 +116,13 @@ def add_parsers(sub: Any) -> None:
         "--orphans", choices=("keep", "delete"), default="keep", help="what to do with orphan caches"
     )
     p.add_argument("--quarantine", metavar="DIR", help="move invalid caches here instead of removing them")
-    p.set_defaults(func=_cmd_repair)
+    p.set_defaults(func=_runtime_errors_exit_1(_cmd_repair))
 
     p = sub.add_parser("migrate", help="rewrite stock caches into the aligned layout")
     _common(p)
     p.add_argument("--layout", choices=("aligned",), default="aligned", help="the target layout")
     p.add_argument("--squeeze-legacy", action="store_true", help="store (16, 1, h, w) latents as (16, h, w)")
-    p.set_defaults(func=_cmd_migrate)
+    p.set_defaults(func=_runtime_errors_exit_1(_cmd_migrate))
 
     p = sub.add_parser("prune", help="drop resolutions that no kept bucket loads")
     _common(p)
@@ -115,8 +131,8 @@ def add_parsers(sub: Any) -> None:
     keep.add_argument(
         "--dataset-config", metavar="FILE", help="keep what this sd-scripts dataset config loads"
     )
-    p.set_defaults(func=_cmd_prune)
+    p.set_defaults(func=_runtime_errors_exit_1(_cmd_prune))
 
     p = sub.add_parser("stats", help="caches and bytes per resolution, layout, VAE and status")
     _common(p, apply=False)
-    p.set_defaults(func=_cmd_stats)
+    p.set_defaults(func=_runtime_errors_exit_1(_cmd_stats))
