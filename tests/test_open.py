@@ -91,3 +91,12 @@ def test_an_exact_member_name_wins_as_in_np_load(tmp_path: Path, order: tuple[st
     with np.load(p) as ref, open_cache(p) as f:
         np.testing.assert_array_equal(f.get("x"), ref["x"])
         assert f.keys() == ["x"]
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    p = tmp_path / "f_0128x0128_anima.npz"
+    os.mkfifo(p)
+    with pytest.raises(NpzFormatError, match="not a regular file"):
+        open_cache(p)

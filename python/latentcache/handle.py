@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import stat
 import zipfile
 from collections.abc import Iterator
 from types import TracebackType
@@ -42,6 +43,9 @@ class CacheHandle:
         self.path = os.fspath(path)
         self.model: ModelSchema = get_model(model)
         self._members: dict[str, zipfile.ZipInfo] = {}
+        # A FIFO or device named like a cache would block open() forever: refuse it first.
+        if not stat.S_ISREG(os.stat(self.path).st_mode):
+            raise NpzFormatError(f"{self.path}: is not a regular file")
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close()/__exit__
         self._map: mmap.mmap | None = None
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -11,6 +12,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from latentcache import _core, models
+from latentcache.errors import LatentCacheError, NpzFormatError
 from latentcache.models import ModelLike
 from latentcache.validation import _check_many
 
@@ -37,7 +39,18 @@ def _os_handle(fd: int) -> int:
     return int(fd)
 
 
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+# O_NONBLOCK: a FIFO named like a cache opens at once instead of waiting for a writer (and its
+# positional reads then fail, see `_refuse_special`); a regular file reads as without it.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _refuse_special(fd: int, path: str) -> None:
+    """Raise a clear ``NpzFormatError`` when the open ``fd`` is not a regular file or a folder (a
+    FIFO, socket or device). Called only after a failed load, so a good load makes no ``fstat``."""
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise NpzFormatError(f"{path}: is not a regular file ({kind}), refusing to read it")
 
 
 def load(
@@ -83,7 +96,8 @@ def load(
         ``CachedLatents(latents, original_size, crop_ltrb, latents_flipped, alpha_mask)``.
 
     Raises:
-        NpzFormatError: the file is not a valid npz or lacks this bucket's keys.
+        NpzFormatError: the file is not a valid npz or lacks this bucket's keys, or it is not a
+            regular file (a FIFO named like a cache is refused at once, never waited on).
         FileNotFoundError: the file does not exist.
     """
     p = os.fspath(path)
@@ -92,7 +106,11 @@ def load(
     # it is closed at once.
     fd = os.open(p, _OPEN_FLAGS)
     try:
-        return _core.load_file(fd, _os_handle(fd), p, bucket_reso, map_latents, copy, name)
+        try:
+            return _core.load_file(fd, _os_handle(fd), p, bucket_reso, map_latents, copy, name)
+        except (LatentCacheError, OSError):
+            _refuse_special(fd, p)
+            raise
     finally:
         os.close(fd)
 

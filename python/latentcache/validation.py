@@ -165,10 +165,13 @@ def _source_status(s: _core.CacheStatus, meta: bytes, how: _Stale) -> _core.Cach
     is the file's metadata member. A broken member or an unreadable image is a status, never an
     exception."""
     try:
-        reason = _stale_by_meta(s.path, parse_meta(s.path, meta), how)
+        doc = parse_meta(s.path, meta)
     except LatentCacheError as e:
         return _core.CacheStatus(s.path, "malformed", str(e))
-    except OSError as e:
+    try:
+        reason = _stale_by_meta(s.path, doc, how)
+    except (OSError, LatentCacheError) as e:
+        # The image, not the cache, is what could not be read (a FIFO named like it, say).
         return _core.CacheStatus(s.path, "io_error", f"{s.path}: checking its source image: {e}")
     return _core.CacheStatus(s.path, "stale", f"{s.path}: stale: {reason}") if reason else s
 

@@ -22,6 +22,7 @@ from latentcache.models import ModelLike, ModelSchema
 __all__ = [
     "META_KEY",
     "META_FORMAT",
+    "META_MAX_DEPTH",
     "find_temp_files",
     "read_meta",
     "remove_stale_temp",
@@ -33,6 +34,10 @@ META_KEY = "latentcache_meta"
 """The npz key of latentcache's metadata: a 1-D uint8 array holding UTF-8 JSON."""
 META_FORMAT = 1
 """The metadata format version written as ``meta["format"]``."""
+META_MAX_DEPTH = 32
+"""The deepest nesting of JSON arrays and objects ``latentcache_meta`` may hold. Deeper records are
+refused when written and are an ``NpzFormatError`` when read (never a ``RecursionError``); the Rust
+core bounds the member's size (1 MiB)."""
 
 _PathLike = str | os.PathLike[str]
 
@@ -98,7 +103,10 @@ def write_latents(
     ...), so a file holds one resolution and writing replaces it. Other resolutions and unknown
     members of an existing file are kept byte for byte; this resolution's members are replaced (a
     flipped latent or alpha mask not given now is dropped). A corrupt existing file is replaced with
-    a ``CorruptCacheWarning``.
+    a ``CorruptCacheWarning``, and so is dropped any kept member that would leave the new file
+    unloadable (a ``.npy`` member that is not a readable npy array, or a member named exactly as a
+    key, which ``np.load`` would read instead of the key's ``.npy``): the resolution written always
+    validates and loads.
 
     The new file is written next to the target and renamed over it under a per-file lock, so readers
     see the old file or the new one and concurrent writers of different resolutions all land. The
@@ -117,7 +125,8 @@ def write_latents(
         alpha_mask: float ``(H, W)`` mask in [0, 1] at bucket pixel size (``H, W = s*h, s*w`` for the
             model's stride ``s``); stored as float32.
         meta: JSON-serialisable metadata; the keys ``format`` and ``writer`` are reserved (a
-            ``ValueError``).
+            ``ValueError``), and nesting deeper than ``META_MAX_DEPTH`` is refused (readers could not
+            read it back).
         durable: fsync the file and its folder, so the write survives a power loss. A file system
             that cannot flush a folder (some network and FUSE ones) is not an error.
         model: the cache kind, a name or ``ModelSchema`` (default Anima): its keys, channels,
@@ -128,6 +137,8 @@ def write_latents(
             layout it does not store, say), the latents hold NaN or Inf, or the file is named as
             another model's cache (the message names the file and what is wrong; nothing is
             written); an unknown model.
+        NpzFormatError: the target exists but is not a regular file (a FIFO, socket or device named
+            like a cache is refused at once, never opened blocking, and left in place).
         OSError: the file could not be written (errno and filename set; the old file is untouched),
             or, with ``durable``, flushing the folder after the rename failed (the message says the new
             file is in place).
@@ -184,6 +195,10 @@ def write_latents(
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{spath}: meta is not JSON-serialisable: {e}") from e
+    except RecursionError as e:
+        raise ValueError(f"{spath}: meta is nested too deeply to store") from e
+    if _too_deep(text):
+        raise ValueError(f"{spath}: meta is nested deeper than {META_MAX_DEPTH} levels")
     blob = text.encode("utf-8")
     arrays.append((META_KEY, "|u1", (len(blob),), blob))
 
@@ -212,7 +227,8 @@ def read_meta(path: _PathLike) -> dict[str, Any] | None:
     """The ``latentcache_meta`` dict of a cache file, or None for a file without one (stock sd-scripts).
 
     Raises:
-        NpzFormatError: the file is not a readable npz, or the member is not a JSON object.
+        NpzFormatError: the file is not a readable npz (or not a regular file: a FIFO is refused, never
+            waited on), or the member is not a JSON object, or nests deeper than ``META_MAX_DEPTH``.
         OSError: the file cannot be read.
     """
     return parse_meta(path, _core.read_meta_bytes(path))
@@ -223,14 +239,49 @@ def parse_meta(path: _PathLike, raw: bytes | None) -> dict[str, Any] | None:
     in the error.
 
     Raises:
-        NpzFormatError: the bytes are not a UTF-8 JSON object.
+        NpzFormatError: the bytes are not a UTF-8 JSON object, or it nests deeper than
+            ``META_MAX_DEPTH`` (checked before parsing, so never a ``RecursionError``).
     """
     if raw is None:
         return None
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        text = raw.decode("utf-8")
+        if _too_deep(text):
+            raise NpzFormatError(
+                f"{os.fspath(path)}: entry '{META_KEY}': JSON nested deeper than {META_MAX_DEPTH} levels"
+            )
+        doc = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        if isinstance(e, NpzFormatError):
+            raise
         raise NpzFormatError(f"{os.fspath(path)}: entry '{META_KEY}': not UTF-8 JSON: {e}") from e
     if not isinstance(doc, dict):
         raise NpzFormatError(f"{os.fspath(path)}: entry '{META_KEY}': not a JSON object")
     return doc
+
+
+def _too_deep(text: str) -> bool:
+    """Whether JSON ``text`` nests arrays and objects deeper than ``META_MAX_DEPTH`` (brackets
+    inside strings do not count). Cheap for the usual small record: no scan unless it holds more
+    brackets than the limit."""
+    if text.count("[") + text.count("{") <= META_MAX_DEPTH:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > META_MAX_DEPTH:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False

@@ -68,7 +68,7 @@ pub fn key_suffix(schema: &Schema, bucket_reso: (u32, u32)) -> String {
 }
 
 fn open(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| Error::io(path, e))
+    crate::core::file::open_regular(path)
 }
 
 /// `original_size` / `crop_ltrb` must be short 1-D arrays.

@@ -18,6 +18,9 @@ use crate::core::zip::{
 pub const MAGIC: &[u8; 6] = b"\x93NUMPY";
 /// The most header bytes we read: magic, version, length and dict together.
 pub const MAX_HEADER_LEN: usize = 64 << 10;
+/// numpy's `max_header_size` for `np.load` (`format._MAX_HEADER_SIZE`): a longer header dict is
+/// refused by numpy, and so here.
+pub const NUMPY_MAX_HEADER_SIZE: usize = 10_000;
 /// numpy's alignment of the array data (the header is padded to a multiple of this).
 const ARRAY_ALIGN: usize = 64;
 /// numpy pads the dict so the growth axis can reach this many digits in place.
@@ -278,6 +281,11 @@ pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<NpyHeader, NpyHeade
         }
         _ => return malformed(format!("unsupported npy format version {major}.{minor}")),
     };
+    if dict_len > NUMPY_MAX_HEADER_SIZE {
+        return malformed(format!(
+            "header dict of {dict_len} bytes is longer than numpy's {NUMPY_MAX_HEADER_SIZE}-byte limit"
+        ));
+    }
     let header_len = match prefix.checked_add(dict_len) {
         Some(n) if n <= MAX_HEADER_LEN => n,
         _ => {
@@ -762,7 +770,7 @@ impl NpzIndex {
 /// Args: `path` of the `.npz`.
 /// Returns: the arrays (key, header, data location), unsupported arrays and other members.
 pub fn read_npz_index(path: &Path) -> Result<NpzIndex> {
-    let file = File::open(path).map_err(|e| crate::core::error::Error::io(path, e))?;
+    let file = crate::core::file::open_regular(path)?;
     Ok(read_npz_index_from(&file, path)?)
 }
 
@@ -783,7 +791,6 @@ fn read_npz_index_src(src: Src<'_>) -> ReadResult<NpzIndex> {
 /// The index through `src`, whose cached windows later small reads reuse and whose `reads` tell
 /// how many positional reads it took.
 pub(crate) fn read_npz_index_via(src: &Src<'_>) -> ReadResult<NpzIndex> {
-    let path = src.path;
     let zip = read_zip_index_with(src)?;
     let mut index = NpzIndex {
         file_len: zip.file_len,
@@ -796,67 +803,99 @@ pub(crate) fn read_npz_index_via(src: &Src<'_>) -> ReadResult<NpzIndex> {
             index.others.push(member);
             continue;
         };
-        let bad = |msg: String| ReadError::new(ReadErrorKind::Malformed, path, Some(&key), msg);
-        let mut prefix = read_member_prefix_with(src, &member, FIRST_READ)?;
-        let parsed = loop {
-            match parse_npy_header(&prefix) {
-                Err(NpyHeaderError::Incomplete { needed }) => {
-                    if (needed as u64) > member.uncompressed_size || prefix.len() >= needed {
-                        break Err(NpyHeaderError::Malformed(format!(
-                            "the member ({} bytes) ends inside its npy header ({needed} bytes)",
-                            member.uncompressed_size
-                        )));
-                    }
-                    prefix = read_member_prefix_with(src, &member, needed)?;
-                    if prefix.len() < needed {
-                        break Err(NpyHeaderError::Malformed(format!(
-                            "the npy header ({needed} bytes) could not be read from the member"
-                        )));
-                    }
-                }
-                other => break other,
-            }
-        };
-        let header = match parsed {
-            Ok(h) => h,
-            Err(NpyHeaderError::UnsupportedDtype { descr }) => {
-                index
-                    .unsupported
-                    .push(UnsupportedArray { key, member, descr });
-                continue;
-            }
-            Err(e) => return Err(bad(e.to_string())),
-        };
-        let Some(array_len) = header.data_len() else {
-            return Err(bad(format!(
-                "shape {} of {} overflows",
-                shape_repr(&header.shape),
-                header.dtype.name()
-            )));
-        };
-        let expected = header.header_len.checked_add(array_len);
-        if expected != Some(member.uncompressed_size) {
-            return Err(bad(format!(
-                "header says {} {} ({array_len} data bytes after a {}-byte header) but the member holds {} bytes",
-                header.dtype.name(),
-                shape_repr(&header.shape),
-                header.header_len,
-                member.uncompressed_size
-            )));
+        match index_npy_member(src, member, key)? {
+            Indexed::Array(entry) => index.arrays.push(entry),
+            Indexed::Unsupported(u) => index.unsupported.push(u),
         }
-        let array_offset = match member.compression {
-            Compression::Stored => Some(member.data_offset + header.header_len),
-            Compression::Deflated => None,
-        };
-        index.arrays.push(ArrayEntry {
-            key,
-            member,
-            header,
-            array_offset,
-            array_len,
-        });
+    }
+    // np.load resolves key `k` to a member named exactly `k` before `k.npy`: refuse the pair
+    // rather than read another array than numpy does.
+    if let Some(bare) = index.others.iter().find(|m| {
+        index.arrays.iter().any(|a| a.key == m.name)
+            || index.unsupported.iter().any(|u| u.key == m.name)
+    }) {
+        let bare = bare.name.as_str();
+        return Err(ReadError::new(
+            ReadErrorKind::Malformed,
+            src.path,
+            Some(bare),
+            format!("the archive holds both '{bare}' and '{bare}.npy', which np.load resolves to '{bare}'"),
+        ));
     }
     Ok(index)
+}
+
+/// One `.npy` member as the index holds it.
+pub(crate) enum Indexed {
+    Array(ArrayEntry),
+    Unsupported(UnsupportedArray),
+}
+
+/// Read and check one `.npy` member's header (`key` is its name less `.npy`): what makes a file
+/// `malformed` member by member, shared by the index and by the writer, which drops a kept member
+/// that would make its new file fail.
+pub(crate) fn index_npy_member(src: &Src<'_>, member: Member, key: String) -> ReadResult<Indexed> {
+    let path = src.path;
+    let bad = |msg: String| ReadError::new(ReadErrorKind::Malformed, path, Some(&key), msg);
+    let mut prefix = read_member_prefix_with(src, &member, FIRST_READ)?;
+    let parsed = loop {
+        match parse_npy_header(&prefix) {
+            Err(NpyHeaderError::Incomplete { needed }) => {
+                if (needed as u64) > member.uncompressed_size || prefix.len() >= needed {
+                    break Err(NpyHeaderError::Malformed(format!(
+                        "the member ({} bytes) ends inside its npy header ({needed} bytes)",
+                        member.uncompressed_size
+                    )));
+                }
+                prefix = read_member_prefix_with(src, &member, needed)?;
+                if prefix.len() < needed {
+                    break Err(NpyHeaderError::Malformed(format!(
+                        "the npy header ({needed} bytes) could not be read from the member"
+                    )));
+                }
+            }
+            other => break other,
+        }
+    };
+    let header = match parsed {
+        Ok(h) => h,
+        Err(NpyHeaderError::UnsupportedDtype { descr }) => {
+            return Ok(Indexed::Unsupported(UnsupportedArray {
+                key,
+                member,
+                descr,
+            }));
+        }
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    let Some(array_len) = header.data_len() else {
+        return Err(bad(format!(
+            "shape {} of {} overflows",
+            shape_repr(&header.shape),
+            header.dtype.name()
+        )));
+    };
+    let expected = header.header_len.checked_add(array_len);
+    if expected != Some(member.uncompressed_size) {
+        return Err(bad(format!(
+            "header says {} {} ({array_len} data bytes after a {}-byte header) but the member holds {} bytes",
+            header.dtype.name(),
+            shape_repr(&header.shape),
+            header.header_len,
+            member.uncompressed_size
+        )));
+    }
+    let array_offset = match member.compression {
+        Compression::Stored => Some(member.data_offset + header.header_len),
+        Compression::Deflated => None,
+    };
+    Ok(Indexed::Array(ArrayEntry {
+        key,
+        member,
+        header,
+        array_offset,
+        array_len,
+    }))
 }
 
 /// The raw array bytes of one entry (stored: one positional read; deflated: inflated, with the

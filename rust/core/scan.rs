@@ -106,8 +106,7 @@ fn classify<'a>(name: &'a str, suffix: &str) -> Kind<'a> {
 }
 
 /// One stem's images and caches, as indices into the folder's names.
-struct Group<'a> {
-    stem: &'a str,
+struct Group {
     images: Vec<usize>,
     caches: Vec<(usize, (u32, u32))>,
 }
@@ -172,7 +171,7 @@ fn scan_one(
     }
     report.files += names.len();
     names.sort_unstable();
-    let text: Vec<Cow<'_, str>> = names.iter().map(|n| n.to_string_lossy()).collect();
+    let text: Vec<Cow<'_, str>> = names.iter().map(|n| name_text(n)).collect();
     // `dir.join(name)` for listed names, with one allocation each: `join("")` gives the folder with
     // its separator, by the platform's own rules.
     let prefix = dir.join("").into_os_string();
@@ -184,7 +183,7 @@ fn scan_one(
     };
 
     let mut index: HashMap<&str, usize> = HashMap::with_capacity(names.len());
-    let mut groups: Vec<Group<'_>> = Vec::new();
+    let mut groups: Vec<Group> = Vec::new();
     let mut doubled: Vec<(&str, &str, usize, (u32, u32))> = Vec::new();
     for (i, name) in text.iter().enumerate() {
         let (stem, cache) = match classify(name, suffix) {
@@ -203,7 +202,6 @@ fn scan_one(
         };
         let g = *index.entry(stem).or_insert_with(|| {
             groups.push(Group {
-                stem,
                 images: Vec::new(),
                 caches: Vec::new(),
             });
@@ -239,12 +237,7 @@ fn scan_one(
             image,
         });
     }
-    for Group {
-        stem,
-        images,
-        caches,
-    } in &groups
-    {
+    for Group { images, caches } in &groups {
         let caches: Vec<CacheFile> = caches
             .iter()
             .map(|&(i, size)| CacheFile {
@@ -258,7 +251,8 @@ fn scan_one(
         }
         if images.len() > 1 {
             report.shared_stems.push(SharedStem {
-                stem: dir.join(stem),
+                // From the image's own name: a stem's text may be escaped (see `name_text`).
+                stem: path(images[0]).with_extension(""),
                 images: images.iter().map(|&i| path(i)).collect(),
             });
         }
@@ -277,6 +271,24 @@ fn scan_one(
     Ok(())
 }
 
+/// A file name as text for classifying and grouping: the name itself when it is Unicode (nearly
+/// always), else (Linux allows any bytes) each byte that is not UTF-8 as a NUL and two hex digits.
+/// No file name holds a NUL, so distinct names never share a text (`U+FFFD` replacement would make
+/// `\xff.png` and `\xfe.png` one stem); report paths are always made from the names themselves.
+fn name_text(name: &std::ffi::OsStr) -> Cow<'_, str> {
+    if let Some(text) = name.to_str() {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::new();
+    for chunk in name.as_encoded_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\0{b:02x}"));
+        }
+    }
+    Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +297,34 @@ mod tests {
     fn touch(dir: &Path, names: &[&str]) {
         for n in names {
             std::fs::write(dir.join(n), b"").unwrap();
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn non_utf8_names_keep_their_bytes_and_never_share_a_stem() {
+        use std::os::unix::ffi::OsStrExt;
+        let t = tempfile::tempdir().unwrap();
+        let names: [&[u8]; 4] = [
+            b"\xff.png",
+            b"\xfe_0512x0512_anima.npz",
+            b"\xfe.png",
+            b"\xff_0256x0256_anima.npz",
+        ];
+        for n in names {
+            std::fs::write(t.path().join(std::ffi::OsStr::from_bytes(n)), b"").unwrap();
+        }
+        let r = scan_directory(t.path(), DEFAULT_SUFFIX, false).unwrap();
+        assert!(r.orphan_caches.is_empty());
+        assert_eq!(r.images.len(), 2);
+        for image in &r.images {
+            assert!(image.path.exists(), "{image:?}");
+            let [cache] = image.caches.as_slice() else {
+                panic!("{image:?}")
+            };
+            assert!(cache.path.exists());
+            let stem = |p: &Path| p.file_name().unwrap().as_bytes()[0];
+            assert_eq!(stem(&image.path), stem(&cache.path), "{image:?}");
         }
     }
 

@@ -121,15 +121,20 @@ pub fn write_npz(
     }
 
     let existing = open_existing(path, &mut report.warnings)?;
+    // A member named exactly as a written key (`latents_64x64`, no `.npy`) is replaced too: numpy
+    // resolves a key to the exact name first, so keeping it would hide the new array from np.load.
     let replaced = |name: &str| {
-        let key = name.strip_suffix(".npy").unwrap_or("\0");
+        let key = name.strip_suffix(".npy").unwrap_or(name);
         arrays.iter().any(|a| a.key == key) || drop_keys.iter().any(|k| k == key)
     };
     let kept: Vec<Member> = match &existing {
-        Some((_, members)) => last_of_each_name(members)
-            .into_iter()
-            .filter(|m| !replaced(&m.name))
-            .collect(),
+        Some((old, members)) => {
+            let candidates: Vec<Member> = last_of_each_name(members)
+                .into_iter()
+                .filter(|m| !replaced(&m.name))
+                .collect();
+            loadable_members(old, path, candidates, &mut report.warnings)?
+        }
         None => Vec::new(),
     };
 
@@ -276,18 +281,41 @@ pub fn temp_path(dir: &Path, name: &OsStr, locked: bool) -> PathBuf {
 
 /// The target file name a temporary file belongs to, or `None` if `name` is not a temporary name.
 pub fn temp_target(name: &str) -> Option<&str> {
-    let rest = name.strip_prefix('.')?;
-    if let Some(target) = rest.strip_suffix(TEMP_MARKER) {
+    // The markers are ASCII, so the cut falls on a character boundary.
+    temp_target_bytes(name.as_bytes()).and_then(|t| std::str::from_utf8(t).ok())
+}
+
+/// [`temp_target`] of a name as the OS gives it: a target whose name is not UTF-8 (legal on Linux)
+/// has its temporary files found and removed too.
+pub fn temp_target_os(name: &OsStr) -> Option<OsString> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        temp_target_bytes(name.as_bytes()).map(|t| OsStr::from_bytes(t).to_os_string())
+    }
+    #[cfg(not(unix))]
+    {
+        name.to_str().and_then(temp_target).map(OsString::from)
+    }
+}
+
+fn temp_target_bytes(name: &[u8]) -> Option<&[u8]> {
+    let rest = name.strip_prefix(b".")?;
+    let marker = TEMP_MARKER.as_bytes();
+    if let Some(target) = rest.strip_suffix(marker) {
         return (!target.is_empty()).then_some(target);
     }
-    let at = rest.rfind(&format!("{TEMP_MARKER}-"))?;
-    let (target, tail) = (&rest[..at], &rest[at + TEMP_MARKER.len() + 1..]);
-    let (pid, hex) = tail.split_once('-')?;
+    let at = (0..rest.len().saturating_sub(marker.len()))
+        .rev()
+        .find(|&i| rest[i..].starts_with(marker) && rest.get(i + marker.len()) == Some(&b'-'))?;
+    let (target, tail) = (&rest[..at], &rest[at + marker.len() + 1..]);
+    let dash = tail.iter().position(|&b| b == b'-')?;
+    let (pid, hex) = (&tail[..dash], &tail[dash + 1..]);
     let ok = !target.is_empty()
         && !pid.is_empty()
-        && pid.bytes().all(|b| b.is_ascii_digit())
+        && pid.iter().all(u8::is_ascii_digit)
         && !hex.is_empty()
-        && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        && hex.iter().all(u8::is_ascii_hexdigit);
     ok.then_some(target)
 }
 
@@ -301,7 +329,7 @@ pub fn find_temp_files(dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let name = entry.file_name();
-        if name.to_str().and_then(temp_target).is_some() {
+        if temp_target_os(&name).is_some() {
             out.push(entry.path());
         }
     }
@@ -315,13 +343,13 @@ pub fn find_temp_files(dir: &Path) -> Result<Vec<PathBuf>> {
 ///
 /// Returns: whether a file was removed.
 pub fn remove_stale_temp(temp: &Path) -> Result<bool> {
-    let Some(name) = temp.file_name().and_then(OsStr::to_str) else {
+    let Some(name) = temp.file_name() else {
         return Ok(false);
     };
-    let Some(target) = temp_target(name) else {
+    let Some(target) = temp_target_os(name) else {
         return Ok(false);
     };
-    if !name.ends_with(TEMP_MARKER) {
+    if !name.as_encoded_bytes().ends_with(TEMP_MARKER.as_bytes()) {
         return Ok(false);
     }
     let (dir, _) = split_target(temp)?;
@@ -474,10 +502,12 @@ pub fn lock_shard(name: &OsStr) -> usize {
 /// Open and index the existing target. `None` when there is none or it is corrupt (with a warning);
 /// an error when it exists but cannot be read (replacing it would lose data we could not look at).
 fn open_existing(path: &Path, warnings: &mut Vec<String>) -> Result<Option<(File, Vec<Member>)>> {
-    let file = match File::open(path) {
+    let file = match crate::core::file::open_regular(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(path, e)),
+        Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
     };
     match read_zip_index_classified(&file, path) {
         Ok(index) => Ok(Some((file, index.members))),
@@ -502,6 +532,52 @@ fn open_existing(path: &Path, warnings: &mut Vec<String>) -> Result<Option<(File
             Ok(None)
         }
     }
+}
+
+/// The kept members that the index reader accepts: a `.npy` member whose header does not parse or
+/// does not match its size would make every later `validate` of the new file `malformed` and
+/// every `load` fail, so it is dropped with a warning naming it (the new resolution must always
+/// load). An error only when the old file cannot be read at all.
+fn loadable_members(
+    old: &File,
+    path: &Path,
+    members: Vec<Member>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Member>> {
+    let src = zip::Src::new(old, path)?;
+    let mut out = Vec::with_capacity(members.len());
+    for member in &members {
+        let problem = match member.name.strip_suffix(".npy") {
+            Some(key) => {
+                match crate::core::npy::index_npy_member(&src, member.clone(), key.to_owned()) {
+                    Ok(_) => None,
+                    Err(e) if e.kind == ReadErrorKind::Io => return Err(e.into()),
+                    Err(e) => Some(e.message),
+                }
+            }
+            // `k` next to `k.npy`: np.load would read `k` for key `k`; the index refuses the pair.
+            None if members
+                .iter()
+                .any(|m| m.name.strip_suffix(".npy") == Some(member.name.as_str())) =>
+            {
+                Some(format!(
+                    "np.load would read it for key '{}' instead of '{}.npy'",
+                    member.name, member.name
+                ))
+            }
+            None => None,
+        };
+        match problem {
+            None => out.push(member.clone()),
+            Some(message) => warnings.push(format!(
+                "{}: dropping member '{}', which np.load may read but latentcache cannot ({message}); \
+                 keeping it would leave the new resolution unloadable",
+                path.display(),
+                member.name
+            )),
+        }
+    }
+    Ok(out)
 }
 
 /// Keep only the last member of each name (zipfile and np.load see the last one).
@@ -999,7 +1075,7 @@ pub struct SourceFingerprint {
 /// The hash confirms a size or mtime change (a copied dataset keeps its bytes but not its mtimes); it
 /// does not see an edit that keeps the size and touches neither end of the file.
 pub fn source_fingerprint(path: &Path) -> Result<SourceFingerprint> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::core::file::open_regular(path)?;
     let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     let size = meta.len();
     let window = size.min(FINGERPRINT_WINDOW) as usize;
@@ -1040,7 +1116,7 @@ fn mtime_ns(meta: &fs::Metadata) -> i64 {
 /// Returns: the array's data bytes (a 1-D `|u1` array); `NpzFormatError` when the file is not a
 /// readable zip or the member is not such an array.
 pub fn read_meta_bytes(path: &Path) -> Result<Option<Vec<u8>>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::core::file::open_regular(path)?;
     read_meta_bytes_from(&file, path)
 }
 
@@ -1366,6 +1442,28 @@ mod tests {
         assert_eq!(temp_target("a.npz"), None);
         assert_eq!(temp_target(".lctmp"), None);
         assert_eq!(temp_target(".a.lctmp-x-1"), None);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn temp_files_of_a_non_utf8_target_are_found_and_removed() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let name = OsStr::from_bytes(b"\xff_0512x0512_anima.npz");
+        let locked = temp_path(dir.path(), name, true);
+        let unlocked = temp_path(dir.path(), name, false);
+        fs::write(&locked, b"half").unwrap();
+        fs::write(&unlocked, b"half").unwrap();
+        assert_eq!(
+            temp_target_os(unlocked.file_name().unwrap()).as_deref(),
+            Some(name)
+        );
+        let mut want = vec![locked.clone(), unlocked.clone()];
+        want.sort();
+        assert_eq!(find_temp_files(dir.path()).unwrap(), want);
+        assert!(remove_stale_temp(&locked).unwrap());
+        assert!(!locked.exists());
+        assert!(!remove_stale_temp(&unlocked).unwrap());
     }
 
     #[test]

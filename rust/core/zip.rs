@@ -548,6 +548,15 @@ fn find_eocd(src: &Src<'_>) -> ReadResult<Eocd> {
             ),
         ));
     };
+    // zipfile (and so np.load) takes the last signature in the file as the end record; a file
+    // where that is not the record found here (a second record appended, a signature in the
+    // comment) is read differently by numpy, so it is refused.
+    if tail[i + 4..].windows(4).any(|w| w == EOCD_SIG) {
+        return Err(src.malformed(
+            None,
+            "a second end-of-central-directory signature follows the end record (np.load reads the file differently)",
+        ));
+    }
     let e = &tail[i..i + EOCD_LEN];
     let eocd_pos = tail_start + i as u64;
     let disk = u16_at(e, 4);
@@ -611,6 +620,15 @@ fn find_eocd(src: &Src<'_>) -> ReadResult<Eocd> {
                 ),
             ))
         }
+    }
+    if z_off + ZIP64_EOCD_LEN != loc_pos {
+        // zipfile looks for the ZIP64 record only directly before the locator.
+        return Err(src.malformed(
+            None,
+            format!(
+                "the ZIP64 end-of-central-directory record (offset {z_off}) is not directly before its locator (offset {loc_pos}), where np.load looks for it"
+            ),
+        ));
     }
     let z = src.read(
         z_off,
@@ -775,7 +793,17 @@ pub fn read_zip_index_with(src: &Src<'_>) -> ReadResult<ZipIndex> {
 
     let cd_end = eocd.cd_offset.checked_add(eocd.cd_size);
     match cd_end {
-        Some(end) if end <= eocd.cd_limit => {}
+        Some(end) if end == eocd.cd_limit => {}
+        Some(end) if end < eocd.cd_limit => {
+            // zipfile would shift every offset by the gap (it takes it for prepended data).
+            return Err(src.malformed(
+                None,
+                format!(
+                    "{} bytes between the central directory and the end record (np.load reads the file differently)",
+                    eocd.cd_limit - end
+                ),
+            ));
+        }
         Some(end) if end <= len => {
             return Err(src.malformed(
                 None,
@@ -826,6 +854,7 @@ pub fn read_zip_index_with(src: &Src<'_>) -> ReadResult<ZipIndex> {
             ));
         }
         let h = &cd[p..p + CENTRAL_LEN];
+        let version_needed = h[6];
         let flags = u16_at(h, 8);
         let method = u16_at(h, 10);
         let crc32 = u32_at(h, 16);
@@ -854,6 +883,22 @@ pub fn read_zip_index_with(src: &Src<'_>) -> ReadResult<ZipIndex> {
         let ent = Some(name.as_str());
         if flags & 0x0041 != 0 {
             return Err(src.malformed(ent, "encrypted members are not supported"));
+        }
+        if flags & 0x0020 != 0 {
+            return Err(src.malformed(
+                ent,
+                "compressed patched data (flag bit 5) is not supported (nor by np.load)",
+            ));
+        }
+        if version_needed > MAX_EXTRACT_VERSION {
+            return Err(src.malformed(
+                ent,
+                format!(
+                    "needs zip version {}.{} to extract; np.load reads up to 6.3",
+                    version_needed / 10,
+                    version_needed % 10
+                ),
+            ));
         }
         if method != 0 && method != 8 {
             return Err(src.malformed(
@@ -915,6 +960,9 @@ pub fn read_zip_index_with(src: &Src<'_>) -> ReadResult<ZipIndex> {
     })
 }
 
+/// The highest "version needed to extract" zipfile (and so np.load) accepts.
+pub(crate) const MAX_EXTRACT_VERSION: u8 = 63;
+
 /// Read a member's local header and derive its payload offset.
 fn read_local(src: &Src<'_>, cd: &[u8], e: CdEntry) -> ReadResult<Member> {
     let ent = Some(e.name.as_str());
@@ -949,6 +997,13 @@ fn read_local(src: &Src<'_>, cd: &[u8], e: CdEntry) -> ReadResult<Member> {
     }
     if flags & 0x0041 != 0 {
         return Err(src.malformed(ent, "encrypted members are not supported"));
+    }
+    if (flags ^ e.flags) & 0x0800 != 0 && !lname.is_ascii() {
+        // zipfile decodes each header's name by its own UTF-8 flag and compares the two.
+        return Err(src.malformed(
+            ent,
+            "the local header and the central directory disagree on the name's encoding",
+        ));
     }
     if method != e.method {
         return Err(src.malformed(

@@ -1,4 +1,5 @@
 //! Bindings for `core::scan`: frozen report classes and `scan_directory`.
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use pyo3::prelude::*;
@@ -11,7 +12,7 @@ use crate::core::scan as core_scan;
 #[pyclass(frozen, get_all, name = "CacheFile", module = "latentcache._core")]
 #[derive(Clone)]
 pub struct PyCacheFile {
-    path: String,
+    path: OsString,
     size: (u32, u32),
 }
 
@@ -26,7 +27,7 @@ impl PyCacheFile {
 #[pyclass(frozen, get_all, name = "ImageEntry", module = "latentcache._core")]
 #[derive(Clone)]
 pub struct PyImageEntry {
-    path: String,
+    path: OsString,
     caches: Vec<PyCacheFile>,
 }
 
@@ -45,17 +46,17 @@ impl PyImageEntry {
 #[pyclass(frozen, get_all, name = "DoubledCache", module = "latentcache._core")]
 #[derive(Clone)]
 pub struct PyDoubledCache {
-    path: String,
+    path: OsString,
     size: (u32, u32),
-    image: Option<String>,
+    image: Option<OsString>,
 }
 
 /// Images that share one stem, and so one set of cache names.
 #[pyclass(frozen, get_all, name = "SharedStem", module = "latentcache._core")]
 #[derive(Clone)]
 pub struct PySharedStem {
-    stem: String,
-    images: Vec<String>,
+    stem: OsString,
+    images: Vec<OsString>,
 }
 
 /// What `scan_directory` found; every list is sorted by path. Each list is made on its first read
@@ -66,8 +67,8 @@ pub struct PyScanReport {
     orphan_caches: Lazy<PyCacheFile>,
     doubled_caches: Lazy<PyDoubledCache>,
     shared_stems: Lazy<PySharedStem>,
-    temp_files: Lazy<String>,
-    images_without_cache: Lazy<String>,
+    temp_files: Lazy<OsString>,
+    images_without_cache: Lazy<OsString>,
     multi_size: Lazy<PyImageEntry>,
     /// Directories listed.
     #[pyo3(get)]
@@ -163,12 +164,10 @@ impl PyScanReport {
     }
 }
 
-/// A path as a `str`, moved when it is valid Unicode (the usual case), else with replacement
-/// characters.
-fn text(p: PathBuf) -> String {
+/// A path as the OS gave it; it becomes a `str` the way `os.fsdecode` makes one, so a name that
+/// is not UTF-8 (legal on Linux) keeps its bytes as surrogate escapes and names the same file.
+fn text(p: PathBuf) -> OsString {
     p.into_os_string()
-        .into_string()
-        .unwrap_or_else(|o| o.to_string_lossy().into_owned())
 }
 
 fn cache_file(c: core_scan::CacheFile) -> PyCacheFile {

@@ -229,7 +229,8 @@ fn run<'py>(
             }
         }
         let buf: PathBuf = p.extract()?;
-        names.push(PyString::new(py, &buf.to_string_lossy()));
+        // As `os.fsdecode` gives it: a name that is not UTF-8 keeps its bytes (surrogate escapes).
+        names.push(buf.as_os_str().into_pyobject(py)?);
         bufs.push(Cow::Owned(buf));
     }
     let resos: Vec<(u32, u32)> = per_path(bucket_resos, "bucket_resos", n)?;
@@ -340,7 +341,7 @@ pub fn _verify_many<'py>(
     })?;
     let mut out = Vec::with_capacity(found.len());
     for (path, v) in paths.iter().zip(found) {
-        let name = PyString::new(py, &path.to_string_lossy());
+        let name = path.as_os_str().into_pyobject(py)?;
         out.push(match v {
             core_validate::Verified::Unreadable(s) => (
                 None,

@@ -64,12 +64,11 @@ pub fn write_npz(
 /// Returns:
 ///     The temporary files' paths.
 #[pyfunction]
-pub fn find_temp_files(py: Python<'_>, directory: PathBuf) -> PyResult<Vec<String>> {
+pub fn find_temp_files(py: Python<'_>, directory: PathBuf) -> PyResult<Vec<std::ffi::OsString>> {
     let found = super::detached(py, || core_write::find_temp_files(&directory))?;
-    Ok(found
-        .iter()
-        .map(|p| p.to_string_lossy().into_owned())
-        .collect())
+    // As `OsString`s, which become `str` the way `os.fsdecode` makes them: a name that is not UTF-8
+    // keeps its bytes (surrogate escapes), so the path can be passed back to `remove_stale_temp`.
+    Ok(found.into_iter().map(PathBuf::into_os_string).collect())
 }
 
 /// Remove a leftover `.{target}.lctmp` file, under its target's lock so that a live writer's file is
