@@ -1,6 +1,8 @@
 """Encode throughput: latentcache's pipelined encoder against sd-scripts' caching loop and the VAE alone.
 
 Usage: python benches/bench_encode.py [--images N] [--batch-size B] [--json] [--gpu] [--dir DIR]
+       python benches/bench_encode.py --gpu [--device cuda] [--config full] [--resolution 1024]
+           [--jsonl FILE] [--no-compile]
 
 Every figure and ratio comes from the same run, on the same machine:
 
@@ -23,8 +25,12 @@ in sd-scripts' predefined buckets around 128x128: ``tiny`` (base_dim 8, one res 
 decoding, resizing and writing weigh as much as the VAE, as on a GPU) and ``vae-bound`` (base_dim 32,
 two res blocks: the VAE dominates). ``--gpu`` runs the full-size Qwen-Image VAE
 (random weights, bf16) on 1024x1024 JPEGs on CUDA: the stock 3-D encoder, the folded one, folded +
-``torch.compile``, the serial loop and the pipeline, with each row's peak GPU memory; sized to finish
-within 8 minutes on one H100. Both modes share every function below.
+``torch.compile`` (with its compile time), the folded one in ``channels_last``, the serial loop and the
+pipeline, with each row's peak GPU memory; sized to finish within 8 minutes on one H100. With ``--gpu``
+every row is also printed as one JSON line on stdout as soon as it is measured (and appended to
+``--jsonl FILE``), so a run cut short still leaves its raw figures. ``--gpu --device cpu --config tiny
+--resolution 128 --images 8`` runs the same code end to end on a CPU (a dry run of the GPU bench).
+Both modes share every function below.
 
 sd-scripts' own ``new_cache_latents`` is not run here: it needs sd-scripts' full requirements
 (accelerate, transformers, torchvision) and a dataset object; the serial loop reproduces its structure.
@@ -265,10 +271,33 @@ def vae_alone(enc: Any, batches: list[torch.Tensor]) -> float:
     return time.perf_counter() - t
 
 
+def max_abs(a: Any, b: Any, x: torch.Tensor) -> float:
+    """Largest absolute difference between two encoders' latents for one batch (a sanity check of the
+    rows: the fold, channels_last and compile must not change what is computed beyond rounding)."""
+    with torch.inference_mode():
+        return float((a(x).float() - b(x).float()).abs().max())
+
+
 # -- the table ----------------------------------------------------------------------------------------
 
 
-def measure(label: str, n: int, fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+_JSONL: list[Any] = []  # (config, file or None) when rows are emitted as JSON lines (--gpu)
+
+
+def emit(record: dict[str, Any]) -> None:
+    """One JSON line on stdout (and in --jsonl), flushed at once: raw figures survive a cut-short run."""
+    if not _JSONL:
+        return
+    line = json.dumps(record, default=str)
+    print(line, flush=True)
+    if _JSONL[0] is not None:
+        with open(_JSONL[0], "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def measure(
+    label: str, n: int, fn: Callable[[], Any], device: torch.device, config: str = ""
+) -> dict[str, Any]:
     reset_peak(device)
     t = time.perf_counter()
     extra = fn()
@@ -282,6 +311,7 @@ def measure(label: str, n: int, fn: Callable[[], Any], device: torch.device) -> 
         row["peak_gib"] = peak
     print(f"  {label:<38} {n / s:9.2f} images/s  ({s:.1f} s)" + (f", peak {peak:.2f} GiB" if peak else ""),
           file=sys.stderr, flush=True)  # fmt: skip
+    emit({"kind": "row", "config": config, "device": str(device), **row})
     return row
 
 
@@ -297,6 +327,7 @@ def run_config(
     serial: bool,
     stock_pipeline: bool,
     compile_: bool,
+    channels_last: bool = False,
     flip: bool = False,
     decode_workers: int | None = None,
     write_workers: int = 2,
@@ -328,8 +359,10 @@ def run_config(
     # Every batch shape once through each encoder before any timing (oneDNN primitives and cuDNN
     # plans are made per shape): no row pays a first-call cost another row does not.
     batches = predecoded_batches(items, folded, batch_size)
-    vae_alone(folded, batches)
-    vae_alone(stock, batches)
+    shapes = list({tuple(x.shape): x for x in batches}.values())
+    vae_alone(folded, shapes)
+    vae_alone(stock, shapes)
+    checks = {"folded_vs_stock_max_abs": max_abs(folded, stock, batches[0])}
 
     if serial:
 
@@ -337,25 +370,52 @@ def run_config(
             clear_caches(folder)
             assert serial_loop(items, vae, batch_size) == n
 
-        rows["serial"] = measure("serial (sd-scripts loop, stock 3-D)", n, serial_run, device)
+        rows["serial"] = measure("serial (sd-scripts loop, stock 3-D)", n, serial_run, device, config)
     if stock_pipeline:
-        rows["pipeline_stock"] = measure("pipeline (stock 3-D VAE)", n, pipe(stock), device)
-    rows["pipeline"] = measure("pipeline (folded)", n, pipe(folded), device)
-    if device.type == "cuda" or stock_pipeline:
-        rows["vae_stock"] = measure("VAE alone (stock 3-D)", n, lambda: vae_alone(stock, batches), device)
-    rows["vae"] = measure("VAE alone (folded)", n, lambda: vae_alone(folded, batches), device)
+        rows["pipeline_stock"] = measure("pipeline (stock 3-D VAE)", n, pipe(stock), device, config)
+    rows["pipeline"] = measure("pipeline (folded)", n, pipe(folded), device, config)
+    if device.type == "cuda" or stock_pipeline or channels_last:
+        rows["vae_stock"] = measure(
+            "VAE alone (stock 3-D)", n, lambda: vae_alone(stock, batches), device, config
+        )
+    rows["vae"] = measure("VAE alone (folded)", n, lambda: vae_alone(folded, batches), device, config)
+    if channels_last:
+        # The same folded weights in NHWC (cuDNN's native layout for bf16 tensor-core convolutions).
+        cl = build_encoder(vae, "anima")
+        assert cl.module is not None
+        cl.module.to(memory_format=torch.channels_last)
+        cl_batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
+        vae_alone(cl, list({tuple(x.shape): x for x in cl_batches}.values()))
+        checks["channels_last_vs_folded_max_abs"] = max_abs(cl, folded, batches[0])
+        rows["vae_channels_last"] = measure(
+            "VAE alone (folded, channels_last)", n, lambda: vae_alone(cl, cl_batches), device, config
+        )
+        del cl, cl_batches
     if compile_:
         compiled = build_encoder(vae, "anima", compile=True)
         reset_peak(device)
         t = time.perf_counter()
-        vae_alone(compiled, batches[:2])  # the first forwards of each shape compile
+        vae_alone(compiled, shapes)  # the first forward of each shape compiles
         compile_s = time.perf_counter() - t
+        emit({"kind": "compile", "config": config, "device": str(device), "compile_s": compile_s,
+              "shapes": [list(x.shape) for x in shapes]})  # fmt: skip
+        print(f"  compile (first forward of {len(shapes)} shape(s)): {compile_s:.1f} s", file=sys.stderr)
         rows["vae_compiled"] = measure(
-            "VAE alone (folded + compile)", n, lambda: vae_alone(compiled, batches), device
+            "VAE alone (folded + compile)", n, lambda: vae_alone(compiled, batches), device, config
         )
         rows["vae_compiled"]["compile_s"] = compile_s
-        rows["pipeline_compiled"] = measure("pipeline (folded + compile)", n, pipe(compiled), device)
+        checks["compiled_vs_folded_max_abs"] = max_abs(compiled, folded, batches[0])
+        # Another bucket shape (W != H, another batch size): one dynamic graph should serve it without a
+        # recompile as long as the first compile (seconds here vs compile_s tell which happened).
+        b0, _, h0, w0 = batches[0].shape
+        other = torch.rand((max(2, b0 // 2), 3, h0 * 3 // 4 // 16 * 16, w0), device=device).mul_(2).sub_(1)
+        t = time.perf_counter()
+        checks["compiled_vs_folded_other_shape_max_abs"] = max_abs(compiled, folded, other.to(dtype))
+        checks["compiled_other_shape_first_call_s"] = time.perf_counter() - t
+        rows["pipeline_compiled"] = measure("pipeline (folded + compile)", n, pipe(compiled), device, config)
     clear_caches(folder)
+    emit({"kind": "check", "config": config, "device": str(device), **checks})
+    print(f"  checks: {checks}", file=sys.stderr)
 
     ratios: dict[str, float] = {}
     base = rows.get("serial")
@@ -373,6 +433,7 @@ def run_config(
     return {
         "config": config, "images": n, "batch_size": batch_size, "rows": rows, "ratios": ratios,
         "vae": CONFIGS[config], "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "checks": checks,
     }  # fmt: skip
 
 
@@ -393,11 +454,21 @@ def print_table(results: list[dict[str, Any]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=None, help="images (default 200 on CPU, 384 with --gpu)")
-    ap.add_argument(
-        "--batch-size", type=int, default=None, help="VAE batch (default 4 on CPU, 16 with --gpu)"
-    )
+    ap.add_argument("--batch-size", type=int, default=None, help="VAE batch (default 4 on CPU, 8 with --gpu)")
     ap.add_argument("--gpu", action="store_true", help="the full-size VAE at 1024x1024 in bf16 on CUDA")
     ap.add_argument("--no-compile", action="store_true", help="with --gpu: skip the torch.compile rows")
+    ap.add_argument(
+        "--device",
+        default=None,
+        help="with --gpu: the device (default cuda; cpu runs the GPU bench as a dry run)",
+    )
+    ap.add_argument(
+        "--config", choices=sorted(CONFIGS), default="full", help="with --gpu: the VAE size (default full)"
+    )
+    ap.add_argument(
+        "--resolution", type=int, default=1024, help="with --gpu: square image size (default 1024)"
+    )
+    ap.add_argument("--jsonl", help="with --gpu: also append every row as a JSON line to this file")
     ap.add_argument(
         "--threads",
         type=int,
@@ -413,24 +484,42 @@ def main() -> None:
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="lc-bench-encode-"))
     root.mkdir(parents=True, exist_ok=True)
     results = []
+    meta = {"torch": torch.__version__, "cpu_count": os.cpu_count()}
     try:
         if args.gpu:
-            if not torch.cuda.is_available():
-                sys.exit("--gpu needs CUDA")
-            device = torch.device("cuda")
-            torch.backends.cudnn.benchmark = True
+            device = torch.device(args.device or "cuda")
+            if device.type == "cuda" and not torch.cuda.is_available():
+                sys.exit("--gpu needs CUDA (or --device cpu for a dry run)")
+            _JSONL.append(args.jsonl)
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = True
+                meta.update(
+                    gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(),
+                )  # fmt: skip
+            compile_ = not args.no_compile
+            if compile_ and device.type == "cuda":
+                try:
+                    import triton  # noqa: F401
+                except ImportError:
+                    print("triton is not installed: the torch.compile rows are skipped", file=sys.stderr)
+                    compile_ = False
             n = args.images or 384
             bs = args.batch_size or 8
+            res = args.resolution
+            emit({"kind": "meta", "images": n, "batch_size": bs, "resolution": res, "config": args.config,
+                  "dtype": "bfloat16", **meta})  # fmt: skip
             folder = root / "gpu"
             folder.mkdir(exist_ok=True)
             t = time.perf_counter()
-            paths = make_images(folder, n, 1024, 1024, square=True)
-            print(f"made {n} 1024x1024 JPEGs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+            paths = make_images(folder, n, res, res, square=True)
+            print(f"made {n} {res}x{res} JPEGs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
             results.append(
-                run_config("full", folder, paths, [(1024, 1024)], device=device, dtype=torch.bfloat16,
-                           batch_size=bs, serial=True, stock_pipeline=False, compile_=not args.no_compile,
-                           write_workers=8)
+                run_config(args.config, folder, paths, [(res, res)], device=device, dtype=torch.bfloat16,
+                           batch_size=bs, serial=True, stock_pipeline=False, compile_=compile_,
+                           channels_last=True, write_workers=8)
             )  # fmt: skip
+            emit({"kind": "ratios", "config": args.config, **results[-1]["ratios"]})
         else:
             device = torch.device("cpu")
             if args.threads > 0:
@@ -455,10 +544,9 @@ def main() -> None:
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
-    meta = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}  # fmt: skip
-    if torch.cuda.is_available() and args.gpu:
-        meta["gpu"] = torch.cuda.get_device_name()
+    meta.update(
+        threads=torch.get_num_threads(), load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None
+    )
     if args.json:
         print(json.dumps({"meta": meta, "results": results}, indent=1))
     else:

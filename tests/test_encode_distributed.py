@@ -52,9 +52,18 @@ DRIVER = textwrap.dedent(
         import numpy as np
         from latentcache.encode.pipeline import encode_items
 
+        import datetime, time
+
         torch.set_num_threads(1)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        if mode == "late":
+            # A group timeout shorter than rank 1's lateness: a collective at the end would time out.
+            short = datetime.timedelta(seconds=10)
+            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=short)
+            if rank == 1:
+                time.sleep(16)
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world)
         log = open(os.path.join(out, f"rank{rank}.log"), "w")
 
         def sink(e):
@@ -103,7 +112,7 @@ def make_items(folder: Path, n: int) -> list[list]:
     return rows
 
 
-@pytest.mark.parametrize("mode", ["sink", "write"])
+@pytest.mark.parametrize("mode", ["sink", "write", "late"])
 def test_two_ranks_encode_every_image_once_and_match_one_process(tmp_path: Path, mode: str) -> None:
     from diffusers import AutoencoderKLQwenImage
     from latentcache.encode import distributed
@@ -156,3 +165,39 @@ def test_two_ranks_encode_every_image_once_and_match_one_process(tmp_path: Path,
             assert keys == [k for k in zb.files if k != "latentcache_meta"]
             for k in keys:
                 np.testing.assert_allclose(za[k], zb[k], rtol=0, atol=1e-5, err_msg=f"{a.cache_path} {k}")
+
+
+def test_exchange_waits_for_the_slowest_rank_and_rank_0_reads_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``exchange`` through a store, three ranks as threads: every rank gets every payload in rank order;
+    rank 0 returns only after the others have read (the store may die with rank 0's process)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from latentcache.encode import distributed
+
+    store = torch.distributed.HashStore()
+    monkeypatch.setattr(distributed, "_dist", lambda: SimpleNamespace(is_initialized=lambda: True))
+    monkeypatch.setattr(distributed, "_store", lambda dist: store)
+    got: dict[int, list[str]] = {}
+    keys_when_rank_0_left: list[int] = []
+
+    def rank(r: int) -> None:
+        if r == 2:
+            time.sleep(0.5)  # the slowest rank
+        got[r] = distributed.exchange(f"payload{r}", r, 3)
+        if r == 0:
+            keys_when_rank_0_left.append(store.num_keys())
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == {r: ["payload0", "payload1", "payload2"] for r in range(3)}
+    # 3 call counters + 3 posted + 2 "read": rank 0 left only after the others had read.
+    assert keys_when_rank_0_left == [8]
+
+    monkeypatch.setenv("LATENTCACHE_DIST_WAIT_S", "0.3")
+    with pytest.raises(RuntimeError, match="ranks 1, 2 did not finish"):
+        distributed.exchange("alone", 0, 3)

@@ -428,6 +428,16 @@ def test_out_of_memory_halves_the_batch_and_encodes_everything(
     assert any("out of memory" in r.getMessage() for r in caplog.records)
 
 
+def test_library_allocation_failures_count_as_out_of_memory() -> None:
+    assert pipeline.is_oom_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert pipeline.is_oom_error(
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`")
+    )
+    assert pipeline.is_oom_error(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not pipeline.is_oom_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not pipeline.is_oom_error(ValueError("out of memory"))
+
+
 def test_out_of_memory_with_a_single_image_is_fatal(tmp_path: Path, encoder: Any) -> None:
     items = dataset(tmp_path, 2, buckets=((64, 64),))
     with pytest.raises(RuntimeError, match="single 64x64 image"):
@@ -628,9 +638,123 @@ def test_interrupted_run_leaves_whole_caches_and_a_rerun_encodes_only_the_rest(
     assert set(all_valid(items)) == {"ok"}
 
 
-# -- GPU -------------------------------------------------------------------------------------------------
+# -- the CUDA path's pieces, on the CPU -------------------------------------------------------------------
+
+
+def test_unit_range_lut_is_torchvision_arithmetic_in_every_dtype() -> None:
+    v = torch.arange(256, dtype=torch.float32)
+    want = v.div(255.0).sub(0.5).div(0.5)  # ToTensor + Normalize([0.5], [0.5]), as sd-scripts runs them
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        lut = pipeline.unit_range_lut(dtype)
+        assert lut.dtype == dtype and torch.equal(lut, want.to(dtype)), dtype
+    # Why a table: the reciprocal multiplication CUDA uses for a division by a scalar is off by an ulp.
+    recip = v * (torch.tensor(1.0) / 255.0)
+    assert not torch.equal(recip, v / 255.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_to_unit_range_equals_the_cpu_normalisation_bit_for_bit(dtype: str) -> None:
+    dt = getattr(torch, dtype)
+    u8 = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 16, 24, 3), dtype=np.uint8))
+    got = pipeline.to_unit_range(u8, pipeline.unit_range_lut(dt))
+    want = u8.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255).sub_(0.5).div_(0.5).to(dt)
+    assert got.shape == (3, 3, 16, 24) and got.is_contiguous() and got.dtype == dt
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="uint8"):
+        pipeline.to_unit_range(u8.float(), pipeline.unit_range_lut(dt))
+
+
+class _LandingEvent:
+    """Stands in for the CUDA event of a copy back: the pinned buffer holds its values only once
+    ``synchronize()`` returned (until then it holds NaN, as an unfinished copy would hold garbage)."""
+
+    def __init__(self, buffers: list[Any], values: list[Any]) -> None:
+        self.buffers, self.values, self.synced = buffers, values, False
+
+    def synchronize(self) -> None:
+        for b, v in zip(self.buffers, self.values, strict=True):
+            b.copy_(v)
+        self.synced = True
+
+
+def test_the_writer_reads_the_copied_back_latents_only_after_the_event() -> None:
+    want = torch.randn(2, 16, 4, 4).to(torch.bfloat16)
+    want_f = torch.randn(2, 16, 4, 4).to(torch.bfloat16)
+    lat = torch.full_like(want, float("nan"))
+    lat_f = torch.full_like(want_f, float("nan"))
+    event = _LandingEvent([lat, lat_f], [want, want_f])
+    written: list[tuple[Any, np.ndarray, np.ndarray | None]] = []
+    released: list[int] = []
+    holder = SimpleNamespace(
+        _write_one=lambda d, a, b: written.append((d, a.copy(), None if b is None else b.copy())),
+        _release_write=released.append,
+        _fail=lambda *a: pytest.fail(f"unexpected failure {a}"),
+    )
+    decoded = [SimpleNamespace(item=None), SimpleNamespace(item=None)]
+    pipeline._Pipeline._write_batch(holder, pipeline._Batch(decoded, lat, lat_f, event))  # type: ignore[arg-type]
+    assert event.synced and len(written) == 2 and sum(released) == 2
+    for i, (_, a, b) in enumerate(written):
+        assert a.dtype == np.float32 and np.array_equal(a, want[i].float().numpy())  # bf16 -> fp32 exact
+        assert b is not None and np.array_equal(b, want_f[i].float().numpy())
+
+
+def test_out_of_memory_frees_the_failed_attempt_before_retrying(tmp_path: Path, encoder: Any) -> None:
+    import weakref
+
+    items = dataset(tmp_path, 4, buckets=((64, 64),))
+    failed: list[Any] = []
+    alive_at_retry: list[bool] = []
+
+    class Remembers(OomAbove):
+        def __call__(self, x: Any) -> Any:
+            if x.shape[0] > self.limit:
+                failed.append(weakref.ref(x))
+            elif failed:
+                alive_at_retry.append(any(r() is not None for r in failed))
+            return super().__call__(x)
+
+    s = encode_items(items, Remembers(encoder, 2), batch_size=4, progress=False, durable=False)
+    assert (s.encoded, s.oom_retries) == (4, 1) and alive_at_retry and not any(alive_at_retry)
+
+
+# -- GPU (skipped without CUDA) ----------------------------------------------------------------------------
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class SlowDevice(PerImage):
+    """Queues a long device-side sleep before each forward: the host runs far ahead of the GPU, so a
+    missing event wait, a copy read too early or a pinned buffer reused while its copy is in flight gives
+    wrong latents instead of passing by luck."""
+
+    def __call__(self, x: Any) -> Any:
+        torch.cuda._sleep(50_000_000)  # about 25-50 ms of GPU time, none of host time
+        return super().__call__(x)
+
+
+def synchronous(items: list[EncodeItem], enc: Any) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """The same encoder, one image at a time and fully synchronous: pixels normalised on the CPU with
+    torchvision's arithmetic, a pageable blocking upload, a blocking ``.cpu()``."""
+    out = {}
+    for it in items:
+        pre = preprocess.preprocess_image(it.image_path, it.bucket)
+        x = torch.from_numpy(pre.pixels).permute(2, 0, 1).unsqueeze(0).contiguous()
+        x = x.to(torch.float32).div(255).sub_(0.5).div_(0.5).to(enc.device, enc.dtype)
+        lat = enc(x).float().cpu().numpy()[0]
+        lat_f = enc(x.flip(3)).float().cpu().numpy()[0] if it.flip else None
+        out[it.cache_path] = (lat, lat_f)
+    return out
+
+
+def assert_equals_synchronous(items: list[EncodeItem], enc: Any, atol: float) -> None:
+    want = synchronous(items, enc)
+    for it in items:
+        got_arrays = arrays(it.cache_path)
+        h, w = it.bucket[1] // 8, it.bucket[0] // 8
+        lat, lat_f = want[it.cache_path]
+        np.testing.assert_allclose(got_arrays[f"latents_{h}x{w}"], lat, rtol=0, atol=atol)
+        if it.flip:
+            np.testing.assert_allclose(got_arrays[f"latents_flipped_{h}x{w}"], lat_f, rtol=0, atol=atol)
 
 
 @pytest.mark.gpu
@@ -639,44 +763,102 @@ def test_gpu_upload_is_pinned_and_non_blocking(tmp_path: Path, monkeypatch: pyte
     from latentcache.encode.encoders import build_encoder
 
     enc = build_encoder(make_vae().to("cuda"), "anima")
-    pinned: list[bool] = []
-    blocking: list[bool] = []
-    real_to = torch.Tensor.to
+    uploads: list[tuple[bool, bool]] = []
+    copies_back: list[tuple[bool, bool]] = []
+    real_to, real_copy = torch.Tensor.to, torch.Tensor.copy_
 
     def spy_to(self: Any, *args: Any, **kwargs: Any) -> Any:
         if self.device.type == "cpu" and self.dtype == torch.uint8:
-            pinned.append(self.is_pinned())
-            blocking.append(not kwargs.get("non_blocking", False))
+            uploads.append((self.is_pinned(), bool(kwargs.get("non_blocking", False))))
         return real_to(self, *args, **kwargs)
 
+    def spy_copy(self: Any, src: Any, non_blocking: bool = False) -> Any:
+        if self.device.type == "cpu" and src.device.type == "cuda":
+            copies_back.append((self.is_pinned(), bool(non_blocking)))
+        return real_copy(self, src, non_blocking)
+
     monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    monkeypatch.setattr(torch.Tensor, "copy_", spy_copy)
     items = dataset(tmp_path, 6, flip=True)
     s = encode_items(items, enc, batch_size=3, progress=False)
     monkeypatch.undo()
-    assert s.encoded == 6 and pinned and all(pinned) and not any(blocking)
-    assert s.vae_s > 0
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    cpu_enc = build_encoder(make_vae(), "anima")
-    want = reference(items, cpu_enc, ref)
-    for it in items:
-        got, exp = arrays(it.cache_path), arrays(want[it.cache_path])
-        for k in exp:
-            np.testing.assert_allclose(got[k], exp[k], atol=1e-2, err_msg=f"{it.cache_path} {k}")
+    assert s.encoded == 6 and s.vae_s > 0
+    assert uploads and all(p and nb for p, nb in uploads), uploads
+    assert copies_back and all(p and nb for p, nb in copies_back), copies_back
+    assert_equals_synchronous(items, enc, atol=1e-5)
 
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_copy_back_is_pinned_and_bf16_works(tmp_path: Path) -> None:
+def test_gpu_pixels_on_the_device_are_bit_identical_to_the_cpu_normalisation() -> None:
+    u8 = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        want = pipeline.to_unit_range(u8, pipeline.unit_range_lut(dtype))
+        host = u8.pin_memory()
+        lut = pipeline.unit_range_lut(dtype, "cuda")
+        got = pipeline.to_unit_range(host.to("cuda", non_blocking=True), lut)
+        assert got.is_cuda and torch.equal(got.cpu(), want), dtype
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_copy_back_lands_in_pinned_memory_after_its_event() -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        src = torch.randn(4, 16, 64, 64, device="cuda").to(dtype)
+        torch.cuda._sleep(50_000_000)  # the copy queues behind it: unfinished unless the event is waited on
+        got = pipeline.to_pinned(src)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream())
+        event.synchronize()
+        assert got.is_pinned() and got.dtype == dtype and torch.equal(got, src.cpu())
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("flip", [False, True])
+def test_gpu_results_equal_the_synchronous_path_with_the_host_far_ahead(tmp_path: Path, flip: bool) -> None:
+    from latentcache.encode.encoders import build_encoder
+
+    enc = build_encoder(make_vae().to("cuda"), "anima")
+    items = dataset(tmp_path, 20, flip=flip, buckets=((64, 64), (96, 64)))
+    s = encode_items(items, SlowDevice(enc), batch_size=2, write_workers=3, progress=False, durable=False)
+    assert (s.encoded, s.failed) == (20, 0)
+    assert_equals_synchronous(items, enc, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_bf16_run_and_memory_caching(tmp_path: Path) -> None:
     from latentcache.encode.encoders import build_encoder
 
     enc = build_encoder(make_vae().to("cuda", torch.bfloat16), "anima")
     got: list[EncodedImage] = []
-    s = encode_items(dataset(tmp_path, 5, flip=True), enc, batch_size=2, sink=got.append, progress=False)
+    lock = threading.Lock()
+
+    def sink(e: EncodedImage) -> None:
+        with lock:
+            got.append(e)
+
+    items = dataset(tmp_path, 5, flip=True)
+    s = encode_items(items, SlowDevice(enc), batch_size=2, sink=sink, progress=False)
     assert s.encoded == 5 and all(e.latents.dtype == np.float32 for e in got)
-    assert all(np.isfinite(e.latents).all() for e in got)
-    p = pipeline._Pipeline.__dict__["_to_pinned"]
-    holder = SimpleNamespace(torch=torch)
-    t = p(holder, torch.ones(2, 3, device="cuda", dtype=torch.bfloat16))
-    torch.cuda.synchronize()
-    assert t.is_pinned() and t.dtype == torch.float32 and t.sum().item() == 6
+    want = synchronous(items, enc)
+    for e in got:
+        lat, lat_f = want[e.item.cache_path]
+        np.testing.assert_allclose(e.latents, lat, rtol=0, atol=3e-2)
+        assert e.latents_flipped is not None and lat_f is not None
+        np.testing.assert_allclose(e.latents_flipped, lat_f, rtol=0, atol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_encoder_on_a_device_other_than_the_current_one(tmp_path: Path) -> None:
+    from latentcache.encode.encoders import build_encoder
+
+    torch.cuda.set_device(0)
+    enc = build_encoder(make_vae().to("cuda:1"), "anima")
+    items = dataset(tmp_path, 8, flip=True)
+    s = encode_items(items, SlowDevice(enc), batch_size=2, progress=False, durable=False)
+    assert s.encoded == 8 and torch.cuda.current_device() == 0
+    with torch.cuda.device(1):
+        assert_equals_synchronous(items, enc, atol=1e-5)

@@ -407,6 +407,28 @@ def test_fingerprint_does_not_depend_on_the_device() -> None:
     assert vae_fingerprint(vae) == vae_fingerprint(qwen_vae().cuda())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fold_on_cuda_matches_stock_in_fp32_and_bf16() -> None:
+    """On the GPU's convolution algorithms: fp32 (TF32 off) within 1e-4 of stock, bf16 within BF16_TOL
+    of stock bf16 and no further from stock fp32 than stock bf16 is (x1.5), as on the CPU."""
+    x = pixels(2, 64, 96)
+    prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        vae = qwen_vae().cuda()
+        ref = stock(vae, x.cuda())
+        got = build_encoder(vae, "anima")(x.cuda())
+        assert got.is_cuda and (got - ref).abs().max().item() < 1e-4
+        vae16 = qwen_vae(dtype=torch.bfloat16).cuda()
+        ref16 = stock(vae16, x.cuda().to(torch.bfloat16)).float()
+        got16 = build_encoder(vae16, "anima")(x.cuda().to(torch.bfloat16)).float()
+        assert (got16 - ref16).abs().max().item() < BF16_TOL
+        assert (got16 - ref).abs().max().item() <= 1.5 * (ref16 - ref).abs().max().item() + 1e-3
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
+
+
 # -- load_vae --------------------------------------------------------------------------------------
 
 # ComfyUI / Wan 2.1 names of a TINY-shaped VAE with num_res_blocks=1, written out by hand from the Wan

@@ -9,14 +9,16 @@ Stages, joined by bounded hand-offs so that memory stays flat whatever the datas
    is taken from the bucket with most waiting images, a partial one once its bucket has nothing left
    to decode (or when the window is full), so the VAE always gets the largest batches there are.
 3. **Upload**: the uint8 batch is stacked into a pinned host buffer (CUDA) and copied with
-   ``non_blocking=True`` (a quarter of the bytes of sd-scripts' float32 upload), then scaled to
-   [-1, 1] on the device exactly as torchvision's ``ToTensor`` + ``Normalize(0.5, 0.5)`` do, and cast
-   to the encoder's dtype.
+   ``non_blocking=True`` (a quarter of the bytes of sd-scripts' float32 upload), then mapped to
+   [-1, 1] in the encoder's dtype on the device through a 256-entry table computed on the CPU as
+   torchvision's ``ToTensor`` + ``Normalize(0.5, 0.5)`` compute it (bit-identical on every device).
 4. **Encode** under ``torch.inference_mode()``; with flip augmentation the flipped pixels go through
    the same forward (two forwards after an out-of-memory error). CUDA out of memory halves the batch
    and retries it; only a single image that does not fit is fatal.
-5. **Copy back** into a pinned buffer with a CUDA event (plain tensors on the CPU), so the next batch
-   is launched while this one is still on the device.
+5. **Copy back** in the encoder's dtype into a pinned buffer, then a CUDA event (plain tensors on the
+   CPU), so the next batch is launched while this one is still on the device; the writer waits on the
+   event before it reads the buffer. All of it runs on the encoder device's current stream, under
+   ``torch.cuda.device(encoder.device)``.
 6. **Write** (``write_workers`` threads, at most ``2 * max(batch_size, 2 * write_workers)`` images
    queued): ``latentcache.write_latents`` (crash-safe, merges resolutions, releases the interpreter
    lock), or the caller's ``sink``.
@@ -216,7 +218,13 @@ def is_oom_error(e: BaseException) -> bool:
     )
     if oom_types and isinstance(e, oom_types):
         return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    # cuBLAS/cuDNN report an allocation that failed inside the library as a plain RuntimeError.
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "out of memory" in text.lower()
+        or "CUBLAS_STATUS_ALLOC_FAILED" in text
+        or "CUDNN_STATUS_ALLOC_FAILED" in text
+    )
 
 
 def dtype_name(dtype: Any) -> str:
@@ -262,6 +270,46 @@ def as_encoder(obj: Any, model: models.ModelLike = "anima") -> Any:
         return obj
     schema = models.get(model)
     return _VaeEncoder(obj, schema.channels, schema.stride)
+
+
+def unit_range_lut(dtype: Any, device: Any = "cpu") -> Any:
+    """The 256 values uint8 pixels scale to, in ``dtype`` on ``device``: ``v / 255``, ``- 0.5``, ``/ 0.5``.
+
+    Computed on the CPU in float32 with exactly torchvision's ``ToTensor`` + ``Normalize([0.5], [0.5])``
+    operations (what sd-scripts applies), then cast to ``dtype`` as sd-scripts' ``.to(device, dtype)``
+    does. Looking the pixels up keeps them bit-identical on every device: CUDA computes a division by a
+    Python scalar as a multiplication by its reciprocal, which is one float32 ulp off ``v / 255`` for
+    126 of the 256 values.
+    """
+    import torch
+
+    lut = torch.arange(256, dtype=torch.float32).div(255.0).sub(0.5).div(0.5)
+    return lut.to(dtype).to(device)
+
+
+def to_unit_range(x: Any, lut: Any) -> Any:
+    """uint8 ``(B, H, W, 3)`` pixels -> ``(B, 3, H, W)`` contiguous, in [-1, 1], in ``lut``'s dtype (on
+    ``x``'s device, which must be ``lut``'s), each value looked up in ``unit_range_lut``."""
+    import torch
+
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[3] != 3:
+        raise ValueError(f"expected uint8 (B, H, W, 3) pixels, got {x.dtype} {tuple(x.shape)}")
+    b, h, w, _ = x.shape
+    # int32 indices: a uint8 index tensor would be taken as a boolean mask.
+    vals = lut.index_select(0, x.reshape(-1).to(torch.int32))
+    return vals.view(b, h, w, 3).permute(0, 3, 1, 2).contiguous()
+
+
+def to_pinned(t: Any) -> Any:
+    """A device tensor's copy in freshly allocated pinned host memory, in its own dtype, queued on the
+    device's current stream with ``non_blocking=True``: not readable until an event recorded after it has
+    completed. The block comes from torch's caching host allocator, which does not hand it out again
+    until this copy is done."""
+    import torch
+
+    dst = torch.empty(tuple(t.shape), dtype=t.dtype, pin_memory=True)
+    dst.copy_(t, non_blocking=True)
+    return dst
 
 
 @dataclass
@@ -314,6 +362,16 @@ class _SingleThreadedOpenCV:
             cv2.setNumThreads(self.previous)
 
 
+def _on_device(device: Any) -> Any:
+    """``torch.cuda.device(device)`` for a CUDA device (the run's kernels, streams and events then belong
+    to the encoder's GPU even when the process's current device is another one), else a no-op."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class _Pipeline:
     """One run of ``encode_items`` (the state the stages share)."""
 
@@ -356,6 +414,9 @@ class _Pipeline:
         self.device = torch.device(encoder.device)
         self.dtype = encoder.dtype
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.lut = unit_range_lut(self.dtype, self.device)
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.write_slots = threading.Semaphore(self.write_bound)
@@ -541,26 +602,31 @@ class _Pipeline:
         first = decoded[0].pre
         assert first is not None
         h, w = first.pixels.shape[:2]
+        # A fresh block from torch's caching host allocator: it hands out a pinned block again only once
+        # the copies recorded on it are done, so filling it cannot race an earlier batch's upload.
         host = torch.empty((len(decoded), h, w, 3), dtype=torch.uint8, pin_memory=self.cuda)
         view = host.numpy()
         for i, d in enumerate(decoded):
             assert d.pre is not None
             view[i] = d.pre.pixels
+        # Asynchronous from pinned memory; ordered before the forward by the device's current stream.
         x = host.to(self.device, non_blocking=True) if self.cuda else host
-        # The exact float32 arithmetic of torchvision's ToTensor + Normalize([0.5], [0.5]), which
-        # sd-scripts applies on the CPU, here on the device.
-        x = x.permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255.0).sub_(0.5).div_(0.5)
-        return x if self.dtype == torch.float32 else x.to(self.dtype)
+        return to_unit_range(x, self.lut)
+
+    def _stream(self) -> Any:
+        """The stream the upload, the forward and the copy back run on (the encoder device's current one)."""
+        return self.torch.cuda.current_stream(self.device)
 
     def _forward(self, x: Any) -> Any:
         torch = self.torch
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
-            start.record()
+            # Recorded on the encoder device's stream (not the current device's): they bracket the forward.
+            start.record(self._stream())
             with torch.inference_mode():
                 out = self.encoder(x)
-            end.record()
+            end.record(self._stream())
             with self.lock:
                 self.cuda_timings.append((start, end))
         else:
@@ -600,6 +666,14 @@ class _Pipeline:
             self._encode_chunk(key, batch[lo : lo + n])
             lo += n
 
+    def _attempt(self, chunk: list[_Decoded], flip: bool) -> tuple[Any, Any]:
+        """Upload and encode one chunk: ``(latents, flipped latents or None)`` on the device."""
+        x = self._upload(chunk)
+        if flip and not self.split_flip:
+            out = self._forward(self.torch.cat([x, x.flip(3)]))
+            return out[: len(chunk)], out[len(chunk) :]
+        return self._forward(x), self._forward(x.flip(3)) if flip else None
+
     def _encode_chunk(self, key: _Key, chunk: list[_Decoded]) -> None:
         torch = self.torch
         flip = key[1]
@@ -608,14 +682,7 @@ class _Pipeline:
         expect = (len(chunk), self.schema.channels, bh // stride, bw // stride)
         error: BaseException | None = None
         try:
-            x = self._upload(chunk)
-            if flip and not self.split_flip:
-                out = self._forward(torch.cat([x, x.flip(3)]))
-                lat, lat_f = out[: len(chunk)], out[len(chunk) :]
-            else:
-                lat = self._forward(x)
-                lat_f = self._forward(x.flip(3)) if flip else None
-            del x
+            lat, lat_f = self._attempt(chunk, flip)
         except Exception as e:  # noqa: BLE001 - only out-of-memory is retried; the rest re-raised
             if not is_oom_error(e):
                 raise
@@ -624,6 +691,8 @@ class _Pipeline:
             # Retried outside the except block, so the failed attempt's tensors (held by the
             # traceback) are freed first.
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            # The failed attempt's pixels and activations live only in _attempt's frame, which the
+            # traceback holds: dropping it frees them before the retries upload their own.
             del error
             if self.cuda:
                 torch.cuda.empty_cache()
@@ -661,13 +730,15 @@ class _Pipeline:
         torch = self.torch
         event = None
         if self.cuda:
-            lat = self._to_pinned(lat)
-            lat_f = None if lat_f is None else self._to_pinned(lat_f)
+            lat = to_pinned(lat)
+            lat_f = None if lat_f is None else to_pinned(lat_f)
+            # Recorded after both copies on their stream: once it completes, the pinned buffers hold the
+            # latents (the writer waits on it before reading them; the CPU never reads them earlier).
             event = torch.cuda.Event()
-            event.record()
+            event.record(self._stream())
         else:
-            lat = lat.to(torch.float32).contiguous()
-            lat_f = None if lat_f is None else lat_f.to(torch.float32).contiguous()
+            lat = lat.contiguous()
+            lat_f = None if lat_f is None else lat_f.contiguous()
         for _ in chunk:
             self.write_slots.acquire()  # backpressure: at most write_bound images queued
         with self.lock:
@@ -676,21 +747,16 @@ class _Pipeline:
         self.writers.submit(self._write_batch, _Batch(chunk, lat, lat_f, event))
         self._collect_cuda_timings()
 
-    def _to_pinned(self, t: Any) -> Any:
-        torch = self.torch
-        dst = torch.empty(tuple(t.shape), dtype=torch.float32, pin_memory=True)
-        dst.copy_(t.to(torch.float32), non_blocking=True)
-        return dst
-
     # -- write ------------------------------------------------------------------------------------
 
     def _write_batch(self, batch: _Batch) -> None:
         released = 0
         try:
             if batch.event is not None:
-                batch.event.synchronize()
-            lat = batch.latents.numpy()
-            lat_f = None if batch.flipped is None else batch.flipped.numpy()
+                batch.event.synchronize()  # the device-to-host copies into the pinned buffers are done
+            # float32 on the CPU (exact from bf16/fp16), after the wait: never reads a buffer in flight.
+            lat = batch.latents.float().numpy()
+            lat_f = None if batch.flipped is None else batch.flipped.float().numpy()
             for i, d in enumerate(batch.decoded):
                 try:
                     self._write_one(d, lat[i], None if lat_f is None else lat_f[i])
@@ -918,7 +984,7 @@ def encode_items(
         log_every_s=log_every_s,
     )
     try:
-        with _Signals(pipe.stop), _SingleThreadedOpenCV():
+        with _Signals(pipe.stop), _SingleThreadedOpenCV(), _on_device(pipe.device):
             pipe.run()
     finally:
         summary.wall_s = time.perf_counter() - t0
