@@ -347,6 +347,64 @@ def test_stale_cache_after_the_image_was_edited(sd: Any, tmp_path: Path, new_siz
     assert [e.split("|")[0] for e in second["encoded"]] == [str(d / "a.png")]
 
 
+def test_a_subsets_resize_interpolation_is_used(sd: Any, tmp_path: Path) -> None:
+    """A subset's non-default ``resize_interpolation`` reaches the pipeline (the check encodes with it)."""
+    d = tmp_path / "img"
+    _images(d, SET)
+    cfg = _toml(
+        tmp_path / "c.toml",
+        [{"resolution": 64, "subset": {"image_dir": str(d), "resize_interpolation": "nearest"}}],
+    )
+    first = sd(cfg)
+    _all_correct(first)
+    assert len(first["encoded"]) == 3
+
+
+def test_an_edited_image_of_the_same_name_and_a_stock_cache_are_not_trusted(sd: Any, tmp_path: Path) -> None:
+    """The fast path: a cache proves its image's size only while its source fingerprint matches.
+
+    ``b`` is edited in place to another size; ``c``'s cache is replaced by a stock one (no fingerprint)
+    named with a wrong size, the only cache of its stem: both images are sized from their headers.
+    """
+    d = tmp_path / "img"
+    _images(d, SET)
+    cfg = _toml(tmp_path / "c.toml", [{"resolution": 64, "subset": {"image_dir": str(d)}}])
+    assert len(sd(cfg)["encoded"]) == 3
+    _png(d / "b.png", 96, 64, seed=77)  # was 64x96
+    real = d / "c_0080x0080_anima.npz"
+    with np.load(real) as z:
+        members = {k: z[k] for k in z.files if k != "latentcache_meta"}
+    real.unlink()
+    np.savez(d / "c_0064x0096_anima.npz", **members)  # a stock cache under another size
+    second = sd(cfg)
+    _all_correct(second)
+    assert sorted(e.split("|")[0] for e in second["encoded"]) == [str(d / "b.png"), str(d / "c.png")]
+    third = sd(cfg)
+    _all_correct(third)
+    assert third["encoded"] == []
+
+
+@pytest.mark.parametrize("metadata", [False, True])
+def test_skip_cache_check_second_run_reuses_without_reading_images(
+    sd: Any, tmp_path: Path, metadata: bool
+) -> None:
+    d = tmp_path / "img"
+    imgs = _images(d, SET + [("cat_and_dog", 64, 96)])
+    sub: dict[str, Any] = {"image_dir": str(d)}
+    if metadata:
+        meta = tmp_path / "meta.json"
+        meta.write_text(json.dumps({str(p): {"caption": "a picture"} for p in imgs}))
+        sub["metadata_file"] = str(meta)
+    cfg = _toml(tmp_path / "c.toml", [{"resolution": 64, "subset": sub}])
+    assert len(sd(cfg, skip=True)["encoded"]) == 4
+    imgs += _images(d, [("cat", 96, 64)])  # a prefix sibling joins: its size is never cat_and_dog's
+    if metadata:
+        meta.write_text(json.dumps({str(p): {"caption": "a picture"} for p in imgs}))
+    second = sd(cfg, skip=True)
+    _all_correct(second)
+    assert [e.split("|")[0] for e in second["encoded"]] == [str(d / "cat.png")]
+
+
 def test_two_processes_write_each_file_once(sd: Any, tmp_path: Path) -> None:
     d = tmp_path / "img"
     names = [(f"{i:04d}", 96 if i % 2 else 64, 64 if i % 2 else 96) for i in range(8)]

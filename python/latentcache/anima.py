@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,6 +77,10 @@ def image_size_from_header(path: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
+_EXACT_TAIL = re.compile(r"_([0-9]{1,9})x([0-9]{1,9})" + re.escape(ANIMA_SUFFIX) + r"\Z")
+"""What follows the image's stem in its own cache's name."""
+
+
 def _image_stem(path: str, suffix: str) -> str:
     """The image stem a path stands for: a cache name's stem, or the path without its extension."""
     try:
@@ -127,14 +132,26 @@ class _AnimaCaching:
         (``cat.png`` with ``cat_and_dog_0640x0480_anima.npz``), a doubled-suffix leftover or an
         unparseable name; then the size is read from the image header instead.
         """
+        given = absolute_path if type(absolute_path) is str else os.fspath(absolute_path)
+        npz = npz_path if type(npz_path) is str else os.fspath(npz_path)
+        # The common case (sd-scripts' folder walk found this image's own cache): the cache name is
+        # the image's path without its extension, then `_<W>x<H>_anima.npz`. Plain string work, no
+        # parse and no normal forms; anything else takes the full path below.
+        if not given.endswith(ANIMA_SUFFIX):
+            own = os.path.splitext(given)[0]
+            if npz.startswith(own):
+                m = _EXACT_TAIL.match(npz, len(own))
+                if m is not None:
+                    w, h = int(m[1]), int(m[2])
+                    if w and h:
+                        return w, h
         try:
             stem, size = _core.parse_cache_path(npz_path, ANIMA_SUFFIX)
         except CachePathError:
             stem, size = None, None
-        image_stem = _image_stem(os.fspath(absolute_path), ANIMA_SUFFIX)
+        image_stem = _image_stem(given, ANIMA_SUFFIX)
         if stem is not None and size is not None and _core.path_key(stem) == _core.path_key(image_stem):
             return _int_size(size)
-        given = os.fspath(absolute_path)
         image: str | None = given
         if _is_cache_name(given, ANIMA_SUFFIX) or not os.path.isfile(given):
             image = _image_for_stem(image_stem)
