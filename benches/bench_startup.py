@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from latentcache.bench import drop_caches
+
 HERE = Path(__file__).resolve()
 RESOLUTION = 64
 # (w, h) of the generated images: a mix of aspect ratios, so images land in several buckets.
@@ -199,7 +201,7 @@ def _child_time(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec.get("cold"):
         # After the imports: the dataset's files are cold, the interpreter's already loaded.
-        _drop_caches()
+        drop_caches()
     t0 = time.perf_counter()
     strategy = cls(args.cache_latents_to_disk, args.vae_batch_size, args.skip_cache_check)
     strategy_base.LatentsCachingStrategy.set_strategy(strategy)
@@ -272,16 +274,6 @@ def _build(root: Path, n: int, stock_caches: bool, sd_dir: str) -> dict[str, Pat
             raise RuntimeError(f"{kind}: {out['written']} caches written for {n} images")
     marker.touch()
     return configs
-
-
-def _drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def _measure(

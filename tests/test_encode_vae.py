@@ -388,6 +388,21 @@ def test_fingerprint_identifies_the_weights() -> None:
     assert vae_fingerprint(qwen_vae(seed=0, dtype=torch.bfloat16)) != fa  # dtype is part of "as loaded"
 
 
+def test_a_given_fingerprint_is_not_computed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentcache.encode import encoders
+
+    vae = qwen_vae(seed=0)
+    known = vae_fingerprint(vae)
+
+    def refuse(_: Any) -> str:
+        raise AssertionError("the weights were hashed a second time")
+
+    monkeypatch.setattr(encoders, "vae_fingerprint", refuse)
+    assert build_encoder(vae, fingerprint=known).fingerprint == known
+    with pytest.raises(AssertionError, match="second time"):
+        build_encoder(vae)
+
+
 def test_fingerprint_covers_names_and_shapes() -> None:
     x = torch.arange(6, dtype=torch.float32)
     one, other = torch.nn.Module(), torch.nn.Module()

@@ -680,7 +680,8 @@ class _VaeContext:
         """An ``Encoder`` for the VAE: the folded copy for a Qwen-Image VAE (the VAE itself is left
         exactly as it was), else the VAE as it is (``encode_items`` calls its own encode)."""
         if self._encoder is None:
-            self._encoder = _build_encoder(self.vae) if self.qwen else self.vae
+            # The fingerprint hashed for the cache check is handed over, not computed a second time.
+            self._encoder = _build_encoder(self.vae, self.fingerprint()) if self.qwen else self.vae
         return self._encoder
 
 
@@ -695,11 +696,11 @@ def _vae_context(vae: Any) -> _VaeContext:
     return _VaeContext(vae)
 
 
-def _build_encoder(vae: Any) -> Any:
+def _build_encoder(vae: Any, fingerprint: str | None = None) -> Any:
     from latentcache.encode.encoders import build_encoder
 
     try:
-        return build_encoder(vae, "anima", fold=True)
+        return build_encoder(vae, "anima", fold=True, fingerprint=fingerprint)
     except (TypeError, ValueError, RuntimeError) as e:
         # A Qwen-Image VAE the fold does not know: its own encode still gives the same latents.
         logger.warning("latentcache: cannot fold %s (%s); using its own encode", type(vae).__name__, e)

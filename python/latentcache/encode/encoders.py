@@ -255,7 +255,12 @@ class Encoder:
 
 
 def build_encoder(
-    vae: nn.Module, model: ModelLike = "anima", *, fold: bool = True, compile: bool = False
+    vae: nn.Module,
+    model: ModelLike = "anima",
+    *,
+    fold: bool = True,
+    compile: bool = False,
+    fingerprint: str | None = None,
 ) -> Encoder:
     """An ``Encoder`` for ``model`` (a name or ``latentcache.models.ModelSchema``) around ``vae``.
 
@@ -270,6 +275,8 @@ def build_encoder(
             device). Ignored otherwise.
         compile: wrap the folded encoder in ``torch.compile(dynamic=True)``; the first batch of each new
             shape family pays the compile time. Needs ``fold``.
+        fingerprint: ``vae_fingerprint(vae)`` when the caller already has it (hashing every weight costs
+            about a second for the full VAE); computed here otherwise.
 
     Raises:
         ValueError: an unknown model, a VAE that does not fit the model (e.g. latent channels or stride
@@ -279,7 +286,8 @@ def build_encoder(
     if not isinstance(vae, nn.Module):
         raise TypeError(f"vae must be a torch.nn.Module, got {type(vae).__name__}")
     device, dtype = _device_dtype(vae)
-    fingerprint = vae_fingerprint(vae)
+    if fingerprint is None:
+        fingerprint = vae_fingerprint(vae)
     normalise = _Normalise(schema.norm, schema.channels, device, dtype)
     qwen = is_qwen_image_vae(vae)
     if schema.name == "anima" and not qwen:
