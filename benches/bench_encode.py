@@ -191,7 +191,7 @@ def _save_rmw(path: str, latents: torch.Tensor, original_size: Any, crop: Any, f
 
 def serial_loop(items: list[EncodeItem], vae: Any, batch_size: int) -> int:
     """sd-scripts' caching structure (see the module docstring); returns the images written."""
-    from latentcache.vae import encode_pixels, vae_device_dtype
+    from latentcache.encode.vae import encode_pixels, vae_device_dtype
 
     device, dtype = vae_device_dtype(vae)
     device = torch.device(device)

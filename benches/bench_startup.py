@@ -144,7 +144,8 @@ def _child_make_caches(spec: dict[str, Any]) -> dict[str, Any]:
     group = _build_datasets(args, config_util)
     from latentcache import sd_scripts
     from latentcache.anima import crop_ltrb
-    from latentcache.writer import source_fingerprint, write_latents
+    from latentcache.cache.meta import source_fingerprint
+    from latentcache.cache.write import write_latents
 
     written = 0
     for ds in group.datasets:

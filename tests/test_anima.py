@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from latentcache import anima
 from latentcache.anima import StandaloneAnimaLatentsCachingStrategy as Standalone
+from latentcache.integrations.sd_scripts import strategy as strategy_module
 from npzgen import arrays_for, write_stock
 
 torch = pytest.importorskip("torch")
@@ -277,7 +278,7 @@ def tiny_vae():  # type: ignore[no-untyped-def]
 
 
 def test_normalisation_constants_are_the_qwen_image_ones() -> None:
-    from latentcache.vae import LATENTS_MEAN, LATENTS_STD
+    from latentcache.encode.vae import LATENTS_MEAN, LATENTS_STD
 
     assert len(LATENTS_MEAN) == len(LATENTS_STD) == 16
     assert (LATENTS_MEAN[0], LATENTS_MEAN[7], LATENTS_MEAN[15]) == (-0.7571, 1.5508, -0.2921)
@@ -503,7 +504,7 @@ def fake_sd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no
     yield root
     for name in [m for m in sys.modules if m == "library" or m.startswith("library.")]:
         del sys.modules[name]
-    anima.__dict__.pop("AnimaLatentsCachingStrategy", None)
+    strategy_module.__dict__.pop("AnimaLatentsCachingStrategy", None)
 
 
 class Accel:
@@ -567,7 +568,7 @@ def test_install_replaces_the_class_and_wraps_without_setting_the_strategy(fake_
     assert sd_scripts.installed()
     assert sa.AnimaLatentsCachingStrategy is anima.AnimaLatentsCachingStrategy
     assert issubclass(sa.AnimaLatentsCachingStrategy, original)
-    assert sa.AnimaLatentsCachingStrategy.__module__ == "latentcache.anima"
+    assert sa.AnimaLatentsCachingStrategy.__module__ == "latentcache.integrations.sd_scripts.strategy"
     assert LatentsCachingStrategy.get_strategy() is None
     assert tu.BaseDataset.new_cache_latents.__wrapped__.__name__ == "new_cache_latents"
     assert not hasattr(tu.BaseDataset.new_cache_latents.__wrapped__, "__wrapped__")
@@ -852,7 +853,7 @@ def test_run_puts_the_script_folder_on_sys_path_and_installs(fake_sd: Path) -> N
         )
         assert out.returncode == 3, out.stderr
         assert "ARGV ['--flag', 'x', '--help']" in out.stdout
-        assert "CLASS latentcache.anima AnimaLatentsCachingStrategy" in out.stdout
+        assert "CLASS latentcache.integrations.sd_scripts.strategy AnimaLatentsCachingStrategy" in out.stdout
         assert "MAIN __main__" in out.stdout
     out = subprocess.run(
         [PY, "-m", "latentcache", "run", str(fake_sd / "nope.py")], capture_output=True, text=True

@@ -167,7 +167,7 @@ def _reference(
     RGBA image's colour differs from the RGB one's where it is transparent).
     """
     from latentcache.encode.preprocess import preprocess_image
-    from latentcache.vae import encode_pixels
+    from latentcache.encode.vae import encode_pixels
 
     pre = preprocess_image(str(path), bucket, alpha=alpha)
     x = torch.from_numpy(pre.pixels).permute(2, 0, 1)[None].float() / 127.5 - 1.0
@@ -257,7 +257,7 @@ def test_no_fold_and_no_upscale(
         pick = settings.select(*size)
         pre = preprocess_image(str(images[name]), bucket, resized_size=pick.resized_size)
         x = torch.from_numpy(pre.pixels).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-        from latentcache.vae import encode_pixels
+        from latentcache.encode.vae import encode_pixels
 
         with torch.no_grad():
             want = encode_pixels(vae, x)[0].numpy()

@@ -128,7 +128,7 @@ def reference(items: list[EncodeItem], enc: Any, out: Path) -> dict[str, Path]:
         img = anima.load_image(it.image_path, it.alpha)
         size = (img.shape[1], img.shape[0])
         resized = preprocess.resized_size_for(size, it.bucket)
-        img, original = anima._resize_and_crop(img, resized, it.bucket, False)
+        img, original = anima.resize_and_crop(img, resized, it.bucket, False)
         rgb = np.ascontiguousarray(img[:, :, :3]).astype(np.float32) / 255.0
         x = torch.from_numpy((rgb - 0.5) / 0.5).permute(2, 0, 1).unsqueeze(0).contiguous()
         with torch.inference_mode():
@@ -179,7 +179,7 @@ def test_preprocess_is_bit_equal_to_the_anima_strategy(w: int, h: int, bucket: t
     resized = preprocess.resized_size_for((w, h), bucket)
     assert resized[0] >= bucket[0] and resized[1] >= bucket[1]
     got = preprocess.preprocess_image(img, bucket, alpha=channels == 4)
-    want, original = anima._resize_and_crop(img, resized, bucket, False)
+    want, original = anima.resize_and_crop(img, resized, bucket, False)
     assert got.original_size == original == (w, h)
     assert got.crop_ltrb == anima.crop_ltrb(bucket, (w, h))
     assert got.pixels.flags.c_contiguous and got.pixels.dtype == np.uint8

@@ -1,4 +1,4 @@
-"""latentcache.handle.open_cache: keys, resolutions, get (copy and view) and meta, against np.load."""
+"""latentcache.cache.handle.open_cache: keys, resolutions, get (copy and view) and meta, against np.load."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import latentcache
 import numpy as np
 import pytest
+from latentcache.cache.handle import open_cache
 from latentcache.errors import NpzFormatError
-from latentcache.handle import open_cache
 
 
 def _write(path: Path, h: int, w: int, seed: int = 0) -> np.ndarray:

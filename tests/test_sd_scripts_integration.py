@@ -225,7 +225,7 @@ def sd(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def _all_correct(result: dict[str, Any]) -> None:
     assert "error" not in result, result["error"]
-    assert result["strategy"] == "latentcache.anima"
+    assert result["strategy"] == "latentcache.integrations.sd_scripts.strategy"
     assert result["lengths_ok"]
     for c in result["checks"]:
         assert "error" not in c, c

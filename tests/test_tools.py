@@ -167,7 +167,7 @@ def test_migrate_aligns_stock_files_keeping_arrays(tmp_path: Path) -> None:
                 assert z[k].dtype == v.dtype and z[k].tobytes() == v.tobytes() and z[k].shape == v.shape
         with zipfile.ZipFile(p) as z:
             assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
-        with latentcache.handle.open_cache(p) as h:
+        with latentcache.cache.handle.open_cache(p) as h:
             assert h.is_aligned()
         assert latentcache.validate([p], (64, 64))[0].ok
     assert migrate(tmp_path).actions == []  # idempotent

@@ -2,34 +2,38 @@
 
 from __future__ import annotations
 
-from latentcache._core import (
+from latentcache._core import __version__
+from latentcache.cache import (
     DEFAULT_SUFFIX,
     IMAGE_EXTENSIONS,
+    CachedLatents,
     CacheFile,
+    CacheHandle,
     CacheStatus,
     DoubledCache,
     ImageEntry,
     ScanReport,
     SharedStem,
-    __version__,
     cache_path,
     find_source_image,
+    find_temp_files,
+    load,
+    load_batch,
+    open_cache,
     parse_cache_path,
     path_key,
-    scan_directory,
-)
-from latentcache.errors import CachePathError, CorruptCacheWarning, LatentCacheError, NpzFormatError
-from latentcache.handle import CacheHandle, open_cache
-from latentcache.loader import CachedLatents, load, load_batch
-from latentcache.models import ModelSchema
-from latentcache.validation import stale_reason, status_codes, validate, verify_directory
-from latentcache.writer import (
-    find_temp_files,
     read_meta,
     remove_stale_temp,
+    scan_directory,
     source_fingerprint,
+    stale_reason,
+    status_codes,
+    validate,
+    verify_directory,
     write_latents,
 )
+from latentcache.errors import CachePathError, CorruptCacheWarning, LatentCacheError, NpzFormatError
+from latentcache.models import ModelSchema
 
 # latentcache.open(path), as safetensors' safe_open; left out of __all__ so `import *` keeps the builtin.
 open = open_cache

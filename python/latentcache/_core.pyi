@@ -5,7 +5,7 @@ from typing import Any, final
 
 import numpy as np
 
-from latentcache.loader import CachedLatents
+from latentcache.cache.load import CachedLatents
 from latentcache.models import ModelSchema
 
 __all__ = [

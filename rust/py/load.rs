@@ -159,7 +159,7 @@ fn imports(py: Python<'_>) -> PyResult<&Imports> {
             access_copy: mmap.getattr("ACCESS_COPY")?.unbind(),
             tuple_new: tuple.getattr("__new__")?.unbind(),
             cached_latents: py
-                .import("latentcache.loader")?
+                .import("latentcache.cache.load")?
                 .getattr("CachedLatents")?
                 .unbind(),
         })

@@ -341,7 +341,7 @@ def _check_steps(subset: SubsetSpec, schema: models.ModelSchema) -> None:
 
 
 def _validate_kwargs(schema: models.ModelSchema, vae: str | None) -> dict[str, Any]:
-    from latentcache.validation import validate
+    from latentcache.cache.validate import validate
 
     params = inspect.signature(validate).parameters
     kw: dict[str, Any] = {"check_source": True}
@@ -375,7 +375,7 @@ def plan(
     Raises:
         DatasetConfigError: bucket settings the model cannot use, a missing metadata file.
     """
-    from latentcache.validation import validate
+    from latentcache.cache.validate import validate
 
     schema = models.get(model)
     subsets = list(subsets)

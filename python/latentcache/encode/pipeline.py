@@ -243,7 +243,7 @@ class _VaeEncoder:
     fingerprint: str | None = None
 
     def __init__(self, vae: Any, channels: int, stride: int) -> None:
-        from latentcache.vae import vae_device_dtype
+        from latentcache.encode.vae import vae_device_dtype
 
         self.vae = vae
         self.device, self.dtype = vae_device_dtype(vae)
@@ -251,7 +251,7 @@ class _VaeEncoder:
         self.stride = stride
 
     def __call__(self, pixels: Any) -> Any:
-        from latentcache.vae import encode_pixels
+        from latentcache.encode.vae import encode_pixels
 
         return encode_pixels(self.vae, pixels)
 
@@ -485,7 +485,7 @@ class _Pipeline:
         try:
             source = None
             if self.record_source:
-                from latentcache.writer import source_fingerprint
+                from latentcache.cache.meta import source_fingerprint
 
                 # Taken before decoding: an image changed in between then reads as stale next time.
                 source = source_fingerprint(item.image_path)
@@ -798,7 +798,7 @@ class _Pipeline:
                     )
                 )
             else:
-                from latentcache.writer import write_latents
+                from latentcache.cache.write import write_latents
 
                 meta = dict(self.meta)
                 if d.source is not None:
@@ -854,7 +854,7 @@ class _Signals:
 def _skip_valid(
     items: Sequence[EncodeItem], schema: models.ModelSchema, fingerprint: str | None, summary: EncodeSummary
 ) -> list[EncodeItem]:
-    from latentcache.validation import validate
+    from latentcache.cache.validate import validate
 
     if not items:
         return []

@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from latentcache import _core
+from latentcache.cache.handle import open_cache
+from latentcache.cache.meta import META_FORMAT, META_KEY
 from latentcache.errors import LatentCacheError
-from latentcache.handle import open_cache
 from latentcache.models import ModelLike, ModelSchema
 from latentcache.models import get as get_model
 from latentcache.tools.plan import Action, Inside, Plan, identity, unchanged
-from latentcache.writer import META_FORMAT, META_KEY
 
 __all__ = ["cache_files", "migrate", "prune"]
 

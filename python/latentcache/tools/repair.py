@@ -15,11 +15,11 @@ import shutil
 from collections.abc import Callable
 
 from latentcache import _core
+from latentcache.cache.validate import verify_directory
 from latentcache.errors import CachePathError, LatentCacheError
 from latentcache.models import ModelLike
 from latentcache.models import get as get_model
 from latentcache.tools.plan import Action, Identity, Inside, Plan, identity, unchanged
-from latentcache.validation import verify_directory
 
 __all__ = ["repair"]
 
@@ -51,8 +51,8 @@ def _image_size(path: str) -> tuple[int, int] | None:
 
 def _valid_for(cache: str, size: tuple[int, int], schema_name: str) -> bool:
     """Whether every resolution in ``cache`` validates and records ``size`` as its original size."""
-    from latentcache.handle import open_cache
-    from latentcache.validation import validate
+    from latentcache.cache.handle import open_cache
+    from latentcache.cache.validate import validate
 
     try:
         with open_cache(cache, model=schema_name) as f:

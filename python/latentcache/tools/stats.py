@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latentcache import _core
+from latentcache.cache.meta import META_KEY, parse_meta
 from latentcache.errors import LatentCacheError
 from latentcache.models import ModelLike
 from latentcache.models import get as get_model
 from latentcache.tools.migrate import cache_files
 from latentcache.tools.plan import progress
-from latentcache.writer import META_KEY, parse_meta
 
 __all__ = ["Stats", "stats"]
 

@@ -7,16 +7,17 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from latentcache import _core, models
+from latentcache._core import CacheStatus
+from latentcache.cache.meta import parse_meta, read_meta, source_fingerprint
 from latentcache.errors import CachePathError, LatentCacheError
 from latentcache.models import ModelLike, ModelSchema
-from latentcache.writer import parse_meta, read_meta, source_fingerprint
 
-__all__ = ["stale_reason", "status_codes", "validate", "verify_directory"]
+__all__ = ["CacheStatus", "check_path_list", "stale_reason", "status_codes", "validate", "verify_directory"]
 
 _PathLike = str | os.PathLike[str]
 
 
-def _check_many(paths: object, what: str) -> None:
+def check_path_list(paths: object, what: str) -> None:
     """A single path where a sequence of them is expected is a mistake worth naming (a str would
     otherwise read as a sequence of one-letter paths)."""
     if isinstance(paths, str | bytes | os.PathLike):
@@ -131,7 +132,7 @@ def validate(
     Raises:
         ValueError: an unknown model, or a ``suffix`` that is another model's.
     """
-    _check_many(paths, "validate")
+    check_path_list(paths, "validate")
     schema, sfx = models.resolve(model, suffix)
     if check_source or vae is not None:
         how = _Stale(schema, sfx, check_source, vae)

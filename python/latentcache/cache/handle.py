@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from latentcache.cache.meta import META_KEY, parse_meta
 from latentcache.errors import NpzFormatError
 from latentcache.models import ModelLike, ModelSchema
 from latentcache.models import get as get_model
-from latentcache.writer import META_KEY, parse_meta
 
 __all__ = ["CacheHandle", "open_cache"]
 

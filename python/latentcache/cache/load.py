@@ -12,9 +12,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from latentcache import _core, models
+from latentcache.cache.validate import check_path_list
 from latentcache.errors import LatentCacheError, NpzFormatError
 from latentcache.models import ModelLike
-from latentcache.validation import _check_many
 
 __all__ = ["CachedLatents", "load", "load_batch"]
 
@@ -148,7 +148,7 @@ def load_batch(
             names the file and the entry.
         ValueError: ``out`` or ``flipped`` does not fit the batch.
     """
-    _check_many(paths, "load_batch")
+    check_path_list(paths, "load_batch")
     strs = [os.fspath(p) for p in paths]
     schema = models.get(models.DEFAULT_MODEL if model is None else model)
     w, h = bucket_reso
