@@ -91,14 +91,14 @@ def sd_scripts_check(paths: list[str], flips: list[bool], bucket: tuple[int, int
 
 
 def ours(paths: list[str], flips: list[bool], bucket: tuple[int, int], workers: int | None) -> int:
-    return sum(s.ok for s in lc.validate(paths, bucket, flip_aug=flips, workers=workers))
+    return sum(s.ok for s in lc.validate(paths, bucket, flipped=flips, workers=workers))
 
 
 def ours_per_file(paths: list[str], flips: list[bool], bucket: tuple[int, int]) -> int:
     """One ``validate`` call per file, as the sd-scripts strategy's per-image check makes them (with
     the source check, which a stock cache passes without a second look)."""
     return sum(
-        lc.validate([p], bucket, flip_aug=f, check_source=True)[0].ok
+        lc.validate([p], bucket, flipped=f, check_source=True)[0].ok
         for p, f in zip(paths, flips, strict=True)
     )
 

@@ -608,7 +608,7 @@ def test_first_run_encodes_second_run_reuses_and_barriers_per_dataset(fake_sd: P
         vae, acc
     )
     assert vae.encoded == [] and tu.CALLS["loads"] == []
-    assert lc.validate([str(d / "a_0064x0048_anima.npz")], (64, 48), flip_aug=True)[0].ok
+    assert lc.validate([str(d / "a_0064x0048_anima.npz")], (64, 48), flipped=True)[0].ok
 
 
 def test_cache_file_as_image_path_is_mapped_back_by_key(fake_sd: Path, tmp_path: Path) -> None:
@@ -719,8 +719,7 @@ def test_corrupt_and_missing_key_caches_are_reencoded(fake_sd: Path, tmp_path: P
         tu.DatasetGroup([ds]).new_cache_latents(vae, Accel())
     assert sum(vae.encoded) == 4
     assert all(
-        s.ok
-        for s in lc.validate([str(bad), str(tmp_path / "b_0064x0048_anima.npz")], (64, 48), flip_aug=True)
+        s.ok for s in lc.validate([str(bad), str(tmp_path / "b_0064x0048_anima.npz")], (64, 48), flipped=True)
     )
 
 

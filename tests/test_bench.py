@@ -20,7 +20,7 @@ def test_generated_caches_are_valid_and_match_the_sd_scripts_load_path(tmp_path:
     st = lc.validate(
         [i.path for i in items],
         [i.bucket for i in items],
-        flip_aug=[i.flip for i in items],
+        flipped=[i.flip for i in items],
         alpha_mask=[i.alpha for i in items],
     )
     assert [s.code for s in st] == ["ok"] * 20

@@ -147,7 +147,7 @@ def test_two_ranks_encode_every_image_once_and_match_one_process(tmp_path: Path,
 
     items = [EncodeItem(p, c, tuple(b), flip=f) for p, c, b, f in rows]
     statuses = lc.validate([it.cache_path for it in items], [it.bucket for it in items],
-                           flip_aug=[it.flip for it in items])  # fmt: skip
+                           flipped=[it.flip for it in items])  # fmt: skip
     assert {s.code for s in statuses} == {"ok"}
 
     # One process, same weights: the same latents (each rank batched differently, so fp32 tolerance).

@@ -157,7 +157,7 @@ def all_valid(items: list[EncodeItem]) -> list[str]:
     statuses = lc.validate(
         [it.cache_path for it in items],
         [it.bucket for it in items],
-        flip_aug=[it.flip for it in items],
+        flipped=[it.flip for it in items],
         alpha_mask=[it.alpha for it in items],
         check_source=True,
     )

@@ -149,7 +149,7 @@ def test_copy_maps_nothing_and_survives_an_in_place_rewrite(tmp_path: Path) -> N
 def test_stock_files_get_aligned_copies(tmp_path: Path) -> None:
     p = write_stock(tmp_path / "a.npz", arrays_for(BUCKET))
     got = lc.load(p, BUCKET)
-    assert mapping_of(got.latents) is None  # offset 196/197: read once into aligned memory
+    assert mapping_of(got.latents) is None  # stock files are read, never mapped (the mapping policy)
     assert got.latents.ctypes.data % 16 == 0 and got.latents.flags.aligned
 
 
@@ -514,3 +514,116 @@ def test_a_buffer_resized_through_an_array_base_is_never_handed_out(tmp_path: Pa
         np.testing.assert_array_equal(b, ref)
     kept, nbytes, _ = lc._core._read_pool_stats()
     assert kept <= 64 and nbytes <= 64 << 20
+
+
+def test_mapped_arrays_survive_write_latents_replacing_and_deleting_the_file(tmp_path: Path) -> None:
+    """The mapping policy's promise for files latentcache wrote: views stay valid and unchanged."""
+    p = tmp_path / "live_0128x0096_anima.npz"
+    lat = np.random.default_rng(1).standard_normal((16, 12, 16)).astype(np.float32)
+    mask = np.random.default_rng(2).random((96, 128)).astype(np.float32)
+    lc.write_latents(p, latents=lat, original_size=(128, 96), crop_ltrb=(0, 0, 128, 96),
+                     latents_flipped=-lat, alpha_mask=mask)  # fmt: skip
+    got = lc.load(p, lc.Bucket(128, 96), copy=False, map_latents=True)
+    # Mapped, not copied (else this test would observe nothing), and nothing touched yet.
+    for a in (got.latents, got.latents_flipped, got.alpha_mask):
+        assert mapping_of(a) is not None
+    lc.write_latents(p, latents=lat + 1, original_size=(128, 96), crop_ltrb=(0, 0, 128, 96),
+                     latents_flipped=-lat - 1, alpha_mask=1 - mask)  # fmt: skip
+    np.testing.assert_array_equal(got.latents, lat)
+    np.testing.assert_array_equal(got.latents_flipped, -lat)
+    np.testing.assert_array_equal(got.alpha_mask, mask)
+    np.testing.assert_array_equal(lc.load(p, BUCKET).latents, lat + 1)  # a new load sees the new file
+    again = lc.load(p, BUCKET, map_latents=True)
+    assert mapping_of(again.latents) is not None
+    p.unlink()
+    np.testing.assert_array_equal(again.latents, lat + 1)
+    np.testing.assert_array_equal(again.latents_flipped, -lat - 1)
+    np.testing.assert_array_equal(again.alpha_mask, 1 - mask)
+    np.testing.assert_array_equal(got.latents_flipped, -lat)
+
+
+def _stock_file_with_mappable_offsets(tmp_path: Path) -> Path:
+    """A stock ``np.savez`` cache whose flipped latents and alpha mask sit at 4-aligned offsets (so
+    only the policy, not their alignment, keeps them from being mapped): padding members of 0-3
+    bytes before each move them until they do."""
+    p = tmp_path / "stock_0128x0096_anima.npz"
+    arrays = arrays_for(BUCKET, flip=True, alpha=True)
+    flip, alpha = "latents_flipped_12x16", "alpha_mask_12x16"
+    rest = {k: v for k, v in arrays.items() if k not in (flip, alpha)}
+    for pad1 in range(4):
+        for pad2 in range(4):
+            np.savez(p, **rest, pad1=np.zeros(pad1, np.uint8), **{flip: arrays[flip]},
+                     pad2=np.zeros(pad2, np.uint8), **{alpha: arrays[alpha]})  # fmt: skip
+            with lc.open(p) as f:
+                offsets = [f.data_offset(flip), f.data_offset(alpha)]
+            if all(off is not None and off % 4 == 0 for off in offsets):
+                assert lc.read_meta(p) is None  # stock: no latentcache marks
+                return p
+    raise AssertionError("no padding put both arrays at 4-aligned offsets")
+
+
+def test_stock_files_are_read_not_mapped(tmp_path: Path) -> None:
+    p = _stock_file_with_mappable_offsets(tmp_path)
+    for kw in ({}, {"map_latents": True}):
+        got = lc.load(p, BUCKET, **kw)
+        assert_same(got, np_reference(p, BUCKET))
+        for a in (got.latents, got.latents_flipped, got.alpha_mask):
+            assert mapping_of(a) is None
+
+
+STOCK_REWRITE = """
+import sys
+import numpy as np, latentcache as lc
+path, bucket = sys.argv[1], (128, 96)
+got = lc.load(path, bucket, map_latents=True)
+want = [a.copy() for a in (got.latents, got.latents_flipped, got.alpha_mask)]
+with np.load(path) as z:
+    members = {k: z[k] for k in z.files}
+with open(path, "wb") as f:  # what stock sd-scripts does: truncate the same file, then write
+    f.truncate(0)
+    f.flush()
+    np.savez(f, **{k: v[..., :1] if v.ndim > 1 else v for k, v in members.items()})
+for a, w in zip((got.latents, got.latents_flipped, got.alpha_mask), want):
+    assert (a == w).all()
+print("ok", flush=True)
+"""
+
+
+def test_an_in_place_rewrite_of_a_stock_file_cannot_kill_the_reader(tmp_path: Path) -> None:
+    p = _stock_file_with_mappable_offsets(tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-c", STOCK_REWRITE, str(p)], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0 and res.stdout == "ok\n", (res.returncode, res.stderr[-2000:])
+
+
+def test_bucket_is_a_named_pair_accepted_everywhere(tmp_path: Path) -> None:
+    b = lc.Bucket(width=128, height=96)
+    assert b == BUCKET and (b.width, b.height) == BUCKET and isinstance(b, tuple)
+    p = write_aligned(tmp_path / "a.npz", arrays_for(BUCKET, flip=True))
+    assert_same(lc.load(p, b), np_reference(p, BUCKET))
+    assert_same(lc.load(p, bucket=b), np_reference(p, BUCKET))
+    np.testing.assert_array_equal(lc.load_batch([p], bucket=b)[0], np_reference(p, BUCKET)[0])
+    assert lc.validate([p], b, flipped=True)[0].ok
+    assert all(s.ok for s in lc.validate([p, p], buckets=[b, b]))
+
+
+def test_bucket_reso_is_a_deprecated_spelling(tmp_path: Path) -> None:
+    p = write_aligned(tmp_path / "a.npz", arrays_for(BUCKET, flip=True))
+    with pytest.warns(DeprecationWarning, match=r"bucket_reso= is deprecated.*bucket=") as rec:
+        got = lc.load(p, bucket_reso=BUCKET)
+    assert rec[0].filename == __file__  # pointed at the caller
+    assert_same(got, np_reference(p, BUCKET))
+    with pytest.warns(DeprecationWarning, match="bucket_reso="):
+        batch = lc.load_batch([p], bucket_reso=BUCKET, flipped=[True])
+    np.testing.assert_array_equal(batch[0], np_reference(p, BUCKET)[3])
+    with pytest.raises(TypeError, match="both bucket= and"):
+        lc.load(p, BUCKET, bucket_reso=BUCKET)
+    with pytest.raises(TypeError, match="'bucket'"):
+        lc.load(p)
+    with pytest.raises(TypeError, match="'bucket'"):
+        lc.load_batch([p])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lc.load(p, BUCKET)  # the sd-scripts strategy passes the bucket by position: no warning
+        lc.load_batch([p], BUCKET)

@@ -114,7 +114,7 @@ def test_a_stock_cache_validates_loads_and_merges(
         cache_name(tmp_path, m, h, w), sd_scripts_arrays(m, h, w, flip=flip, alpha=alpha, int_crop=flip)
     )
     st = lc.validate(
-        [p], bucket, flip_aug=flip, alpha_mask=alpha, model=name, verify_crc=True, check_finite=True
+        [p], bucket, flipped=flip, alpha_mask=alpha, model=name, verify_crc=True, check_finite=True
     )
     assert [s.code for s in st] == ["ok"], st[0].message
     assert lc.validate([p], bucket, model=m)[0].ok  # a ModelSchema works as well as its name
@@ -168,7 +168,7 @@ def test_a_stock_cache_validates_loads_and_merges(
     np.testing.assert_array_equal(again.latents, new, strict=True)
     assert again.original_size == list(bucket2)
     if m.multi_resolution:
-        assert lc.validate([p], bucket, flip_aug=flip, alpha_mask=alpha, model=name)[0].ok
+        assert lc.validate([p], bucket, flipped=flip, alpha_mask=alpha, model=name)[0].ok
         np.testing.assert_array_equal(lc.load(p, bucket, model=name).latents, ref[m.key("latents", h, w)])
     # verify_directory finds it by the model's suffix and checks every resolution it holds.
     checked = lc.verify_directory(tmp_path, model=name)
@@ -232,7 +232,7 @@ def test_the_legacy_plain_npz_of_sd_is_read(tmp_path: Path, name: str) -> None:
     p = savez(tmp_path / "cat.npz", sd_scripts_arrays(m, 3, 5, flip=True))
     (tmp_path / "cat.png").write_bytes(b"img")
     bucket = bucket_of(m, 3, 5)
-    assert lc.validate([p], bucket, flip_aug=True, model=name)[0].ok
+    assert lc.validate([p], bucket, flipped=True, model=name)[0].ok
     assert lc.load(p, bucket, model=name).latents.shape == (4, 3, 5)
     assert lc.find_source_image(p, model=name) == str(tmp_path / "cat.png")
     # A multi-resolution model has no legacy name.
@@ -245,7 +245,7 @@ def test_paths_and_scan_take_the_model(tmp_path: Path) -> None:
     assert lc.cache_path("d/a.png", (64, 32), model=models.get("hunyuan_image")) == "d/a_0064x0032_hi.npz"
     assert lc.cache_path("d/a.png", (64, 32), suffix="_flux.npz") == "d/a_0064x0032_flux.npz"
     assert lc.parse_cache_path("d/a_0064x0032_sd3.npz", model="sd3") == ("d/a", (64, 32))
-    assert lc.parse_cache_path("d/a_0064x0032_sd3.npz", "_sd3.npz") == ("d/a", (64, 32))
+    assert lc.parse_cache_path("d/a_0064x0032_sd3.npz", suffix="_sd3.npz") == ("d/a", (64, 32))
     with pytest.raises(lc.CachePathError):
         lc.parse_cache_path("d/a_0064x0032_sd3.npz")  # Anima's suffix by default
     (tmp_path / "a.png").write_bytes(b"x")
@@ -263,13 +263,13 @@ def test_paths_and_scan_take_the_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: lc.cache_path("a.png", (1, 2), "_sd.npz", model="anima"),
-        lambda: lc.parse_cache_path("a_0001x0002_sd.npz", "_sd.npz", model="anima"),
-        lambda: lc.find_source_image("a_0001x0002_sd.npz", "_sd.npz", model="anima"),
-        lambda: lc.scan_directory(".", "_sd.npz", model="anima"),
+        lambda: lc.cache_path("a.png", (1, 2), suffix="_sd.npz", model="anima"),
+        lambda: lc.parse_cache_path("a_0001x0002_sd.npz", suffix="_sd.npz", model="anima"),
+        lambda: lc.find_source_image("a_0001x0002_sd.npz", suffix="_sd.npz", model="anima"),
+        lambda: lc.scan_directory(".", suffix="_sd.npz", model="anima"),
         lambda: lc.validate(["a_0001x0002_sd.npz"], (8, 8), suffix="_sd.npz", model="anima"),
         lambda: lc.verify_directory(".", suffix="_sd.npz", model="anima"),
-        lambda: lc.stale_reason("a_0001x0002_sd.npz", "_sd.npz", model="anima"),
+        lambda: lc.stale_reason("a_0001x0002_sd.npz", suffix="_sd.npz", model="anima"),
     ],
 )
 def test_a_suffix_of_another_model_is_a_value_error_naming_both(call: Any) -> None:

@@ -100,3 +100,16 @@ def test_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
     os.mkfifo(p)
     with pytest.raises(NpzFormatError, match="not a regular file"):
         open_cache(p)
+
+
+def test_cache_handle_takes_model_by_keyword(tmp_path: Path) -> None:
+    p = tmp_path / "a_0064x0064_sdxl.npz"
+    latentcache.write_latents(p, latents=np.zeros((4, 8, 8), np.float32), original_size=(64, 64),
+                     crop_ltrb=(0, 0, 64, 64), model="sdxl")  # fmt: skip
+    with latentcache.CacheHandle(p, model="sdxl") as f:
+        assert f.resolutions() == [(8, 8)]
+    with (
+        pytest.warns(DeprecationWarning, match="model= by position"),
+        latentcache.CacheHandle(p, "sdxl") as f,
+    ):
+        assert f.model.name == "sdxl"

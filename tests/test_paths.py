@@ -167,3 +167,28 @@ def test_path_key_agrees_with_normpath(parts: list[str]) -> None:
 def test_cache_path_refuses_a_size_that_is_not_two_positive_integers(size: tuple[int, int]) -> None:
     with pytest.raises(ValueError, match=rf"a\.png: image_size must be two positive integers .*{size[0]}"):
         lc.cache_path("d/a.png", size)
+
+
+def test_suffix_and_model_are_keyword_only_and_positional_suffix_is_deprecated(tmp_path: Path) -> None:
+    import inspect
+
+    for f in (lc.cache_path, lc.parse_cache_path, lc.find_source_image, lc.scan_directory, lc.stale_reason):
+        params = inspect.signature(f).parameters
+        for name in ("suffix", "model"):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (f.__name__, name)
+    assert inspect.signature(lc.open).parameters["model"].kind is inspect.Parameter.KEYWORD_ONLY
+    for f in (lc.load, lc.load_batch, lc.validate, lc.verify_directory, lc.write_latents):
+        params = inspect.signature(f).parameters
+        assert params["model"].kind is inspect.Parameter.KEYWORD_ONLY, f.__name__
+        assert "suffix" not in params or params["suffix"].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.warns(DeprecationWarning, match=r"cache_path\(\): passing suffix= by position") as rec:
+        assert lc.cache_path("a.png", (1, 2), "_flux.npz") == "a_0001x0002_flux.npz"
+    assert rec[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match="suffix="):
+        assert lc.parse_cache_path("a_0001x0002_flux.npz", "_flux.npz") == ("a", (1, 2))
+    with pytest.warns(DeprecationWarning, match="suffix=, recursive="):
+        assert lc.scan_directory(tmp_path, "_anima.npz", True).is_clean
+    with pytest.raises(TypeError, match="multiple values"):
+        lc.cache_path("a.png", (1, 2), "_flux.npz", suffix="_flux.npz")
+    with pytest.raises(TypeError, match="positional"):
+        lc.cache_path("a.png", (1, 2), "_flux.npz", "extra")

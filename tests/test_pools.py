@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -26,27 +27,47 @@ def _caches(tmp_path: Path, n: int) -> list[str]:
     return out
 
 
-def _pool_threads() -> int:
-    return sum(1 for t in os.listdir("/proc/self/task") if _comm(t).startswith("latentcache-k"))
+REUSE = """
+import os, sys, time
+from pathlib import Path
+import numpy as np, latentcache as lc
 
+def pool_threads():
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{t}/comm").read_text().strip())
+        except OSError:
+            pass
+    return sum(n.startswith("latentcache-k") for n in names)
 
-def _comm(tid: str) -> str:
-    try:
-        return Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-    except OSError:
-        return ""
+paths, bucket = sys.argv[1:], (128, 96)
+want = lc.load_batch(paths, bucket, workers=3)
+# A pool's threads name themselves once they run, which may be after the call that built the pool
+# returned: wait for all three (a timeout fails, it never passes).
+deadline = time.monotonic() + 30
+while pool_threads() < 3:
+    assert time.monotonic() < deadline, f"the pool's threads never all started ({pool_threads()} of 3)"
+    time.sleep(0.001)
+assert pool_threads() == 3, pool_threads()
+before = set(os.listdir("/proc/self/task"))
+for _ in range(5):
+    np.testing.assert_array_equal(lc.load_batch(paths, bucket, workers=3), want)
+# Every thread of the process, named yet or not: a call that started threads of its own would leave
+# them here (or still be stopping them), and a pool rebuilt per call would change the set.
+assert set(os.listdir("/proc/self/task")) == before, (before, os.listdir("/proc/self/task"))
+assert pool_threads() == 3, pool_threads()
+print("ok")
+"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
 def test_repeated_calls_reuse_one_pool(tmp_path: Path) -> None:
-    paths = _caches(tmp_path, 8)
-    want = lc.load_batch(paths, BUCKET, workers=3)
-    before = _pool_threads()
-    assert before >= 3
-    for _ in range(5):
-        np.testing.assert_array_equal(lc.load_batch(paths, BUCKET, workers=3), want)
-    # Each call starting its own threads would leave (or briefly show) more of them.
-    assert _pool_threads() == before
+    # In a fresh process: this one holds the pools of every earlier test.
+    res = subprocess.run(
+        [sys.executable, "-c", REUSE, *_caches(tmp_path, 8)], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0 and res.stdout == "ok\n", res.stderr[-3000:]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -57,14 +78,17 @@ def test_forked_child_works_after_the_parent_used_its_pools(tmp_path: Path) -> N
     # Keep the parent's pool busy while forking, so a lock or a job may be in flight at the fork.
     stop = threading.Event()
 
+    running = threading.Event()
+
     def busy() -> None:
         while not stop.is_set():
+            running.set()
             lc.validate(paths, BUCKET, workers=4)
 
     t = threading.Thread(target=busy)
     t.start()
     try:
-        time.sleep(0.05)
+        assert running.wait(60), "the busy thread never started"
         with warnings.catch_warnings():
             # Forking with threads alive is the point here (Python 3.12+ warns about it).
             warnings.simplefilter("ignore", DeprecationWarning)

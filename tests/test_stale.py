@@ -19,7 +19,7 @@ def make(
     with the image's source fingerprint."""
     img = tmp_path / "a.png"
     img.write_bytes(os.urandom(200_000))
-    cache = Path(lc.cache_path(img, (64, 64), suffix))
+    cache = Path(lc.cache_path(img, (64, 64), suffix=suffix))
     for w, h in buckets:
         a, sfx = arrays_for((w, h)), f"_{h // 8}x{w // 8}"
         lc.write_latents(
@@ -136,4 +136,4 @@ def test_validate_finds_the_image_with_the_suffix_it_is_given(tmp_path: Path) ->
     # With the default suffix the name says nothing of an image: it cannot be told, so it stays ok
     # (not malformed: nothing is wrong with the file).
     assert lc.validate([cache], BUCKET, check_source=True)[0].code == "ok"
-    assert lc.stale_reason(cache) is None and lc.stale_reason(cache, "_other.npz") is not None
+    assert lc.stale_reason(cache) is None and lc.stale_reason(cache, suffix="_other.npz") is not None

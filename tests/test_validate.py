@@ -100,7 +100,7 @@ def _corpus() -> list[Case]:
     nan[3, 1, 2] = np.nan
     inf = full[FLIP].copy()
     inf[0, 0, 5] = -np.inf
-    all_opt = {"flip_aug": True, "alpha_mask": True}
+    all_opt = {"flipped": True, "alpha_mask": True}
     crc = {"verify_crc": True}
 
     def stock(arrs: dict[str, np.ndarray], compressed: bool = False) -> Callable[[Path], object]:
@@ -124,7 +124,7 @@ def _corpus() -> list[Case]:
         Case("extra_keys_ignored", stock(full), "ok"),
         Case("compressed", stock(full, True), "ok", kw={**all_opt, "verify_crc": True, "check_finite": True}),
         Case(
-            "legacy_16x1xhxw", stock(arrays_for(BUCKET, flip=True, legacy=True)), "ok", kw={"flip_aug": True}
+            "legacy_16x1xhxw", stock(arrays_for(BUCKET, flip=True, legacy=True)), "ok", kw={"flipped": True}
         ),
         Case("aligned_zipfile", lambda p: write_aligned(p, full), "ok", kw={**all_opt, **crc}),
         Case(
@@ -146,7 +146,7 @@ def _corpus() -> list[Case]:
         Case("other_bucket", stock(arrays_for((128, 128))), "missing_key", LAT, contains="latents_16x16"),
         Case("no_original_size", stock(with_(base, **{OSIZE: None})), "missing_key", OSIZE),
         Case("no_crop_ltrb", stock(with_(base, **{CROP: None})), "missing_key", CROP),
-        Case("no_flipped", stock(base), "missing_key", FLIP, kw={"flip_aug": True}),
+        Case("no_flipped", stock(base), "missing_key", FLIP, kw={"flipped": True}),
         Case("no_alpha", stock(with_(full, **{ALPHA: None})), "missing_key", ALPHA, kw=all_opt),
         Case("zip_without_arrays", plain_zip, "missing_key", LAT, contains="found entries: none"),
         # Dtypes, shapes, layout.
@@ -244,16 +244,16 @@ def test_corpus(corpus_dir: Path, case: Case) -> None:
 
 
 def test_corpus_in_one_call_matches_single_calls(corpus_dir: Path) -> None:
-    """Per-path flip_aug/alpha_mask lists in one parallel call give the same statuses as single calls."""
+    """Per-path flipped/alpha_mask lists in one parallel call give the same statuses as single calls."""
     paths = [corpus_dir / f"{c.name}_0064x0032_anima.npz" for c in CORPUS]
-    flips = [bool(c.kw.get("flip_aug")) for c in CORPUS]
+    flips = [bool(c.kw.get("flipped")) for c in CORPUS]
     alphas = [bool(c.kw.get("alpha_mask")) for c in CORPUS]
     for crc, finite in [(False, False), (True, True)]:
         got = lc.validate(
-            paths, BUCKET, flip_aug=flips, alpha_mask=alphas, verify_crc=crc, check_finite=finite
+            paths, BUCKET, flipped=flips, alpha_mask=alphas, verify_crc=crc, check_finite=finite
         )
         for i, (c, p, s) in enumerate(zip(CORPUS, paths, got, strict=True)):
-            single = one(p, flip_aug=flips[i], alpha_mask=alphas[i], verify_crc=crc, check_finite=finite)
+            single = one(p, flipped=flips[i], alpha_mask=alphas[i], verify_crc=crc, check_finite=finite)
             assert (s.path, s.code, s.message) == (single.path, single.code, single.message)
             if c.kw.get("verify_crc", False) == crc and c.kw.get("check_finite", False) == finite:
                 check_status(s, p, c.code, c.entry)
@@ -268,7 +268,7 @@ def test_truncated_at_every_point(tmp_path: Path, compressed: bool) -> None:
         p = tmp_path / f"cut{cut}.npz"
         p.write_bytes(data[:cut])
         paths.append(p)
-    for p, s in zip(paths, lc.validate(paths, (16, 16), flip_aug=True), strict=True):
+    for p, s in zip(paths, lc.validate(paths, (16, 16), flipped=True), strict=True):
         check_status(s, p, "truncated")
 
 
@@ -285,13 +285,13 @@ def test_truncated_big_file_sampled(tmp_path: Path) -> None:
             p = tmp_path / f"cut{cut}.npz"
             p.write_bytes(data[:cut])
             paths.append(p)
-        statuses = lc.validate(paths, (1024, 1024), flip_aug=True, verify_crc=True)
+        statuses = lc.validate(paths, (1024, 1024), flipped=True, verify_crc=True)
         for p, s in zip(paths, statuses, strict=True):
             check_status(s, p, "truncated")
             p.unlink()
 
 
-def test_flip_aug_and_alpha_mask_per_path(tmp_path: Path) -> None:
+def test_flipped_and_alpha_mask_per_path(tmp_path: Path) -> None:
     plain = write_stock(tmp_path / "plain.npz", arrays_for(BUCKET))
     flip = write_stock(tmp_path / "flip.npz", arrays_for(BUCKET, flip=True))
     alpha = write_stock(tmp_path / "alpha.npz", arrays_for(BUCKET, alpha=True))
@@ -300,18 +300,16 @@ def test_flip_aug_and_alpha_mask_per_path(tmp_path: Path) -> None:
     assert [s.code for s in lc.validate(paths, BUCKET)] == ["ok", "ok", "ok", "missing_key"]
     resos = [BUCKET, BUCKET, BUCKET, (128, 256)]
     assert all(lc.validate(paths, resos))
-    got = lc.validate(paths, resos, flip_aug=True)
+    got = lc.validate(paths, resos, flipped=True)
     assert [s.code for s in got] == ["missing_key", "ok", "missing_key", "ok"]
     check_status(got[0], plain, "missing_key", FLIP)
     got = lc.validate(paths, resos, alpha_mask=True)
     assert [s.code for s in got] == ["missing_key", "missing_key", "ok", "ok"]
     check_status(got[3], big, "ok")
-    got = lc.validate(
-        paths, resos, flip_aug=[False, True, False, True], alpha_mask=[False, False, True, True]
-    )
+    got = lc.validate(paths, resos, flipped=[False, True, False, True], alpha_mask=[False, False, True, True])
     assert all(s.ok for s in got), [s.message for s in got]
     got = lc.validate(
-        paths, resos, flip_aug=(True, False, False, False), alpha_mask=[True, False, False, False]
+        paths, resos, flipped=(True, False, False, False), alpha_mask=[True, False, False, False]
     )
     check_status(got[0], plain, "missing_key", FLIP)  # flipped latents are checked before the mask
     # Path-like objects and str both work; the status carries str(path).
@@ -321,10 +319,10 @@ def test_flip_aug_and_alpha_mask_per_path(tmp_path: Path) -> None:
 def test_bad_arguments(tmp_path: Path) -> None:
     p = write_stock(tmp_path / "a.npz", arrays_for(BUCKET))
     assert lc.validate([], BUCKET) == []
-    with pytest.raises(ValueError, match="bucket_resos"):
+    with pytest.raises(ValueError, match="buckets"):
         lc.validate([p, p], [BUCKET, BUCKET, BUCKET])
-    with pytest.raises(ValueError, match="flip_aug"):
-        lc.validate([p], BUCKET, flip_aug=[True, False])
+    with pytest.raises(ValueError, match="flipped"):
+        lc.validate([p], BUCKET, flipped=[True, False])
     with pytest.raises(ValueError, match="alpha_mask"):
         lc.validate([p, p, p], BUCKET, alpha_mask=[True, False])
     with pytest.raises(ValueError, match="workers"):
@@ -336,7 +334,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
 def test_a_bucket_smaller_than_one_latent_is_refused(tmp_path: Path) -> None:
     p = write_stock(tmp_path / "a.npz", arrays_for(BUCKET))
     for bad in [(0, 0), (64, 4)]:
-        with pytest.raises(ValueError, match=rf"bucket_resos: \({bad[0]}, {bad[1]}\) is not a bucket"):
+        with pytest.raises(ValueError, match=rf"buckets: \({bad[0]}, {bad[1]}\) is not a bucket"):
             lc.validate([p], bad)
     with pytest.raises(ValueError, match="is not a bucket"):
         lc.validate([p, p], [BUCKET, (0, 8)])
@@ -359,6 +357,49 @@ def test_status_codes_are_the_documented_set() -> None:
         "wrong_model",
         "stale",
     ]
+
+
+def test_status_code_enum_and_the_core_list_agree_exactly() -> None:
+    from latentcache import _core
+
+    assert [c.value for c in lc.StatusCode] == [*_core.status_codes(), "stale"]
+    assert lc.status_codes() == list(lc.StatusCode)
+    assert all(isinstance(c, lc.StatusCode) for c in lc.status_codes())
+
+
+def test_status_codes_compare_print_and_serialise_as_their_strings(tmp_path: Path) -> None:
+    import json
+
+    p = write_stock(tmp_path / "a.npz", arrays_for(BUCKET))
+    ok, missing = lc.validate([p, tmp_path / "nope.npz"], BUCKET)
+    assert ok.code == lc.StatusCode.OK and lc.StatusCode.OK == ok.code
+    assert missing.code == lc.StatusCode.MISSING and missing.code != lc.StatusCode.OK
+    assert type(ok.code) is str  # CacheStatus.code stays a plain str
+    assert lc.StatusCode(missing.code) is lc.StatusCode.MISSING
+    assert str(lc.StatusCode.NOT_NPZ) == "not_npz" and f"{lc.StatusCode.NOT_NPZ}" == "not_npz"
+    assert json.dumps({"code": lc.StatusCode.CRC_MISMATCH}) == '{"code": "crc_mismatch"}'
+    assert {lc.StatusCode.OK: 1}["ok"] == 1  # hashes as its string
+
+
+def test_deprecated_spellings_of_validate(tmp_path: Path) -> None:
+    import warnings
+
+    p = write_aligned(tmp_path / "a.npz", arrays_for(BUCKET, flip=True))
+    want = [s.code for s in lc.validate([p, p], [BUCKET, BUCKET], flipped=[True, False])]
+    with pytest.warns(DeprecationWarning, match=r"bucket_resos= is deprecated.*buckets="):
+        got = lc.validate([p, p], bucket_resos=[BUCKET, BUCKET], flipped=[True, False])
+    assert [s.code for s in got] == want
+    with pytest.warns(DeprecationWarning, match=r"flip_aug= is deprecated.*flipped=") as rec:
+        got = lc.validate([p, p], BUCKET, flip_aug=[True, False])
+    assert rec[0].filename == __file__
+    assert [s.code for s in got] == want
+    with pytest.raises(TypeError, match="both flipped= and"):
+        lc.validate([p], BUCKET, flipped=True, flip_aug=True)
+    with pytest.raises(TypeError, match="'buckets'"):
+        lc.validate([p])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lc.validate([p], BUCKET, flipped=True)
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
@@ -395,7 +436,7 @@ def test_interpreter_lock_released(tmp_path: Path) -> None:
     def call() -> None:
         results.append(
             lc.validate(
-                [p] * state["n"], (512, 512), flip_aug=True, verify_crc=True, check_finite=True, workers=1
+                [p] * state["n"], (512, 512), flipped=True, verify_crc=True, check_finite=True, workers=1
             )
         )
 
@@ -435,7 +476,7 @@ def test_valid_caches_are_ok_for_any_bucket(
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "c.npz"
         write_aligned(p, arrs) if aligned and not compressed else write_stock(p, arrs, compressed)
-        s = one(p, bucket, flip_aug=flip, alpha_mask=alpha, verify_crc=True, check_finite=True)
+        s = one(p, bucket, flipped=flip, alpha_mask=alpha, verify_crc=True, check_finite=True)
         check_status(s, p, "ok")
         if (w, h) != (h, w):  # the transposed bucket asks for other keys
             check_status(one(p, (h * 8, w * 8)), p, "missing_key", f"latents_{w}x{h}")
@@ -467,7 +508,7 @@ def test_latent_dtype_and_shape_round_trip(
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "c.npz"
         write_stock(p, arrs)
-        s = one(p, bucket, flip_aug=True)
+        s = one(p, bucket, flipped=True)
     dt = np.dtype(dtype)
     is_f4 = dt.kind == "f" and dt.itemsize == 4 and dt.byteorder in "=<|"
     good_shape = shape in {(16, 3, 2), (16, 1, 3, 2)}
@@ -535,7 +576,7 @@ def test_mutations_never_crash(
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "m.npz"
         p.write_bytes(bytes(data))
-        s = one(p, (32, 16), flip_aug=True, alpha_mask=True, verify_crc=crc, check_finite=finite)
+        s = one(p, (32, 16), flipped=True, alpha_mask=True, verify_crc=crc, check_finite=finite)
     assert s.code in CODES - {"missing", "io_error"}
     assert s.path == str(p) and s.ok is (s.code == "ok")
     assert (s.message == "") is s.ok

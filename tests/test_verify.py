@@ -64,6 +64,27 @@ def test_every_cache_and_every_resolution(tmp_path: Path) -> None:
     assert "latents_flipped_8x8" in again["good_0064x0064_anima.npz"].message
 
 
+def test_with_bucket_says_which_bucket_each_status_is_for(tmp_path: Path) -> None:
+    make_folder(tmp_path)
+    plain = lc.verify_directory(tmp_path)
+    paired = lc.verify_directory(tmp_path, with_bucket=True)
+    assert [(r.status.path, r.status.code) for r in paired] == [(s.path, s.code) for s in plain]
+    by_name: dict[str, list[lc.Bucket | None]] = {}
+    for bucket, status in paired:
+        by_name.setdefault(Path(status.path).name, []).append(bucket)
+    assert by_name["multi_0100x0100_anima.npz"] == [lc.Bucket(64, 64), lc.Bucket(64, 128)]
+    assert all(isinstance(b, lc.Bucket) for b in by_name["multi_0100x0100_anima.npz"])
+    assert by_name["good_0064x0064_anima.npz"] == [(64, 64)]
+    assert by_name["shape_0064x0064_anima.npz"] == [(64, 64)]
+    # Statuses of the whole file are for no bucket.
+    for name in ("empty_0064x0064_anima.npz", "lfs_0064x0064_anima.npz", "nolat_0064x0064_anima.npz"):
+        assert by_name[name] == [None], name
+    # Each bucket validates its file the same way.
+    for bucket, status in paired:
+        if bucket is not None:
+            assert lc.validate([status.path], bucket)[0].code == status.code
+
+
 def test_opt_in_checks_and_subfolders(tmp_path: Path) -> None:
     sub = tmp_path / "sub"
     sub.mkdir()

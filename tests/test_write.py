@@ -194,6 +194,61 @@ def test_replacing_a_resolution_drops_its_stale_extras(tmp_path: Path) -> None:
         np.testing.assert_array_equal(z["latents_3x3"], lat * 2)
 
 
+def test_write_result_names_what_was_written_kept_and_dropped(tmp_path: Path) -> None:
+    p = tmp_path / "w_0024x0024_anima.npz"
+    lat = sample(16, 3, 3)
+    first = lc.write_latents(
+        p, latents=lat, original_size=(24, 24), crop_ltrb=(0, 0, 24, 24), latents_flipped=lat
+    )
+    assert first == lc.WriteResult(
+        path=str(p),
+        written=(
+            "latents_3x3",
+            "latents_flipped_3x3",
+            "original_size_3x3",
+            "crop_ltrb_3x3",
+            "latentcache_meta",
+        ),
+        kept=(),
+        dropped=(),
+    )
+    second = lc.write_latents(p, latents=sample(16, 2, 2), original_size=(16, 16), crop_ltrb=(0,) * 4)
+    assert second.written == ("latents_2x2", "original_size_2x2", "crop_ltrb_2x2", "latentcache_meta")
+    assert second.kept == ("crop_ltrb_3x3", "latents_3x3", "latents_flipped_3x3", "original_size_3x3")
+    assert second.dropped == ()
+    # Rewriting 3x3 without its flipped latents drops them and keeps the other resolution.
+    third = lc.write_latents(p, latents=lat, original_size=(24, 24), crop_ltrb=(0, 0, 24, 24))
+    assert third.kept == ("crop_ltrb_2x2", "latents_2x2", "original_size_2x2")
+    assert third.dropped == ("latents_flipped_3x3",)
+    with np.load(p) as z:
+        assert sorted(z.files) == sorted(third.written + third.kept)
+    with pytest.raises(AttributeError):
+        third.kept = ()  # type: ignore[misc]
+
+
+def test_write_result_of_a_stock_merge_and_of_a_replaced_corrupt_file(tmp_path: Path) -> None:
+    p = tmp_path / "s_0016x0016_anima.npz"
+    np.savez(p, latents_4x4=sample(16, 4, 4), note=np.arange(3))
+    got = lc.write_latents(p, latents=sample(16, 2, 2), original_size=(16, 16), crop_ltrb=(0,) * 4)
+    assert got.kept == ("latents_4x4", "note") and got.dropped == ()
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])  # no zip directory left: nothing to tell
+    with pytest.warns(lc.CorruptCacheWarning):
+        got = lc.write_latents(p, latents=sample(16, 1, 1), original_size=(8, 8), crop_ltrb=(0,) * 4)
+    assert got.kept == () and got.dropped == ()
+    assert got.written == ("latents_1x1", "original_size_1x1", "crop_ltrb_1x1", "latentcache_meta")
+
+
+def test_write_result_reports_a_member_dropped_as_unloadable(tmp_path: Path) -> None:
+    p = tmp_path / "u_0016x0016_anima.npz"
+    lc.write_latents(p, latents=sample(16, 2, 2), original_size=(16, 16), crop_ltrb=(0,) * 4)
+    with zipfile.ZipFile(p, "a") as z:
+        z.writestr("junk.npy", b"not an npy array")
+    with pytest.warns(lc.CorruptCacheWarning, match="junk"):
+        got = lc.write_latents(p, latents=sample(16, 1, 1), original_size=(8, 8), crop_ltrb=(0,) * 4)
+    assert got.dropped == ("junk",)
+    assert "latents_2x2" in got.kept
+
+
 def stock_save(path: Path, sfx: str, lat: np.ndarray, compressed: bool = False) -> None:
     """sd-scripts' save_latents_to_disk: np.load every member, then np.savez onto the final path."""
     kwargs: dict[str, np.ndarray] = {}
@@ -496,8 +551,19 @@ while True:
     lc.write_latents(path, latents=lat, original_size=(v, v), crop_ltrb=(0, 0, v, v),
                      latents_flipped=-lat, alpha_mask=np.full((512, 512), v, np.float32),
                      durable=bool(v % 2), meta={"v": v})
+    print("wrote", v, flush=True)
     v += 1
 """
+
+
+def wait_until(cond: Any, proc: subprocess.Popen[str], what: str, limit: float = 60.0) -> None:
+    """Poll ``cond`` until it holds; fail (never pass) if the child exits or ``limit`` seconds pass."""
+    deadline = time.monotonic() + limit
+    while not cond():
+        if proc.poll() is not None:
+            pytest.fail(f"the child exited (rc {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
 
 
 def check_consistent(p: Path, other: np.ndarray) -> int:
@@ -525,37 +591,45 @@ def test_sigkill_never_leaves_a_partial_file(tmp_path: Path) -> None:
     lc.write_latents(p, latents=lat, original_size=(0, 0), crop_ltrb=(0, 0, 0, 0), latents_flipped=-lat,
                      alpha_mask=np.zeros((512, 512), np.float32), meta={"v": 0})  # fmt: skip
     rng = random.Random(1234)
-    seen_temp = 0
+    mid_write = 0
     values = set()
-    for _ in range(trials):
+    for trial in range(trials):
         proc = subprocess.Popen(
             [sys.executable, "-c", CRASH_WRITER, str(p)], stdout=subprocess.PIPE, text=True
         )
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        time.sleep(rng.uniform(0.0, 0.15))
+        if trial % 2:
+            # Kill while a write is in flight: its temporary file exists only from the moment the
+            # writer holds the lock until its rename.
+            wait_until(lambda: bool(lc.find_temp_files(tmp_path)), proc, "a write was in flight")
+        else:
+            # Kill after a random number of complete writes, somewhere in the next one.
+            for _ in range(rng.randint(1, 4)):
+                assert proc.stdout.readline().startswith("wrote ")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
         values.add(check_consistent(p, other))
-        seen_temp += bool(lc.find_temp_files(tmp_path))
+        mid_write += bool(lc.find_temp_files(tmp_path))
         # The next writer removes the killed one's temporary file.
         v = check_consistent(p, other)
         lat = np.full((16, 64, 64), v, np.float32)
         lc.write_latents(p, latents=lat, original_size=(v, v), crop_ltrb=(0, 0, v, v), latents_flipped=-lat,
                          alpha_mask=np.full((512, 512), v, np.float32), meta={"v": v})  # fmt: skip
         assert lc.find_temp_files(tmp_path) == []
-    # The kills landed at different points of the loop (not all before the first write).
+    # Some kills landed mid-write (they left the temporary file), and the file moved on between kills.
+    assert mid_write > 0, "no kill landed while a write was in flight"
     assert len(values) > 1, values
-    print(f"{trials} kills, {seen_temp} left a temporary file, {len(values)} distinct versions")
+    print(f"{trials} kills, {mid_write} left a temporary file, {len(values)} distinct versions")
 
 
 WORKER = """
-import sys, time
+import sys
 from pathlib import Path
 import numpy as np, latentcache as lc
-d, p, start = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-while not start.exists():
-    time.sleep(0.001)
+d, p = Path(sys.argv[1]), int(sys.argv[2])
+print("ready", flush=True)
+assert sys.stdin.readline() == "go\\n"
 for i in range(25):
     h, w = p + 1, i + 1
     lat = np.full((16, h, w), p * 100 + i, np.float32)
@@ -579,18 +653,26 @@ def check_all_resolutions(d: Path, writers: int) -> None:
 
 
 def test_concurrent_processes_lose_no_resolution(tmp_path: Path) -> None:
-    start = tmp_path / "go"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path), str(p), str(start)], stderr=subprocess.PIPE
+            [sys.executable, "-c", WORKER, str(tmp_path), str(p)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for p in range(4)
     ]
-    time.sleep(0.5)
-    start.write_bytes(b"")
+    # Every worker has started (imports done) before any is let go, so their writes overlap.
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n", proc.communicate()[1]
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
     for proc in procs:
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err.decode()
+        assert proc.returncode == 0, err
     check_all_resolutions(tmp_path, 4)
     assert len(list((tmp_path / ".latentcache-locks").iterdir())) <= 64
 
@@ -640,40 +722,61 @@ def test_leftover_temp_is_found_and_removed(tmp_path: Path) -> None:
 
 
 HOLDER = """
-import fcntl, os, sys, time
+import fcntl, os, sys
 locks = os.path.join(sys.argv[1], ".latentcache-locks")
 os.makedirs(locks, exist_ok=True)
 files = [open(os.path.join(locks, f"{i:02}.lock"), "a+") for i in range(64)]
 for f in files:
     fcntl.flock(f, fcntl.LOCK_EX)
 print("ready", flush=True)
-time.sleep(float(sys.argv[2]))
+sys.stdin.readline()  # hold every shard until told to let go (or the test's end closes stdin)
 """
 
 
-@pytest.mark.skipif(not POSIX, reason="the holder uses flock")
+def blocked_flock_waiters(pid: int) -> int:
+    """How many ``flock`` requests of process ``pid`` wait for a lock, from ``/proc/locks`` (a waiter
+    is listed as ``N: -> FLOCK ADVISORY WRITE <pid> ...``)."""
+    count = 0
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1:3] == ["->", "FLOCK"] and fields[5] == str(pid):
+            count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="observes the lock wait in /proc/locks (Linux)")
 def test_waits_for_the_lock_with_the_interpreter_lock_released(tmp_path: Path) -> None:
-    """Another process holds every lock shard: the writer waits, and other Python threads run meanwhile."""
+    """Another process holds every lock shard: the writer waits in the OS lock, and other Python
+    threads run meanwhile; once the holder lets go, the write lands."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(tmp_path), "1.5"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
-    assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
-    p = tmp_path / "w.npz"
-    t0 = time.perf_counter()
-    w = threading.Thread(
-        target=lc.write_latents,
-        args=(p,),
-        kwargs={"latents": sample(16, 2, 2), "original_size": (1, 1), "crop_ltrb": (0,) * 4},
-    )
-    w.start()
-    for _ in range(10):
-        time.sleep(0.02)  # needs the interpreter lock to return
-    blocked_while_we_ran = w.is_alive()
-    w.join()
-    waited = time.perf_counter() - t0
-    holder.wait()
-    holder.stdout.close()
-    assert blocked_while_we_ran, "the main thread could not run while the writer waited for the file lock"
-    assert waited > 1.0, f"the writer did not wait for the other process's lock ({waited:.2f}s)"
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        p = tmp_path / "w.npz"
+        w = threading.Thread(
+            target=lc.write_latents,
+            args=(p,),
+            kwargs={"latents": sample(16, 2, 2), "original_size": (1, 1), "crop_ltrb": (0,) * 4},
+        )
+        w.start()
+        # This loop runs Python code, so it can only see the writer blocked in flock() if the writer
+        # released the interpreter lock to wait; a writer that kept it would stall this thread.
+        wait_until(lambda: blocked_flock_waiters(os.getpid()) > 0, holder, "the writer waited for the lock")
+        assert w.is_alive() and not p.exists() and lc.find_temp_files(tmp_path) == []
+        assert holder.stdin is not None
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        w.join(timeout=60)
+        assert not w.is_alive(), "the writer did not finish once the lock was free"
+    finally:
+        holder.kill()
+        holder.wait()
+        for f in (holder.stdin, holder.stdout):
+            if f is not None:
+                f.close()
     with np.load(p) as z:
         assert "latents_2x2" in z.files

@@ -315,7 +315,7 @@ def _measure_with(
     raw_view = memoryview(raw_buf)
 
     def ours_validate() -> None:
-        st = lc.validate(paths, buckets, flip_aug=flips, alpha_mask=alphas)
+        st = lc.validate(paths, buckets, flipped=flips, alpha_mask=alphas)
         bad = [s for s in st if not s.ok]
         if bad:
             raise RuntimeError(f"validation failed: {bad[0].message}")

@@ -26,4 +26,5 @@ class NpzFormatError(LatentCacheError, ValueError):
 
 
 class CorruptCacheWarning(RuntimeWarning):
-    """A writer replaced a corrupt cache file (or wrote without a lock); the message names the file."""
+    """A writer replaced a corrupt cache file, dropped a member that would have left the new file
+    unloadable, or wrote without a lock; the message names the file (and the member)."""

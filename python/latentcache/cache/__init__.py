@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from latentcache.cache.bucket import Bucket
 from latentcache.cache.handle import CacheHandle, open_cache
 from latentcache.cache.load import CachedLatents, load, load_batch
 from latentcache.cache.meta import read_meta, source_fingerprint
@@ -14,12 +15,22 @@ from latentcache.cache.paths import (
     path_key,
 )
 from latentcache.cache.scan import CacheFile, DoubledCache, ImageEntry, ScanReport, SharedStem, scan_directory
-from latentcache.cache.validate import CacheStatus, stale_reason, status_codes, validate, verify_directory
-from latentcache.cache.write import find_temp_files, remove_stale_temp, write_latents
+from latentcache.cache.validate import (
+    BucketStatus,
+    CacheStatus,
+    StatusCode,
+    stale_reason,
+    status_codes,
+    validate,
+    verify_directory,
+)
+from latentcache.cache.write import WriteResult, find_temp_files, remove_stale_temp, write_latents
 
 __all__ = [
     "DEFAULT_SUFFIX",
     "IMAGE_EXTENSIONS",
+    "Bucket",
+    "BucketStatus",
     "CacheFile",
     "CacheHandle",
     "CacheStatus",
@@ -28,6 +39,8 @@ __all__ = [
     "ImageEntry",
     "ScanReport",
     "SharedStem",
+    "StatusCode",
+    "WriteResult",
     "cache_path",
     "find_source_image",
     "find_temp_files",

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from latentcache.cache.compat import keywords_were_positional
 from latentcache.cache.meta import META_KEY, parse_meta
 from latentcache.errors import NpzFormatError
 from latentcache.models import ModelLike, ModelSchema
@@ -39,7 +40,8 @@ class CacheHandle:
         model: the schema the file is read as (decides what ``resolutions()`` looks for).
     """
 
-    def __init__(self, path: _PathLike, model: ModelLike = "anima") -> None:
+    @keywords_were_positional(2, "model")
+    def __init__(self, path: _PathLike, *, model: ModelLike = "anima") -> None:
         self.path = os.fspath(path)
         self.model: ModelSchema = get_model(model)
         self._members: dict[str, zipfile.ZipInfo] = {}
@@ -220,4 +222,4 @@ def open_cache(path: _PathLike, *, model: ModelLike = "anima") -> CacheHandle:
         FileNotFoundError: no such file.
         NpzFormatError: not a readable zip.
     """
-    return CacheHandle(path, model)
+    return CacheHandle(path, model=model)

@@ -1,4 +1,4 @@
-"""Loading cached latents: zero-copy maps of aligned stored arrays, one read otherwise, and batches."""
+"""Loading cached latents: one bucket of one file (``load``) and the latents of a batch (``load_batch``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from latentcache import _core, models
+from latentcache.cache.compat import renamed
 from latentcache.cache.validate import check_path_list
 from latentcache.errors import LatentCacheError, NpzFormatError
 from latentcache.models import ModelLike
@@ -29,6 +30,16 @@ class CachedLatents(NamedTuple):
     crop_ltrb: list[Any]
     latents_flipped: np.ndarray | None
     alpha_mask: np.ndarray | None
+
+
+def _bucket(
+    func: str, bucket: tuple[int, int] | None, bucket_reso: tuple[int, int] | None
+) -> tuple[int, int]:
+    """The bucket argument, from its deprecated name ``bucket_reso`` when only that was given."""
+    got: tuple[int, int] | None = renamed(func, "bucket_reso", "bucket", bucket_reso, bucket, stacklevel=4)
+    if got is None:
+        raise TypeError(f"{func}() missing required argument: 'bucket'")
+    return got
 
 
 def _os_handle(fd: int) -> int:
@@ -55,42 +66,42 @@ def _refuse_special(fd: int, path: str) -> None:
 
 def load(
     path: _PathLike,
-    bucket_reso: tuple[int, int],
+    bucket: tuple[int, int] | None = None,
     *,
     copy: bool = False,
     map_latents: bool = False,
     model: ModelLike | None = None,
+    bucket_reso: tuple[int, int] | None = None,
 ) -> CachedLatents:
     """Load one bucket's arrays from a cache file.
 
-    The latents, which a training step always reads whole, are read once into owned, aligned
-    memory. Stored flipped latents and alpha masks whose data is aligned (every latentcache-written
-    file) are views of a private memory mapping: nothing is read until touched, so unused ones cost
-    nothing, and writing to them never writes to the file. Other arrays (stock sd-scripts files put
-    float32 data at offset 196 or 197; deflated members) are read once. Values equal ``np.load``'s bit
-    for bit.
+    The latents, which a training step reads whole, are read into owned, aligned memory (a read is
+    cheaper than mapping pages that are all touched at once; ``map_latents=True`` maps them too, for
+    callers that touch only part of them). Values equal ``np.load``'s bit for bit.
 
-    Why the latents are read rather than mapped: mapping an array and then touching all of it costs
-    the page-table work for every page on top of the copy out of the page cache, and unmapping it
-    again; one read is only the copy. On the project's machine, for a 1 MiB latent that is touched
-    whole, the read was 2.5-8% faster in every ``latentcache bench`` run (it prints both).
-    ``map_latents=True`` maps them too, for callers that touch only part of them.
-
-    A mapped array reads the file when touched. latentcache's writer replaces files by rename, which
-    leaves existing mappings intact; a tool that truncates and rewrites a cache in place (stock
-    sd-scripts' ``np.savez``) while arrays from it are alive makes touching them fail with SIGBUS,
-    as with any memory map. Each call keeps at most one mapping while its arrays live (Linux allows
-    about 65,000 per process by default). ``copy=True`` reads every array into memory the caller
-    owns instead: no mapping outlives the call, at the cost of reading the arrays whether or not they
-    are used.
+    Mapping policy: only files latentcache wrote are mapped; every other file is read. In a file
+    that carries latentcache's marks (the ``latentcache_meta`` member or the writer's alignment
+    field, which ``np.savez`` never writes), stored flipped latents and alpha masks are views of a
+    private, copy-on-write mapping of the file: nothing is read until touched, unused ones cost
+    nothing, and writing to them never writes to the file. latentcache's writer replaces a file by
+    renaming a new one over it, so such views stay valid and unchanged after ``write_latents``
+    replaces the file and after the file is deleted. From any other file (stock sd-scripts caches,
+    deflated members) every array is copied into memory the caller owns and no mapping outlives the
+    call: a stock writer truncates and rewrites a file in place, which would make touching a mapped
+    page fail with SIGBUS. The one remaining risk is a tool that rewrites a latentcache-written file
+    in place while views of it are alive (stock ``np.savez`` over the same path); ``copy=True`` rules
+    it out. Each call keeps at most one mapping while its arrays live (Linux allows about 65,000 per
+    process by default).
 
     Args:
         path: the ``.npz`` cache file.
-        bucket_reso: the bucket ``(W, H)`` in pixels; keys carry ``_{H//s}x{W//s}`` for the model's
-            stride ``s`` (8 for Anima), or are bare for a single-resolution model (sd, sdxl).
-        copy: never map; read each array once into owned, aligned memory.
-        map_latents: map the latents as well when they are stored aligned (ignored with ``copy``).
+        bucket: the bucket ``(W, H)`` in pixels (a ``Bucket`` or a tuple); keys carry
+            ``_{H//s}x{W//s}`` for the model's stride ``s`` (8 for Anima), or are bare for a
+            single-resolution model (sd, sdxl).
+        copy: never map; read every array into owned, aligned memory.
+        map_latents: map the latents as well when the file may be mapped (ignored with ``copy``).
         model: the cache kind, a name or ``ModelSchema`` (default Anima): its keys and stride.
+        bucket_reso: deprecated name of ``bucket``.
 
     Returns:
         ``CachedLatents(latents, original_size, crop_ltrb, latents_flipped, alpha_mask)``.
@@ -100,6 +111,7 @@ def load(
             regular file (a FIFO named like a cache is refused at once, never waited on).
         FileNotFoundError: the file does not exist.
     """
+    bucket = _bucket("load", bucket, bucket_reso)
     p = os.fspath(path)
     name = None if model is None else models.get(model).name
     # A raw descriptor: no buffered file object per load. A mapping keeps its own copy of it, so
@@ -107,7 +119,7 @@ def load(
     fd = os.open(p, _OPEN_FLAGS)
     try:
         try:
-            return _core.load_file(fd, _os_handle(fd), p, bucket_reso, map_latents, copy, name)
+            return _core.load_file(fd, _os_handle(fd), p, bucket, map_latents, copy, name)
         except (LatentCacheError, OSError):
             _refuse_special(fd, p)
             raise
@@ -117,12 +129,13 @@ def load(
 
 def load_batch(
     paths: Sequence[_PathLike],
-    bucket_reso: tuple[int, int],
+    bucket: tuple[int, int] | None = None,
     *,
     flipped: Sequence[bool] | None = None,
     out: np.ndarray | None = None,
     workers: int | None = None,
     model: ModelLike | None = None,
+    bucket_reso: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Load the latents of a batch of cache files of one bucket into one ``(B, C, h, w)`` array.
 
@@ -132,13 +145,15 @@ def load_batch(
 
     Args:
         paths: the B cache files.
-        bucket_reso: the bucket ``(W, H)`` in pixels; h, w = H // s, W // s for the model's stride s.
+        bucket: the bucket ``(W, H)`` in pixels (a ``Bucket`` or a tuple); h, w = H // s, W // s for
+            the model's stride s.
         flipped: B booleans; item i comes from ``latents_flipped`` when true. Default: none flipped.
         out: a C-contiguous, writable float32 ``(B, C, h, w)`` numpy array to fill (for example the
             numpy view of a pinned torch tensor). Default: a new array. No other thread may use it
             during the call.
         workers: threads for this call (default: ``LATENTCACHE_NUM_THREADS``, else the CPU count).
         model: the cache kind, a name or ``ModelSchema`` (default Anima): channels, stride, keys.
+        bucket_reso: deprecated name of ``bucket``.
 
     Returns:
         ``out`` (or the new array), filled.
@@ -148,10 +163,11 @@ def load_batch(
             names the file and the entry.
         ValueError: ``out`` or ``flipped`` does not fit the batch.
     """
+    bucket = _bucket("load_batch", bucket, bucket_reso)
     check_path_list(paths, "load_batch")
     strs = [os.fspath(p) for p in paths]
     schema = models.get(models.DEFAULT_MODEL if model is None else model)
-    w, h = bucket_reso
+    w, h = bucket
     shape = (len(strs), schema.channels, h // schema.stride, w // schema.stride)
     if out is None:
         # A kept buffer when one is free (see `load`): a training loop calls this once per batch
@@ -173,5 +189,5 @@ def load_batch(
     if len(flags) != len(strs):
         raise ValueError(f"flipped has {len(flags)} entries for {len(strs)} paths")
     if strs:
-        _core.load_batch_into(strs, bucket_reso, flags, out, workers, schema.name)
+        _core.load_batch_into(strs, bucket, flags, out, workers, schema.name)
     return out

@@ -6,28 +6,62 @@ interpreter lock released; this module checks and converts the caller's arrays.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import stat
 import warnings
+import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from latentcache import _core, models
 from latentcache._core import find_temp_files, remove_stale_temp
+from latentcache.cache.meta import META_FORMAT, META_KEY, META_MAX_DEPTH, too_deep
 from latentcache.errors import CachePathError, CorruptCacheWarning
 from latentcache.models import ModelLike, ModelSchema
 
 __all__ = [
+    "WriteResult",
     "find_temp_files",
     "remove_stale_temp",
     "write_latents",
 ]
 
-from latentcache.cache.meta import META_FORMAT, META_KEY, META_MAX_DEPTH, too_deep
-
 _PathLike = str | os.PathLike[str]
+
+# zipfile decodes member names with cp437, a codec imported on first use: look it up now, so that a
+# process that later drops privileges or changes root can still list a cache's members.
+codecs.lookup("cp437")
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What ``write_latents`` did to the file, by key (an entry name as ``np.load`` lists it).
+
+    Attributes:
+        path: the cache file.
+        written: the keys written from the caller's arrays, ``latentcache_meta`` last.
+        kept: the keys of the old file that the new one still holds, sorted (other resolutions,
+            unknown members).
+        dropped: the keys of the old file that the new one no longer holds, sorted: this
+            resolution's flipped latents or alpha mask when not given now, and members dropped with
+            a ``CorruptCacheWarning`` (all of them when a corrupt file was replaced).
+
+    ``kept`` and ``dropped`` compare the file's zip directory read just before and just after the
+    write (header-only). Both are empty when there was no old file, when its zip directory could
+    not be read (a truncated or foreign file), or when the new file was gone before it could be
+    listed. When another writer changes the same file in the same moment, they describe both
+    writes' change together.
+    """
+
+    path: str
+    written: tuple[str, ...]
+    kept: tuple[str, ...]
+    dropped: tuple[str, ...]
 
 
 def _to_numpy(value: Any, path: str, arg: str) -> np.ndarray:
@@ -82,7 +116,7 @@ def write_latents(
     meta: Mapping[str, Any] | None = None,
     durable: bool = True,
     model: ModelLike | None = None,
-) -> None:
+) -> WriteResult:
     """Store one resolution of an image's latents in its npz cache, crash-safely.
 
     The keys are sd-scripts': ``latents_{h}x{w}``, ``original_size_{h}x{w}``, ``crop_ltrb_{h}x{w}``
@@ -119,6 +153,9 @@ def write_latents(
             that cannot flush a folder (some network and FUSE ones) is not an error.
         model: the cache kind, a name or ``ModelSchema`` (default Anima): its keys, channels,
             layouts and stride.
+
+    Returns:
+        A ``WriteResult``: the keys written, and the old file's keys kept and dropped.
 
     Raises:
         ValueError: an argument has the wrong shape or dtype for the model (a channel count or
@@ -191,8 +228,41 @@ def write_latents(
     arrays.append((META_KEY, "|u1", (len(blob),), blob))
 
     drop = [k + sfx for k in keys.all()]
+    before = _member_keys(spath)
     for message in _core.write_npz(spath, arrays, drop, durable):
         warnings.warn(message, CorruptCacheWarning, stacklevel=2)
+    written = tuple(key for key, _, _, _ in arrays)
+    after = _member_keys(spath)
+    # No old file (or one whose zip directory could not be read), or the new one already removed or
+    # replaced by someone else: nothing can be told of what was kept or dropped.
+    old = before if before is not None and after is not None else frozenset()
+    after = after or frozenset()
+    return WriteResult(
+        path=spath,
+        written=written,
+        kept=tuple(sorted((old & after) - set(written))),
+        dropped=tuple(sorted(old - after)),
+    )
+
+
+def _member_keys(path: str) -> frozenset[str] | None:
+    """The entry names of an npz from its zip directory alone (no array data read), or None when
+    there is no readable regular file."""
+    try:
+        # O_NONBLOCK: a FIFO named like the cache must not block here (the writer refuses it).
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f, zipfile.ZipFile(f) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return None
+    finally:
+        os.close(fd)
+    return frozenset(n[:-4] if n.endswith(".npy") else n for n in names)
 
 
 def _check_name(path: str, schema: ModelSchema) -> None:

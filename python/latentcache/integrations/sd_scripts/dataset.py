@@ -220,7 +220,7 @@ def cache_dataset_latents(
                 expected = strategy.get_latents_npz_path(info.absolute_path, info.image_size)
                 subset = subset_of[info.image_key]
                 if _core.path_key(preset) == _core.path_key(expected) and validate(
-                    [preset], tuple(info.bucket_reso), flip_aug=bool(subset.flip_aug),
+                    [preset], tuple(info.bucket_reso), flipped=bool(subset.flip_aug),
                     alpha_mask=bool(subset.alpha_mask), check_source=True, **vae_check,
                 )[0].ok:  # fmt: skip
                     valid += 1
@@ -429,7 +429,7 @@ def _check_caches(
         statuses = validate(
             [paths[i] for i in recheck],
             [_bucket(infos[i]) for i in recheck],
-            flip_aug=[flips[i] for i in recheck],
+            flipped=[flips[i] for i in recheck],
             alpha_mask=[alphas[i] for i in recheck],
             check_source=True,
             **_vae_kwargs(fingerprint),

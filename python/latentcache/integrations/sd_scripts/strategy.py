@@ -148,7 +148,7 @@ class AnimaCaching:
             return True
         try:
             status = validate(
-                [npz_path], int_pair(bucket_reso), flip_aug=bool(flip_aug), alpha_mask=bool(alpha_mask),
+                [npz_path], int_pair(bucket_reso), flipped=bool(flip_aug), alpha_mask=bool(alpha_mask),
                 check_source=True,
             )[0]  # fmt: skip
         except Exception as e:  # noqa: BLE001 - a validity check must never abort the run
