@@ -193,7 +193,7 @@ def test_encode_a_folder_then_a_second_run_encodes_nothing(
     assert re.fullmatch(r"[0-9a-f]{32}", doc["encoder"]["fingerprint"])
     vae = _tiny_vae(0)
     for name, (cache, bucket) in _expected(images).items():
-        status = lc.validate([cache], bucket, flip_aug=True, alpha_mask=True, check_source=True)[0]
+        status = lc.validate([cache], bucket, flipped=True, alpha_mask=True, check_source=True)[0]
         assert status.ok, status.message
         latents, original_size, crop, flipped, alpha = lc.load(cache, bucket)
         assert latents.shape == (16, bucket[1] // 8, bucket[0] // 8) and latents.dtype == np.float32
@@ -219,7 +219,7 @@ def test_encode_a_folder_then_a_second_run_encodes_nothing(
     rc, doc = _run(capsys, str(tmp_path / "img"), "--vae", str(vaes["official"]), "--resolution", "32")
     assert rc == 0 and doc["to_encode"] == len(IMAGES)  # another resolution: a new key in each file
     for cache, bucket in _expected(images).values():
-        assert lc.validate([cache], bucket, flip_aug=True, alpha_mask=True)[0].ok
+        assert lc.validate([cache], bucket, flipped=True, alpha_mask=True)[0].ok
         assert lc.validate([cache], (32, 32))[0].ok
 
 
@@ -315,7 +315,7 @@ resolution = [96, 80]
     for path in images.values():
         size = PIL_Image.open(path).size
         cache = lc.cache_path(str(path), size)
-        assert lc.validate([cache], SETTINGS.select(*size).reso, flip_aug=True)[0].ok
+        assert lc.validate([cache], SETTINGS.select(*size).reso, flipped=True)[0].ok
         assert lc.validate([cache], big.select(*size).reso)[0].ok
     rc, doc = _run(capsys, str(cfg), "--vae", str(vaes["official"]))
     assert rc == 0 and doc["to_encode"] == 0

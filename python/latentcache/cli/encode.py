@@ -99,7 +99,13 @@ def command(args: argparse.Namespace) -> int:
     try:
         # Looked up at call time, so that a test can stand in another loader.
         load_vae = importlib.import_module("latentcache.encode.weights").load_vae
-        vae = load_vae(args.vae, device=device, dtype=dtype)
+        # The model is passed only where it is not the default, so that a stand-in loader with the
+        # older signature (path, device, dtype) keeps working for Anima.
+        by_model = {} if schema.name == models.DEFAULT_MODEL else {"model": schema.name}
+        try:
+            vae = load_vae(args.vae, device=device, dtype=dtype, **by_model)
+        except ImportError as e:  # the model's VAE class is missing from the installed diffusers
+            raise ValueError(str(e)) from e
         encoder = build_encoder(vae, schema, fold=not args.no_fold, compile=args.compile)
         todo = dataset.plan(subsets, model=schema, vae=encoder.fingerprint)
         if rank == 0 and not args.json:
@@ -171,9 +177,17 @@ def add_parser(sub: Any) -> None:
     enc.add_argument(
         "--vae",
         required=True,
-        help="the VAE weights: a .safetensors (official/ComfyUI or diffusers layout) or a diffusers folder",
+        help="the VAE weights of --model: a .safetensors file, a diffusers VAE folder (config.json + "
+        "diffusion_pytorch_model.safetensors) or a model root with vae/. Single files: anima: ComfyUI "
+        "qwen_image_vae.safetensors or diffusers keys; sd/sdxl: a VAE file or a full checkpoint "
+        "(first_stage_model.*); flux/lumina: ae.safetensors; sd3: an SD3 checkpoint or VAE file; "
+        "hunyuan_image: the original VAE file sd-scripts loads. The architecture is read from the weights",
     )
-    enc.add_argument("--model", default="anima", choices=names(), help="cache kind (default %(default)s)")
+    enc.add_argument(
+        "--model", default="anima", choices=names(),
+        help="cache kind, as the sd-scripts training script for that model writes it: the VAE class, "
+        "normalisation, cache suffix and keys (default %(default)s)",
+    )  # fmt: skip
     enc.add_argument(
         "--resolution", default=None, help="'SIZE' or 'WIDTH,HEIGHT' (default 1024; a config's own wins)"
     )

@@ -5,7 +5,9 @@ The submodules are imported on first use so that ``import latentcache.encode`` s
 - ``encoders``: ``build_encoder(vae, model)`` -> a callable ``Encoder`` (pixels to cached latents) and
   ``vae_fingerprint``.
 - ``qwen_vae``: ``FoldedQwenEncoder``, the exact 2-D form of the Qwen-Image VAE encoder for single images.
-- ``weights``: ``load_vae(path)`` for Qwen-Image VAE files in the ComfyUI or diffusers key layout.
+- ``weights``: ``load_vae(path, model="anima")``: the model's VAE from a diffusers folder or a single file in
+  the layouts users have (Qwen-Image: ComfyUI or diffusers keys; the others via ``kl_weights``: LDM / FLUX
+  ``ae`` / SD3 checkpoint / original HunyuanImage-2.1 keys), the architecture read from the shapes.
 """
 
 from __future__ import annotations

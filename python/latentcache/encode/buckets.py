@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
-    "Bucket",
+    "BucketChoice",
     "BucketManager",
     "BucketSettings",
     "make_bucket_resolutions",
@@ -57,7 +57,7 @@ def make_bucket_resolutions(
     return sorted(resos)
 
 
-class Bucket(NamedTuple):
+class BucketChoice(NamedTuple):
     """One image's bucket choice, as sd-scripts' ``select_bucket`` returns it.
 
     Attributes:
@@ -132,7 +132,7 @@ class BucketManager:
         n = int(x + 0.5)
         return n - n % steps
 
-    def select_bucket(self, image_width: int, image_height: int) -> Bucket:
+    def select_bucket(self, image_width: int, image_height: int) -> BucketChoice:
         """The bucket, resized size and aspect-ratio error sd-scripts chooses for an image of this size.
 
         Raises:
@@ -183,7 +183,9 @@ class BucketManager:
             steps = int(self.reso_steps or 1)
             reso = (resized_size[0] - resized_size[0] % steps, resized_size[1] - resized_size[1] % steps)
         ar_error = (reso[0] / reso[1]) - aspect_ratio
-        return Bucket((int(reso[0]), int(reso[1])), (int(resized_size[0]), int(resized_size[1])), ar_error)
+        return BucketChoice(
+            (int(reso[0]), int(reso[1])), (int(resized_size[0]), int(resized_size[1])), ar_error
+        )
 
 
 def parse_resolution(value: str | int | Sequence[int]) -> tuple[int, int]:
@@ -269,6 +271,6 @@ class BucketSettings:
             m.make_buckets()
         return m
 
-    def select(self, image_width: int, image_height: int) -> Bucket:
+    def select(self, image_width: int, image_height: int) -> BucketChoice:
         """The bucket sd-scripts gives an image of this size in a dataset with these settings."""
         return self.manager().select_bucket(image_width, image_height)

@@ -445,7 +445,7 @@ def plan(
     statuses = validate(
         [p.cache_path for p in result.images],
         [p.bucket for p in result.images],
-        flip_aug=[p.flip for p in result.images],
+        flipped=[p.flip for p in result.images],
         alpha_mask=[p.alpha for p in result.images],
         **_validate_kwargs(schema, vae),
     )

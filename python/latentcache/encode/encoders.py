@@ -138,12 +138,22 @@ def _wrap_vae(vae: Any, schema: ModelSchema, normalise: _Normalise) -> Callable[
     taken as is: those classes already return what sd-scripts caches (FLUX's applies
     ``scale * (z - shift)`` itself). Otherwise the posterior's ``mode()`` or ``sample()`` (per
     ``schema.takes``, drawing from torch's global generator exactly as sd-scripts does) is normalised per
-    ``schema.norm``. Qwen-Image VAEs get the time axis they expect.
+    ``schema.norm``. Qwen-Image VAEs get the time axis they expect. HunyuanImage runs under
+    ``torch.autocast`` in a half dtype, as sd-scripts' ``HunyuanImageLatentsCachingStrategy`` does.
     """
     video = is_qwen_image_vae(vae)
     where = type(vae).__name__
+    # sd-scripts' HunyuanImage strategy encodes under torch.autocast in the VAE's dtype; in fp32 that is
+    # a no-op, so it is entered only for half dtypes.
+    autocast = schema.name == "hunyuan_image"
 
     def run(pixels: torch.Tensor) -> torch.Tensor:
+        if autocast and pixels.dtype != torch.float32:
+            with torch.autocast(device_type=pixels.device.type, dtype=pixels.dtype):
+                return encode(pixels)
+        return encode(pixels)
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
         out = vae.encode(pixels.unsqueeze(2) if video else pixels)
         if isinstance(out, torch.Tensor):
             return out.squeeze(2) if video and out.dim() == 5 else out
@@ -269,7 +279,7 @@ def build_encoder(
             Anima: diffusers' or sd-scripts' ``AutoencoderKLQwenImage``. SD/SDXL: diffusers'
             ``AutoencoderKL``. FLUX/Lumina: sd-scripts' flux ``AutoEncoder`` (or a diffusers
             ``AutoencoderKL``, normalised here). SD3: sd-scripts' ``SDVAE`` or diffusers' ``AutoencoderKL``.
-            HunyuanImage: sd-scripts' ``HunyuanVAE2D``.
+            HunyuanImage: sd-scripts' ``HunyuanVAE2D`` or diffusers' ``AutoencoderKLHunyuanImage``.
         fold: for a Qwen-Image VAE and a model that takes the posterior's mode (Anima), run the exact 2-D
             fold of its encoder (a new module of about 15% of the VAE's parameter bytes, on the same
             device). Ignored otherwise.

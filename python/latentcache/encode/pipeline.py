@@ -812,6 +812,7 @@ class _Pipeline:
                     alpha_mask=pre.alpha_mask,
                     meta=meta,
                     durable=self.durable,
+                    model=self.schema,
                 )
         except Exception as e:  # noqa: BLE001 - NaN/Inf latents, a full disk: counted, never fatal
             self._fail(item.image_path, f"{type(e).__name__}: {e}")
@@ -858,13 +859,13 @@ def _skip_valid(
 
     if not items:
         return []
-    kwargs: dict[str, Any] = {"check_source": True, "suffix": schema.suffix}
+    kwargs: dict[str, Any] = {"check_source": True, "suffix": schema.suffix, "model": schema}
     if fingerprint is not None and "vae" in inspect.signature(validate).parameters:
         kwargs["vae"] = fingerprint
     statuses = validate(
         [it.cache_path for it in items],
         [(int(it.bucket[0]), int(it.bucket[1])) for it in items],
-        flip_aug=[bool(it.flip) for it in items],
+        flipped=[bool(it.flip) for it in items],
         alpha_mask=[bool(it.alpha) for it in items],
         **kwargs,
     )

@@ -1,4 +1,5 @@
-"""Loading a Qwen-Image VAE from its file(s), in either key layout, at any size.
+"""Loading a VAE from its file(s): ``load_vae(path, model=...)``. This module: the Qwen-Image VAE (Anima),
+in either key layout, at any size; ``kl_weights``: the other models' VAEs.
 
 Two layouts exist on disk:
 
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from latentcache.models import ModelLike
+from latentcache.models import get as get_model
 
 __all__ = ["comfyui_to_diffusers_keys", "infer_config", "load_state_dict", "load_vae"]
 
@@ -227,26 +231,50 @@ def _config_json(folder: Path) -> dict[str, Any]:
 def load_vae(
     path: str | os.PathLike[str],
     *,
+    model: ModelLike = "anima",
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    norm_num_groups: int | None = None,
 ) -> Any:
-    """A diffusers ``AutoencoderKLQwenImage`` loaded from ``path``, in eval mode, without gradients.
+    """The VAE of ``model`` loaded from ``path`` as a diffusers model, in eval mode, without gradients.
 
     Args:
-        path: a ``.safetensors`` file in the ComfyUI/Wan or the diffusers key layout, a diffusers folder
-            (``config.json`` + ``diffusion_pytorch_model.safetensors`` or its shards), or a model root with
-            such a ``vae/`` folder.
+        path: a ``.safetensors`` file, a diffusers folder (``config.json`` +
+            ``diffusion_pytorch_model.safetensors`` or its shards), or a model root with such a ``vae/``
+            folder. Per model:
+
+            - ``anima``: ``AutoencoderKLQwenImage``; a file in the ComfyUI/Wan or the diffusers key layout.
+            - ``sd``, ``sdxl``, ``flux``, ``sd3``, ``lumina``: ``AutoencoderKL``; a file in the diffusers or
+              the original (LDM) layout: an SD/SDXL VAE file or full checkpoint (``first_stage_model.``
+              prefix), FLUX's/Lumina's ``ae.safetensors``, an SD3 checkpoint.
+            - ``hunyuan_image``: ``AutoencoderKLHunyuanImage``; the diffusers layout or the original one
+              that sd-scripts loads.
+
+        model: a name from ``latentcache.models.names()`` or a schema (default Anima).
         device, dtype: where and in what the weights end up (converted on load, tensor by tensor; the
             model is built on the meta device, so no random initialisation is paid for).
+        norm_num_groups: ``AutoencoderKL`` only: the GroupNorm group count, which the weights do not
+            record (default: the folder's ``config.json``, else 32 where the widths allow it).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: not a Qwen-Image VAE (names the file and the missing or unexpected key), or a
-            ``config.json`` that disagrees with the weights (names the setting).
+        ValueError: not the model's VAE (names the file and the missing or unexpected key), latent
+            channels or stride that differ from the model's, or a ``config.json`` that disagrees with
+            the weights (names the setting).
+        ImportError: ``hunyuan_image`` with a diffusers that has no ``AutoencoderKLHunyuanImage`` (< 0.36).
     """
+    schema = get_model(model)
+    state, root = load_state_dict(path)
+    if schema.name != "anima":
+        from latentcache.encode import kl_weights
+
+        if schema.name == "hunyuan_image":
+            return kl_weights.load_hunyuan_vae(state, root, schema, device=torch.device(device), dtype=dtype)
+        return kl_weights.load_kl_vae(
+            state, root, schema, device=torch.device(device), dtype=dtype, norm_num_groups=norm_num_groups
+        )
     from diffusers import AutoencoderKLQwenImage
 
-    state, root = load_state_dict(path)
     if "encoder.conv1.weight" in state or "conv1.weight" in state:
         state = comfyui_to_diffusers_keys(state)
     config = infer_config(state, root)
