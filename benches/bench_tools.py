@@ -3,7 +3,8 @@
 - ``migrate`` of N stock ``np.savez`` caches into the aligned layout, against rewriting the same files
   with ``np.load`` + ``np.savez`` (what a user would script; not crash-safe).
 - ``stats`` and the ``repair`` plan over M caches, against ``verify_directory``'s own pass (they make
-  that pass and read each index once more, so they should cost about the same).
+  that pass and read each index once more, so they should cost about the same). ``stats`` covers every
+  model found, which costs one folder listing more than ``stats(model=...)``.
 
 Usage: python benches/bench_tools.py [--migrate N] [--files M] [--json]
 """

@@ -13,6 +13,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import latentcache
 import numpy as np
@@ -159,6 +160,7 @@ def test_migrate_aligns_stock_files_keeping_arrays(tmp_path: Path) -> None:
         files[p] = _stock(p, 8, 8, legacy, comp)
     plan = migrate(tmp_path)
     assert len(plan.actions) == 3 and all(a.kind == "rewrite" for a in plan.actions)
+    assert not (tmp_path / ".latentcache-locks").exists()  # a plan changes nothing, not even locks
     done = migrate(tmp_path, apply=True)
     assert "bytes rewritten" in done.format()
     for p, arrays in files.items():
@@ -497,13 +499,15 @@ def test_migrate_after_a_killed_migrate_completes_and_skips_a_live_writer(tmp_pa
     arrays = _stock(a, 8, 8)
     _stock(b, 8, 8)
     (tmp_path / f".{a.name}.lctmp").write_bytes(b"a killed writer's half file")  # no one holds its lock
-    (tmp_path / f".{b.name}.lctmp-4242-00ff").write_bytes(b"a lockless writer, alive")
+    # A lockless writer (a file system without locks) whose file is fresh: not provably gone.
+    (tmp_path / f".{b.name}.lctmp-{_dead_pid()}-00ff").write_bytes(b"a lockless writer, maybe alive")
     plan = migrate(tmp_path)
-    assert sorted(Path(x.path).name for x in plan.actions) == [a.name, b.name], plan.format()
+    assert [Path(x.path).name for x in plan.actions] == [a.name], plan.format()
+    assert len(plan.skipped) == 1 and b.name in plan.skipped[0] and "lockless" in plan.skipped[0]
     plan.apply()
     assert plan.exit_code() == 1  # b is left for a later run
-    (done,) = [x for x in plan.actions if x.done]
-    assert done.path == str(a) and not (tmp_path / f".{a.name}.lctmp").exists()
+    (done,) = plan.actions
+    assert done.done and done.path == str(a) and not (tmp_path / f".{a.name}.lctmp").exists()
     with np.load(a) as z:
         for k, v in arrays.items():
             assert z[k].tobytes() == v.tobytes()
@@ -511,7 +515,8 @@ def test_migrate_after_a_killed_migrate_completes_and_skips_a_live_writer(tmp_pa
         assert f.is_aligned()
     with latentcache.open(b) as f:
         assert not f.is_aligned()
-    assert [Path(x.path).name for x in migrate(tmp_path).actions] == [b.name]
+    again = migrate(tmp_path)
+    assert again.actions == [] and len(again.skipped) == 1 and again.exit_code() == 1
 
 
 def test_squeeze_legacy_is_idempotent_for_a_4d_array_it_cannot_squeeze(tmp_path: Path) -> None:
@@ -520,3 +525,333 @@ def test_squeeze_legacy_is_idempotent_for_a_4d_array_it_cannot_squeeze(tmp_path:
     np.savez(p, latents_8x8=np.zeros((16, 2, 8, 8), np.float32), original_size_8x8=np.array([64, 64]))
     migrate(tmp_path, squeeze_legacy=True, apply=True)
     assert migrate(tmp_path, squeeze_legacy=True).actions == []
+
+
+# --- traps: a writer holding the lock, read-only files, lockless leftovers; stats of every model ----
+
+_HOLDER = """
+import sys
+from latentcache.tools.writer_lock import try_writer_lock
+with try_writer_lock(sys.argv[1]) as state:
+    if len(sys.argv) > 2:  # a writer's half-written temporary file, as the Rust writer makes it
+        with open(sys.argv[2], "wb") as f:
+            f.write(b"half a file")
+    print(state, flush=True)
+    sys.stdin.read()  # hold the lock until the test closes our stdin
+"""
+
+
+class _Writer:
+    """Another process holding the writer lock of ``target`` (the Rust writer's lock: same shard file,
+    same flock), ready when its first line arrives; released when the test closes its stdin."""
+
+    def __init__(self, target: Path, temp: Path | None = None) -> None:
+        args = [sys.executable, "-c", _HOLDER, str(target), *([str(temp)] if temp else [])]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()  # blocks until the lock is held: no sleep
+        assert line == "held", f"the holder could not lock: {line!r}"
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            assert self.proc.wait(timeout=60) == 0
+
+
+@pytest.fixture
+def writer() -> Any:
+    held: list[_Writer] = []
+
+    def start(target: Path, temp: Path | None = None) -> _Writer:
+        held.append(_Writer(target, temp))
+        return held[-1]
+
+    yield start
+    for w in held:
+        w.release()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _other_shard(name: str, than: str) -> str:
+    from latentcache.tools.writer_lock import lock_shard
+
+    for i in range(1000):
+        cand = name.replace("NUM", str(i))
+        if lock_shard(cand) != lock_shard(than):
+            return cand
+    raise AssertionError("unreachable")
+
+
+@_posix_only
+def test_the_python_lock_is_the_rust_writers_lock(tmp_path: Path, writer: Any) -> None:
+    import threading
+
+    from latentcache import _core
+    from latentcache.tools.writer_lock import WriterBusy, try_writer_lock
+
+    names = ["a_0064x0064_anima.npz", "B_0512x0512_anima.npz", "é" * 150 + "_0064x0064_anima.npz"]
+    for name in names:
+        target = tmp_path / name
+        temp = tmp_path / f".{name}.lctmp"
+        if len(os.fsencode(name)) > 220:  # the writer names (and locks) long names by a stem
+            from latentcache.tools.writer_lock import temp_stem
+
+            temp = tmp_path / f".{temp_stem(name)}.lctmp"
+        temp.write_bytes(b"half")
+        w = writer(target)
+        with pytest.raises(WriterBusy):  # another process holds it: never waited for
+            with try_writer_lock(str(target)):
+                pass
+        # The Rust writer's own lock waits for ours: remove_stale_temp cannot remove the file while the
+        # other process holds the lock (join's timeout bounds the wait for what must not happen).
+        out: dict[str, bool] = {}
+
+        def remove(p: Path = temp, o: dict[str, bool] = out) -> None:
+            o["removed"] = _core.remove_stale_temp(p)
+
+        t = threading.Thread(target=remove)
+        t.start()
+        t.join(1.0)
+        assert t.is_alive() and temp.exists(), f"{name}: the Rust writer did not wait for the lock"
+        w.release()
+        t.join(60)
+        assert out == {"removed": True} and not temp.exists()
+    # A lock of another shard does not block the writer.
+    other = _other_shard("x_NUM_anima.npz", names[0])
+    w = writer(tmp_path / names[0])
+    _cache(tmp_path / other, (64, 64), 8, 8)
+    with try_writer_lock(str(tmp_path / other)) as state:
+        assert state == "held"
+    w.release()
+
+
+@_posix_only
+def test_repair_skips_a_cache_another_process_is_writing(tmp_path: Path, writer: Any) -> None:
+    _image(tmp_path / "a.png", 64, 64)
+    a = tmp_path / "a_0064x0064_anima.npz"
+    a.write_bytes(b"PK\x03\x04 cut short")  # a broken cache that a live writer is replacing now
+    a_temp = tmp_path / f".{a.name}.lctmp"
+    other = _other_shard("z_NUM_0064x0064_anima.npz", a.name)
+    stale = tmp_path / f".{other}.lctmp"  # a killed writer's leftover: its lock is free
+    stale.write_bytes(b"left by a kill")
+    w = writer(a, a_temp)
+    plan = repair(tmp_path)
+    assert [(x.kind, Path(x.path).name) for x in plan.actions] == [("remove", stale.name)], plan.format()
+    assert sorted(Path(x.split(":")[0]).name for x in plan.skipped) == sorted([a.name, a_temp.name])
+    assert all("being written by another process" in x for x in plan.skipped)
+    assert main(["repair", str(tmp_path), "--apply"]) == 1  # the skipped ones are problems left
+    assert a.read_bytes() == b"PK\x03\x04 cut short" and a_temp.read_bytes() == b"half a file"
+    assert not stale.exists()
+    # A plan made while no one wrote, applied once a writer holds the lock: the step fails, no clobber.
+    w.release()
+    plan = repair(tmp_path)
+    assert sorted(Path(x.path).name for x in plan.actions) == sorted([a.name, a_temp.name])
+    w = writer(a)
+    plan.apply()
+    assert all(x.error and "writer" in x.error for x in plan.actions), plan.format()
+    assert a.exists() and a_temp.exists() and plan.exit_code() == 1
+    w.release()
+    # The writer gone, a later run completes.
+    done = repair(tmp_path, apply=True)
+    assert all(x.done for x in done.actions) and done.exit_code() == 0, done.format()
+    assert not a.exists() and not a_temp.exists()
+    assert repair(tmp_path).exit_code() == 0
+
+
+@_posix_only
+def test_migrate_skips_a_cache_another_process_is_writing(
+    tmp_path: Path, writer: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _image(tmp_path / "a.png", 64, 64)
+    a = tmp_path / "a_0064x0064_anima.npz"
+    arrays = _stock(a, 8, 8)
+    b = tmp_path / _other_shard("bNUM_0064x0064_anima.npz", a.name)
+    _image(tmp_path / (b.name.split("_")[0] + ".png"), 64, 64)
+    _stock(b, 8, 8)
+    a_temp = tmp_path / f".{a.name}.lctmp"
+    before = a.read_bytes()
+    w = writer(a, a_temp)
+    assert main(["migrate", str(tmp_path), "--apply", "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert [Path(x["path"]).name for x in doc["actions"]] == [b.name] and doc["actions"][0]["done"]
+    assert len(doc["skipped"]) == 1 and a.name in doc["skipped"][0] and "being written" in doc["skipped"][0]
+    assert doc["remaining"] == 1
+    assert a.read_bytes() == before and a_temp.read_bytes() == b"half a file"  # never clobbered
+    # Planned while free, applied while a writer holds the lock: the step fails and changes nothing.
+    w.release()
+    plan = migrate(tmp_path)
+    assert [Path(x.path).name for x in plan.actions] == [a.name]
+    w = writer(a)
+    plan.apply()
+    assert plan.actions[0].error and "being written" in plan.actions[0].error
+    assert a.read_bytes() == before
+    w.release()
+    # A later run completes; the dead writer's temporary file goes with the rewrite.
+    done = migrate(tmp_path, apply=True)
+    assert [x.done for x in done.actions] == [True] and done.exit_code() == 0, done.format()
+    assert not a_temp.exists()
+    with np.load(a) as z:
+        for k, v in arrays.items():
+            assert z[k].dtype == v.dtype and z[k].tobytes() == v.tobytes()
+    assert migrate(tmp_path).exit_code() == 0
+
+
+def test_repair_removes_lockless_temp_files_only_of_provably_gone_writers(tmp_path: Path) -> None:
+    from latentcache.tools.writer_lock import STALE_AFTER_S
+
+    old = time.time() - STALE_AFTER_S - 60
+    gone = tmp_path / f".a_0064x0064_anima.npz.lctmp-{_dead_pid()}-1f2e"  # dead pid, long untouched
+    gone.write_bytes(b"half")
+    os.utime(gone, (old, old))
+    alive = tmp_path / f".b_0064x0064_anima.npz.lctmp-{os.getpid()}-aa"  # its writer runs (us)
+    alive.write_bytes(b"half")
+    os.utime(alive, (old, old))
+    fresh = tmp_path / f".c_0064x0064_anima.npz.lctmp-{_dead_pid()}-bb"  # maybe another host's writer
+    fresh.write_bytes(b"half")
+    plan = repair(tmp_path)
+    assert [(x.kind, Path(x.path).name) for x in plan.actions] == [("remove", gone.name)], plan.format()
+    skipped = "\n".join(plan.skipped)
+    assert alive.name in skipped and "live process" in skipped
+    assert fresh.name in skipped and "minutes" in skipped
+    plan.apply()
+    assert plan.actions[0].done and not gone.exists() and alive.exists() and fresh.exists()
+    assert plan.exit_code() == 1
+    # Once old enough with a dead writer, a later run removes it too.
+    os.utime(fresh, (old, old))
+    done = repair(tmp_path, apply=True)
+    assert [Path(x.path).name for x in done.actions if x.done] == [fresh.name]
+    assert alive.exists()
+    # The re-check at apply time: a file touched since the plan (its writer is back) stays.
+    os.utime(alive, (old, old))
+    gone2 = tmp_path / f".d_0064x0064_anima.npz.lctmp-{_dead_pid()}-cc"
+    gone2.write_bytes(b"half")
+    os.utime(gone2, (old, old))
+    plan = repair(tmp_path)
+    assert [Path(x.path).name for x in plan.actions] == [gone2.name]
+    os.utime(gone2)  # written again just now
+    plan.apply()
+    assert plan.actions[0].error and gone2.exists()
+
+
+def _make_read_only(path: Path, how: str, undo: list[Any]) -> None:
+    """chmod (binds a non-root user only) or chattr +i (binds root too)."""
+    if how == "chmod":
+        probe = path.parent / ".probe"
+        probe.write_bytes(b"")
+        probe.chmod(0o444)
+        binds = not os.access(probe, os.W_OK)
+        probe.unlink()
+        if not binds:  # root with CAP_DAC_OVERRIDE (the CI): chmod proves nothing here
+            pytest.skip(
+                f"permission bits do not bind this process (euid {os.geteuid()}, DAC override); "
+                "the immutable variant covers root"
+            )
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        undo.append(lambda: path.chmod(mode))
+        return
+    if os.geteuid() != 0:
+        pytest.skip("chattr +i needs root (CAP_LINUX_IMMUTABLE); the chmod variant runs instead")
+    r = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"chattr +i is not available here ({r.stderr.strip() or r.returncode})")
+    undo.append(lambda: subprocess.run(["chattr", "-i", str(path)], check=True))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+@pytest.mark.parametrize("how", ["chmod", "immutable"])
+@pytest.mark.parametrize("what", ["file", "folder"])
+@pytest.mark.parametrize("tool", ["repair", "migrate"])
+def test_read_only_caches_are_reported_and_left_whole(
+    tmp_path: Path, tool: str, what: str, how: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from latentcache._core import find_temp_files
+
+    d = tmp_path / "data"
+    d.mkdir()
+    _image(d / "a.png", 64, 64)
+    p = d / "a_0064x0064_anima.npz"
+    if tool == "repair":
+        p.write_bytes(b"PK\x03\x04 cut short")
+    else:
+        _stock(p, 8, 8)
+    before = p.read_bytes()
+    fn = repair if tool == "repair" else migrate
+    planned = fn(d)  # made while writable; applied after the file or folder turned read-only
+    assert len(planned.actions) == 1
+    undo: list[Any] = []
+    try:
+        _make_read_only(p if what == "file" else d, how, undo)
+        assert main([tool, str(d), "--apply"]) == 1
+        out = capsys.readouterr().out
+        assert "[SKIPPED]" in out and str(p) in out and "read-only" in out, out
+        planned.apply()
+        assert planned.exit_code() == 1 and str(p) in (planned.actions[0].error or "")
+        assert "read-only" in (planned.actions[0].error or "")
+        assert p.read_bytes() == before  # nothing lost or half-written
+        assert find_temp_files(d) == []
+    finally:
+        for u in reversed(undo):
+            u()
+    # Writable again, a later run completes.
+    assert fn(d, apply=True).exit_code() == 0
+    assert fn(d).exit_code() == 0
+
+
+def _sdxl_cache(path: Path) -> None:
+    lat = np.zeros((4, 8, 8), np.float32)
+    latentcache.write_latents(
+        path, latents=lat, original_size=(64, 64), crop_ltrb=(0, 0, 64, 64), model="sdxl"
+    )
+
+
+def test_stats_reports_every_model_by_default(
+    messy: tuple[Path, dict[str, Path]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    d, _ = messy
+    _image(d / "x.png", 64, 64)
+    _sdxl_cache(d / "x_0064x0064_sdxl.npz")
+    _sdxl_cache(d / "y_0064x0064_sdxl.npz")
+    only = stats(d, model="anima")
+    s = stats(d)
+    assert s.model == "all" and sorted(s.models) == ["anima", "sdxl"]
+    assert s.models["anima"].as_dict() | {"models": {}} == only.as_dict() | {"models": {}}
+    sdxl = s.models["sdxl"]
+    assert sdxl.files == 2 and sdxl.resolutions == {"8x8": 2} and sdxl.aligned == 2
+    assert s.files == only.files + 2
+    assert s.bytes == only.bytes + sum(
+        (d / n).stat().st_size for n in ("x_0064x0064_sdxl.npz", "y_0064x0064_sdxl.npz")
+    )
+    text = s.format()
+    assert "all models:" in text and "\nsdxl: 2 cache files" in text and "anima:" in text
+    assert main(["stats", str(d), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"] == "all" and doc["files"] == s.files
+    assert doc["models"]["sdxl"]["resolutions"] == {"8x8": 2}
+    assert doc["models"]["anima"]["files"] == only.files
+    # --model narrows to one: the old report, with the same counts under "models".
+    assert main(["stats", str(d), "--model", "sdxl", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"] == "sdxl" and doc["files"] == 2 and list(doc["models"]) == ["sdxl"]
+    empty = d / "empty"
+    empty.mkdir()
+    assert stats(empty).files == 0 and stats(empty).format() == "no caches found"
+    assert main(["stats", str(d / "nope")]) == 2
+
+
+def test_migrate_workers_never_take_each_other_for_a_live_writer(tmp_path: Path) -> None:
+    from latentcache.tools.writer_lock import lock_shard
+
+    # Names that all share one lock shard: the pool's threads contend for it all the time.
+    names = [n for n in (f"s{i}_0064x0064_anima.npz" for i in range(5000)) if lock_shard(n) == 0][:48]
+    for n in names:
+        _stock(tmp_path / n, 8, 8)
+    plan = migrate(tmp_path, apply=True)
+    assert len(plan.actions) == len(names) and plan.skipped == []
+    assert all(a.done for a in plan.actions), [a.error for a in plan.actions if a.error][:3]

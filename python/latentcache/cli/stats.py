@@ -1,4 +1,4 @@
-"""``latentcache stats``: what a folder's caches hold, per resolution, layout, VAE and status."""
+"""``latentcache stats``: what a folder's caches hold, per model and resolution, layout, VAE and status."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ def command(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Add ``stats`` to an argparse subparsers object."""
-    p = sub.add_parser("stats", help="caches and bytes per resolution, layout, VAE and status")
+    p = sub.add_parser("stats", help="caches and bytes per model and resolution, layout, VAE and status")
     add_dataset_arguments(p, apply=False)
-    p.set_defaults(func=runtime_errors_exit_1(command))
+    # Every model's caches by default; --model narrows the report to one.
+    for action in p._actions:
+        if action.dest == "model":
+            action.help = "count only this cache kind (default: every kind found in DIR)"
+    p.set_defaults(model=None, func=runtime_errors_exit_1(command))

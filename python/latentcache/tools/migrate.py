@@ -8,8 +8,10 @@ so a kill at any point leaves the old file or the new one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -23,8 +25,18 @@ from latentcache.errors import LatentCacheError
 from latentcache.models import ModelLike, ModelSchema
 from latentcache.models import get as get_model
 from latentcache.tools.plan import Action, Inside, Plan, identity, unchanged
+from latentcache.tools.writer_lock import (
+    TEMP_MARKER,
+    UNKNOWN,
+    WriterBusy,
+    lockless_temp_owner,
+    shard_mutex,
+    temp_stem,
+    temp_target,
+    try_writer_lock,
+)
 
-__all__ = ["cache_files", "migrate", "prune"]
+__all__ = ["busy", "cache_files", "migrate", "prune", "read_only"]
 
 # Rewrites wait on fsync, not the CPU: this many overlap.
 _WORKERS = min(16, 4 * (os.cpu_count() or 1))
@@ -43,7 +55,9 @@ def cache_files(
     if temps is not None:
         for t in report.temp_files:
             folder, name = os.path.split(t)
-            temps.add(os.path.join(folder, name[1:].rsplit(_TEMP_MARKER, 1)[0]))
+            parsed = temp_target(name)
+            if parsed is not None:
+                temps.add(os.path.join(folder, parsed[0]))
     within = Inside(root)
     notes = []
     kept = []
@@ -55,30 +69,54 @@ def cache_files(
     return kept, notes
 
 
-_TEMP_MARKER = ".lctmp"
-
-
-def _being_written(path: str) -> bool:
-    """Whether a writer's temporary file of ``path`` exists (either form: locked or lockless)."""
+def _lockless_temps(path: str) -> list[str]:
+    """The lockless writers' temporary files (``.{name}.lctmp-{pid}-{hex}``) of ``path``."""
     folder, name = os.path.split(path)
-    prefix = f".{name}{_TEMP_MARKER}"
+    stem = temp_stem(name)
+    prefix = f".{stem}{TEMP_MARKER}-" if isinstance(stem, str) else None
     try:
-        return any(n.startswith(prefix) for n in os.listdir(folder or "."))
+        names = os.listdir(folder or ".") if prefix else []
     except OSError:
-        return False
+        return []
+    return [os.path.join(folder, n) for n in names if n.startswith(prefix or "\0") and temp_target(n)]
 
 
-def _no_live_writer(path: str, had_temp: bool) -> None:
-    """Raise unless no other process is writing ``path``. A temporary file left by a killed writer
-    (an earlier ``migrate`` included) is removed under its target's lock, which waits out a live
-    writer's one file write; a temporary file still there after that belongs to a live writer."""
-    folder, name = os.path.split(path)
-    locked = os.path.join(folder, f".{name}{_TEMP_MARKER}")
-    if os.path.lexists(locked):
-        _core.remove_stale_temp(locked)
-    # The listing (for lockless writers' unique names) only where the scan saw a temporary file.
-    if os.path.lexists(locked) or (had_temp and _being_written(path)):
-        raise OSError(f"{path} is being written by another process; skipped, run again later")
+def read_only(path: str) -> str | None:
+    """Why ``path`` cannot be replaced or removed by us (the file or its folder is read-only,
+    immutable, or on a read-only file system), or None. A read-only file is the user's mark: the
+    tools leave it rather than replace it by rename, which its folder's permissions would allow."""
+    folder = os.path.dirname(path) or "."
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror or e})"
+    if not os.access(path, os.W_OK):
+        return f"{path} is read-only (mode {stat.S_IMODE(mode):04o}); left as it is"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{path}: its folder {folder} is read-only; left as it is"
+    return None
+
+
+def busy(path: str, lockless: bool) -> str | None:
+    """Why ``path`` may be being written by another process now, or None: its writer lock is held,
+    or (``lockless``: the scan saw a lockless writer's temporary file of it; or where the file system
+    has no locks) such a file is there and its writer is not provably gone. A leftover
+    ``.{name}.lctmp`` of a killed writer does not count: its lock is free, and the writer removes it."""
+    try:
+        with try_writer_lock(path, create=False) as state:  # a plan changes nothing
+            return lockless_busy(path) if state == UNKNOWN or lockless else None
+    except WriterBusy:
+        return "being written by another process (its writer lock is held); skipped, run again later"
+
+
+def lockless_busy(path: str) -> str | None:
+    """Why a lockless writer may be writing ``path`` (one of its temporary files is there and is not
+    provably abandoned), or None."""
+    for t in _lockless_temps(path):
+        why = lockless_temp_owner(t)
+        if why is not None:
+            return f"a lockless writer's temporary file {os.path.basename(t)} is there: {why}"
+    return None
 
 
 def _damaged(path: str, skip: Sequence[str]) -> str | None:
@@ -119,17 +157,33 @@ def _rewrite(
     had_temp: bool = False,
 ) -> Callable[[], int]:
     def run() -> int:
-        _no_live_writer(path, had_temp)
-        before = identity(path)
-        damaged = _damaged(path, drop)
-        if damaged is not None:
-            raise OSError(f"{path}: not rewritten, {damaged} (verify --crc finds such files)")
-        arrays = replace()
-        with open_cache(path) as f:
-            has_meta = META_KEY in f
-        # The file checked and read must still be the one there: a writer that replaced it meanwhile
-        # would otherwise get its members overwritten with the old ones (a narrow window remains
-        # until the writer's lock is taken below).
+        with shard_mutex(path):
+            return locked_run()
+
+    def locked_run() -> int:
+        why = read_only(path)
+        if why is not None:
+            raise PermissionError(why)
+        # Read under the writer's lock (taken without waiting: a live writer means skip), so no writer
+        # changes the file while the members to rewrite are read. The Rust writer takes the lock again
+        # for the write itself; the inode check just before it narrows what is left of the gap.
+        try:
+            with try_writer_lock(path) as state:
+                if state == UNKNOWN or had_temp:
+                    why = lockless_busy(path)
+                    if why is not None:
+                        raise WriterBusy(errno.EAGAIN, why)
+                before = identity(path)
+                damaged = _damaged(path, drop)
+                if damaged is not None:
+                    raise OSError(f"{path}: not rewritten, {damaged} (verify --crc finds such files)")
+                arrays = replace()
+                with open_cache(path) as f:
+                    has_meta = META_KEY in f
+        except WriterBusy as e:
+            raise OSError(f"{path}: {e.strerror}") from None
+        # The file checked and read must still be the one there: a writer that replaced it since the
+        # lock was released would otherwise get its members overwritten with the old ones.
         unchanged(path, before)
         if not has_meta:
             arrays.append(_meta_entry(tool))
@@ -138,6 +192,16 @@ def _rewrite(
         return os.path.getsize(path)
 
     return run
+
+
+def _skipped(plan: Plan, path: str, temps: set[str]) -> bool:
+    """Whether ``path`` is left out of the plan (recorded in ``plan.skipped``): it is read-only, or
+    another process is writing it. The step re-checks both when it runs."""
+    why = read_only(path) or busy(path, path in temps)
+    if why is None:
+        return False
+    plan.skipped.append(why if why.startswith(path) else f"{path}: {why}")
+    return True
 
 
 def migrate(
@@ -154,8 +218,10 @@ def migrate(
     Every entry keeps its values and dtype bit for bit (deflated entries are stored inflated); a file
     without ``latentcache_meta`` gets one. With ``squeeze_legacy``, Anima's older ``(16, 1, h, w)``
     latents become ``(16, h, w)`` (stock sd-scripts reads both). A file already aligned (and squeezed
-    when asked) is left alone, so a second run does nothing. A file another process is writing is
-    skipped with a note. Invalid files are left to ``repair``.
+    when asked) is left alone, so a second run does nothing. A file another process is writing (its
+    writer lock is held, or a lockless writer's temporary file of it is not provably abandoned) or
+    that is read-only is listed in ``Plan.skipped``, never rewritten. Invalid files are left to
+    ``repair``.
     """
     schema = get_model(model)
     root = os.fspath(directory)
@@ -187,8 +253,8 @@ def migrate(
             why.append("stock layout (unaligned or deflated payloads)")
         if legacy:
             why.append(f"legacy (C, 1, h, w) latents in {', '.join(legacy)}")
-        if path in temps:
-            why.append("a writer's temporary file is there (skipped if its writer is alive)")
+        if _skipped(plan, path, temps):
+            continue
 
         def replace(
             p: str = path,
@@ -282,6 +348,8 @@ def prune(
         gone = [r for r in held if r not in wanted]
         if not gone:
             continue
+        if _skipped(plan, path, temps):
+            continue
         sizes = ", ".join(f"{h}x{w}" for h, w in gone)
         if len(gone) == len(held):
             plan.actions.append(
@@ -312,14 +380,22 @@ def _remove_file(path: str, schema: ModelSchema, wanted: set[tuple[int, int]]) -
     planned = identity(path)
 
     def run() -> int:
-        # Re-checked now: a writer may have added a kept resolution since the plan (a new file, by
-        # rename). The file checked must be the one planned, and still hold nothing kept.
-        with open_cache(path, model=schema) as f:
-            kept = [r for r in f.resolutions() if r in wanted]
-        if kept:
-            raise OSError(f"{path} holds a kept resolution now; left alone")
-        n = unchanged(path, planned)
-        os.remove(path)
+        # Re-checked now, under the writer's lock: a writer may have added a kept resolution since
+        # the plan (a new file, by rename). The file checked must be the one planned, and still hold
+        # nothing kept.
+        why = read_only(path)
+        if why is not None:
+            raise PermissionError(why)
+        try:
+            with try_writer_lock(path):
+                with open_cache(path, model=schema) as f:
+                    kept = [r for r in f.resolutions() if r in wanted]
+                if kept:
+                    raise OSError(f"{path} holds a kept resolution now; left alone")
+                n = unchanged(path, planned)
+                os.remove(path)
+        except WriterBusy as e:
+            raise OSError(f"{path}: {e.strerror}") from None
         return n
 
     return run

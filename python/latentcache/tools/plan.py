@@ -57,13 +57,16 @@ class Plan:
     Attributes:
         tool: the tool's name.
         actions: the steps that change files.
-        notes: things seen and left alone (orphans kept, files being written, ...), one line each.
+        notes: things seen and left alone on purpose (orphans kept, links out, ...), one line each.
+        skipped: files the plan would act on but leaves for a later run (another process is writing
+            them; they are read-only), one line each naming the file; they count as problems left.
         applied: whether ``apply`` ran.
     """
 
     tool: str
     actions: list[Action] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     applied: bool = False
 
     @property
@@ -99,8 +102,8 @@ class Plan:
         return self
 
     def exit_code(self) -> int:
-        """0: nothing to do or all done; 1: something is left (planned only, or failed)."""
-        return 1 if self.problems else 0
+        """0: nothing to do or all done; 1: something is left (planned only, failed, or skipped)."""
+        return 1 if self.problems or self.skipped else 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -108,7 +111,8 @@ class Plan:
             "applied": self.applied,
             "actions": [a.as_dict() for a in self.actions],
             "notes": list(self.notes),
-            "remaining": len(self.problems),
+            "skipped": list(self.skipped),
+            "remaining": len(self.problems) + len(self.skipped),
         }
 
     def format(self) -> str:
@@ -124,8 +128,12 @@ class Plan:
                 lines.append(f"    error: {a.error}")
         for n in self.notes:
             lines.append(f"note: {n}")
-        if not self.actions:
+        for n in self.skipped:
+            lines.append(f"[SKIPPED] {n}")
+        if not self.actions and not self.skipped:
             lines.append(f"{self.tool}: nothing to do")
+        elif not self.actions:
+            lines.append(f"{self.tool}: {len(self.skipped)} file(s) skipped; run again later")
         elif not self.applied:
             lines.append(
                 f"{self.tool}: {len(self.actions)} action(s) planned; run with --apply to carry them out"
@@ -134,7 +142,8 @@ class Plan:
             failed = sum(1 for a in self.actions if a.error)
             written = sum(a.nbytes for a in self.actions if a.done and a.kind in ("rewrite", "prune"))
             total = f"; {written:,} bytes rewritten" if written else ""
-            lines.append(f"{self.tool}: {len(self.actions) - failed} done, {failed} failed{total}")
+            skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+            lines.append(f"{self.tool}: {len(self.actions) - failed} done, {failed} failed{skipped}{total}")
         return "\n".join(lines)
 
 

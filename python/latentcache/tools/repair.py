@@ -7,19 +7,28 @@ ever touched; a file whose real path leaves the folder (a symlink pointing out) 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from latentcache import _core
 from latentcache.cache.validate import verify_directory
 from latentcache.errors import CachePathError, LatentCacheError
 from latentcache.models import ModelLike
 from latentcache.models import get as get_model
+from latentcache.tools.migrate import busy, read_only
 from latentcache.tools.plan import Action, Identity, Inside, Plan, identity, unchanged
+from latentcache.tools.writer_lock import (
+    UNKNOWN,
+    WriterBusy,
+    lockless_temp_owner,
+    temp_target,
+    try_writer_lock,
+)
 
 __all__ = ["repair"]
 
@@ -82,10 +91,27 @@ def _checked(path: str, planned: Identity | None, recheck: _Recheck | None) -> i
     return unchanged(path, planned)  # after the re-check: the file re-checked is the one planned
 
 
+def _unlocked_and_writable(path: str) -> Iterator[None]:
+    """Hold ``path``'s writer lock (without waiting) after checking that it is not read-only: a step
+    that removes or moves a cache runs inside, so no latentcache writer is replacing it meanwhile."""
+    why = read_only(path)
+    if why is not None:
+        raise PermissionError(why)
+    try:
+        with try_writer_lock(path):
+            yield
+    except WriterBusy as e:
+        raise OSError(f"{path}: {e.strerror}") from None
+
+
+_guarded = contextlib.contextmanager(_unlocked_and_writable)
+
+
 def _remove(path: str, planned: Identity | None = None, recheck: _Recheck | None = None) -> Callable[[], int]:
     def run() -> int:
-        n = _checked(path, planned, recheck)
-        os.remove(path)
+        with _guarded(path):
+            n = _checked(path, planned, recheck)
+            os.remove(path)
         return n
 
     return run
@@ -106,21 +132,63 @@ def _move(
     path: str, dest: str, planned: Identity | None = None, recheck: _Recheck | None = None
 ) -> Callable[[], int]:
     def run() -> int:
-        n = _checked(path, planned, recheck)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        target = _free_name(dest)
+        with _guarded(path):
+            return _move_now(path, dest, planned, recheck)
+
+    return run
+
+
+def _move_now(path: str, dest: str, planned: Identity | None, recheck: _Recheck | None) -> int:
+    n = _checked(path, planned, recheck)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    target = _free_name(dest)
+    try:
+        os.rename(path, target)  # atomic within one file system
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        # Another file system: copy under a temporary name, publish it, then remove the
+        # original. A kill leaves the original in place (and at worst a copy in the quarantine).
+        part = target + ".lcpart"
+        shutil.copy2(path, part, follow_symlinks=False)
+        os.replace(part, target)
+        os.remove(path)
+    return n
+
+
+def _temp_in_use(temp: str, lock_of: str, pid: int | None) -> str | None:
+    """Why the writer's temporary file ``temp`` may belong to a live writer, or None. ``lock_of``
+    is the path whose lock its writer takes; ``pid`` the writer's pid in a lockless name."""
+    try:
+        with try_writer_lock(lock_of, create=False) as state:  # a plan changes nothing
+            if pid is not None:
+                why = lockless_temp_owner(temp)
+                return None if why is None else f"a lockless writer's temporary file, kept: {why}"
+            if state == UNKNOWN:
+                return "its writer's lock cannot be taken here (no locks on this file system); kept"
+            return None
+    except WriterBusy:
+        return "being written by another process (its writer lock is held); skipped, run again later"
+
+
+def _remove_temp(temp: str, lock_of: str, pid: int | None) -> Callable[[], int]:
+    """Remove a writer's temporary file under its lock, re-checking that its writer is gone (the
+    Rust ``remove_stale_temp`` would wait for a live writer's lock; this never waits)."""
+
+    def run() -> int:
         try:
-            os.rename(path, target)  # atomic within one file system
-        except OSError as e:
-            if e.errno != errno.EXDEV:
-                raise
-            # Another file system: copy under a temporary name, publish it, then remove the
-            # original. A kill leaves the original in place (and at worst a copy in the quarantine).
-            part = target + ".lcpart"
-            shutil.copy2(path, part, follow_symlinks=False)
-            os.replace(part, target)
-            os.remove(path)
-        return n
+            with try_writer_lock(lock_of) as state:
+                if pid is not None:
+                    why = lockless_temp_owner(temp)
+                    if why is not None:
+                        raise OSError(f"{temp}: {why}; left alone")
+                elif state == UNKNOWN:
+                    raise OSError(f"{temp}: its writer's lock cannot be taken here; left alone")
+                n = os.lstat(temp).st_size
+                os.remove(temp)
+                return n
+        except WriterBusy:
+            raise OSError(f"{temp} belongs to a writer that is running now; left alone") from None
 
     return run
 
@@ -155,7 +223,11 @@ def _promote(
             raise OSError(f"{leftover} is no longer a valid cache for the image")
         n = unchanged(leftover, planned)
         try:
-            _rename_no_clobber(leftover, cache)
+            # Under the cache's writer lock: no latentcache writer creates it meanwhile.
+            with try_writer_lock(cache):
+                _rename_no_clobber(leftover, cache)
+        except WriterBusy:
+            raise OSError(f"{cache} is being written by another process; the leftover is left") from None
         except FileExistsError:
             raise OSError(
                 f"{cache} was written meanwhile; the leftover {leftover} is left for the next run"
@@ -201,11 +273,17 @@ def repair(
       when that cache is missing and the leftover is valid for the image (the image's real size, from
       its header, equals the size in the name and every recorded ``original_size``); otherwise it is
       removed.
-    - Writers' temporary files are removed under their target's lock (a live writer's never).
+    - Writers' temporary files are removed under their target's lock, taken without waiting: a
+      ``.{name}.lctmp`` when the lock is free; a lockless writer's ``.{name}.lctmp-{pid}-{hex}``
+      only when its pid is not alive here and it is older than ``writer_lock.STALE_AFTER_S``.
     - Invalid caches (not a zip, truncated, wrong shapes, missing keys) are removed, or moved under
       ``quarantine`` keeping their relative path, so the next run encodes them.
     - Caches of an image at a size it no longer has (the image was edited) are removed.
     - Orphan caches (no image) are listed, and removed only with ``orphans="delete"``.
+
+    A file another process is writing (its writer lock is held) or that is read-only (or in a
+    read-only folder) is not acted on: it is listed in ``Plan.skipped`` with the reason, which makes
+    the exit code 1; each step re-checks both when it runs.
 
     Raises:
         ValueError: ``orphans`` is neither ``keep`` nor ``delete``; an unknown model; a quarantine
@@ -239,10 +317,18 @@ def repair(
             plan.notes.append(f"{path} resolves outside {root}; left alone")
         return True
 
+    def skip(path: str, why: str | None) -> bool:
+        if why is None:
+            return False
+        plan.skipped.append(why if why.startswith(path) else f"{path}: {why}")
+        return True
+
     def drop(path: str, reason: str, recheck: Callable[[], str | None] | None = None) -> None:
         if path in seen or outside(path):
             return
         seen.add(path)
+        if skip(path, read_only(path) or busy(path, False)):
+            return
         ident = identity(path)
         if qdir is not None:
             dest = os.path.join(qdir, os.path.relpath(path, root))
@@ -252,21 +338,25 @@ def repair(
         else:
             plan.actions.append(Action("remove", path, reason, run=_remove(path, ident, recheck)))
 
-    # 1. Writers' temporary files, in every folder the scan listed.
+    # 1. Writers' temporary files, in every folder the scan listed: `.{name}.lctmp` (a writer that
+    #    held the lock) when its lock is free, `.{name}.lctmp-{pid}-{hex}` (a writer on a file system
+    #    without locks) when its writer is provably gone. A live writer's file is skipped.
     for temp in report.temp_files:
         if outside(temp):
             continue
         seen.add(temp)
-
-        def run_temp(t: str = temp) -> int:
-            n = os.lstat(t).st_size
-            if not _core.remove_stale_temp(t):
-                raise OSError(f"{t} belongs to a writer that is still running, or is gone")
-            return n
-
-        plan.actions.append(
-            Action("remove", temp, "a writer's temporary file (killed or finished writer)", run=run_temp)
+        parsed = temp_target(os.path.basename(temp))
+        if parsed is None:
+            continue
+        lock_of = os.path.join(os.path.dirname(temp), parsed[0])
+        if skip(temp, _temp_in_use(temp, lock_of, parsed[1])):
+            continue
+        reason = (
+            "a killed writer's temporary file (its lock is free)"
+            if parsed[1] is None
+            else f"a lockless writer's temporary file; its writer (pid {parsed[1]}) is gone"
         )
+        plan.actions.append(Action("remove", temp, reason, run=_remove_temp(temp, lock_of, parsed[1])))
 
     # 2. Invalid caches, by the same pass that `verify` makes.
     by_path: dict[str, list[_core.CacheStatus]] = {}

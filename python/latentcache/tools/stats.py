@@ -1,4 +1,4 @@
-"""``stats``: what a folder's caches hold, per model and per resolution, from one pass."""
+"""``stats``: what a folder's caches hold, per model and per resolution, from one pass per model."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latentcache import _core
+from latentcache import models as _models
 from latentcache.cache.meta import META_KEY, parse_meta
 from latentcache.errors import LatentCacheError
-from latentcache.models import ModelLike
+from latentcache.models import ModelLike, ModelSchema
 from latentcache.models import get as get_model
 from latentcache.tools.migrate import cache_files
 from latentcache.tools.plan import progress
@@ -20,10 +21,11 @@ __all__ = ["Stats", "stats"]
 
 @dataclass
 class Stats:
-    """Counts for one model's caches in a folder.
+    """Counts for a folder's caches: of one model, or (``model == "all"``) the totals over every model
+    found, with each model's own counts in ``models``.
 
     Attributes:
-        model: the model name.
+        model: the model name, or ``"all"`` for the totals over several models.
         files, bytes: cache files and their total size.
         resolutions: ``"{h}x{w}"`` latent size -> files holding it.
         aligned, stock: files in latentcache's aligned layout, and the others.
@@ -31,6 +33,8 @@ class Stats:
         sources: files that record their source image; vaes: recorded VAE fingerprint -> files.
         statuses: verify's code -> resolutions (``ok``, ``stale``, ``truncated``, ...).
         unreadable: files that could not be opened as an npz.
+        models: model name -> that model's ``Stats`` (every model with caches here; the one asked for
+            with ``model=``).
     """
 
     model: str
@@ -46,8 +50,31 @@ class Stats:
     statuses: Counter[str] = field(default_factory=Counter)
     unreadable: int = 0
     notes: list[str] = field(default_factory=list)
+    models: dict[str, Stats] = field(default_factory=dict)
+
+    def add(self, other: Stats) -> None:
+        """Add ``other``'s counts (another model's) to these totals."""
+        self.files += other.files
+        self.bytes += other.bytes
+        self.resolutions.update(other.resolutions)
+        self.aligned += other.aligned
+        self.stock += other.stock
+        self.flipped += other.flipped
+        self.alpha += other.alpha
+        self.sources += other.sources
+        self.vaes.update(other.vaes)
+        self.statuses.update(other.statuses)
+        self.unreadable += other.unreadable
+        self.notes.extend(other.notes)
 
     def as_dict(self) -> dict[str, Any]:
+        """The counts as JSON-ready data: the totals at the top level (the one model's counts when
+        one model was asked for), and ``models``: each model's counts under its name."""
+        doc = self._counts()
+        doc["models"] = {name: m._counts() for name, m in sorted(self.models.items())}
+        return doc
+
+    def _counts(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "files": self.files,
@@ -65,7 +92,20 @@ class Stats:
         }
 
     def format(self, width: int = 40) -> str:
-        """A text report with a histogram of resolutions."""
+        """A text report: each model's counts with a histogram of its resolutions (and the totals
+        first when there are several models)."""
+        if self.model != "all" or not self.models:
+            return self._format(width) if self.files or self.model != "all" else "no caches found"
+        blocks = [m._format(width) for _, m in sorted(self.models.items())]
+        if len(self.models) > 1:
+            blocks.insert(
+                0,
+                f"all models: {self.files:,} cache files, {self.bytes / 1e6:,.1f} MB "
+                f"({self.aligned:,} aligned, {self.stock:,} stock, {self.unreadable:,} unreadable)",
+            )
+        return "\n".join(blocks)
+
+    def _format(self, width: int) -> str:
         lines = [
             f"{self.model}: {self.files:,} cache files, {self.bytes / 1e6:,.1f} MB "
             f"({self.aligned:,} aligned, {self.stock:,} stock, {self.unreadable:,} unreadable)",
@@ -90,23 +130,68 @@ def stats(
     directory: str | os.PathLike[str],
     *,
     recursive: bool = False,
-    model: ModelLike = "anima",
+    model: ModelLike | None = None,
     show_progress: bool = False,
 ) -> Stats:
-    """Count what the folder's caches of ``model`` hold, from ``verify``'s own pass.
+    """Count what the folder's caches hold, per model and per resolution, from ``verify``'s own pass.
+
+    With ``model=None`` (the default) every model whose caches are in the folder (by their suffix:
+    ``_anima.npz``, ``_sdxl.npz``, ...) is counted: the result's ``model`` is ``"all"``, its counts
+    are the totals and ``models`` holds each model's own. With ``model`` only that model is counted
+    and the result is its counts (``models`` holds the same, under its name).
 
     One header-only pass over every cache (the one ``verify_directory`` makes) gives each file's
     resolutions, flipped latents, alpha masks, statuses and metadata. "Aligned" counts the files
     latentcache wrote (they carry ``latentcache_meta`` and store every array 64-byte aligned);
     ``latentcache migrate`` turns the "stock" ones into that layout.
     """
-    schema = get_model(model)
     root = os.fspath(directory)
+    if model is not None:
+        one = _stats_of(root, get_model(model), recursive, show_progress)
+        one.models = {one.model: _copy(one)}
+        return one
+    total = Stats("all")
+    for schema in _models_present(root, recursive):
+        m = _stats_of(root, schema, recursive, show_progress)
+        if m.files or m.notes:
+            total.models[m.model] = m
+            total.add(m)
+    return total
+
+
+def _copy(s: Stats) -> Stats:
+    c = Stats(s.model)
+    c.add(s)
+    return c
+
+
+def _models_present(root: str, recursive: bool) -> list[ModelSchema]:
+    """The models with a file named like one of their caches under ``root`` (one listing)."""
+    schemas = [get_model(n) for n in _models.names()]
+    found: set[str] = set()
+    if not os.path.isdir(root):
+        raise (NotADirectoryError if os.path.exists(root) else FileNotFoundError)(
+            f"{root} is not a folder" if os.path.exists(root) else f"{root} does not exist"
+        )
+    folders = os.walk(root) if recursive else [(root, [], os.listdir(root))]
+    for _, _, names in folders:
+        for name in names:
+            if not name.endswith(".npz"):
+                continue
+            best = _models.by_suffix(name)
+            if best is not None:
+                found.add(best.name)
+        if len(found) == len(schemas):
+            break
+    return [s for s in schemas if s.name in found]
+
+
+def _stats_of(root: str, schema: ModelSchema, recursive: bool, show_progress: bool) -> Stats:
     out = Stats(schema.name)
     paths, out.notes = cache_files(root, schema, recursive, doubled=True)
     checked = _core._verify_many(paths, False, False, None, True, model=schema.name)
     for path, (keys, checks, meta_bytes) in progress(
-        zip(paths, checked, strict=True), "stats", show_progress
+        zip(paths, checked, strict=True), f"stats {schema.name}", show_progress
     ):
         out.files += 1
         try:
