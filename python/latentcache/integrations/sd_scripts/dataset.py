@@ -14,7 +14,7 @@ from typing import Any
 from latentcache import _core
 from latentcache.cache.paths import image_for_stem, image_stem
 from latentcache.cache.validate import validate
-from latentcache.encode.distributed import owner_rank
+from latentcache.encode import distributed
 from latentcache.errors import LatentCacheError
 from latentcache.integrations.sd_scripts.images import image_size_from_header
 from latentcache.integrations.sd_scripts.strategy import ANIMA_SUFFIX
@@ -29,6 +29,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger("latentcache.sd_scripts")
+
+
+def owner_rank(cache_file: str, num_processes: int) -> int:
+    """The rank that checks and writes ``cache_file``: ``latentcache.encode.distributed.owner_rank``
+    under the drop-in's own argument names, so that the drop-in and ``latentcache encode`` agree."""
+    return distributed.owner_rank(cache_file, num_processes)
 
 
 class SourceImageNotFoundError(LatentCacheError):
