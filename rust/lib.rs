@@ -1,4 +1,6 @@
 //! latentcache: the pure-Rust core (`core`) and, with the `python` feature, its PyO3 binding (`py`).
-pub mod core;
+// Without the binding nothing calls the core's API; the default build reports what is really dead.
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+pub(crate) mod core;
 #[cfg(feature = "python")]
 mod py;

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use crate::core::error::Result;
 use crate::core::zip::{
-    read_at, read_member_prefix_with, read_zip_index_with, stream_member, Compression, Member,
+    read_at, read_member_prefix_with, read_zip_index, stream_member, Compression, Member,
     ReadError, ReadErrorKind, ReadResult, Src,
 };
 
@@ -102,33 +102,6 @@ impl DType {
             C8 => "complex64",
             C16 => "complex128",
         }
-    }
-
-    /// numpy's `dtype.str`, e.g. `<f4`, `|u1`.
-    pub fn descr(&self) -> String {
-        use ScalarKind::*;
-        let order = match self.endian {
-            Endian::Little => '<',
-            Endian::Big => '>',
-            Endian::NotApplicable => '|',
-        };
-        let code = match self.kind {
-            Bool => "b1",
-            I1 => "i1",
-            I2 => "i2",
-            I4 => "i4",
-            I8 => "i8",
-            U1 => "u1",
-            U2 => "u2",
-            U4 => "u4",
-            U8 => "u8",
-            F2 => "f2",
-            F4 => "f4",
-            F8 => "f8",
-            C8 => "c8",
-            C16 => "c16",
-        };
-        format!("{order}{code}")
     }
 
     pub fn is_integer(&self) -> bool {
@@ -744,6 +717,8 @@ pub struct NpzIndex {
     pub unsupported: Vec<UnsupportedArray>,
     /// Members whose name does not end in `.npy`.
     pub others: Vec<Member>,
+    /// Whether any local header carries latentcache's alignment field (its writer's mark).
+    pub writer_aligned: bool,
 }
 
 impl NpzIndex {
@@ -765,38 +740,18 @@ impl NpzIndex {
     }
 }
 
-/// Read the zip index and every `.npy` header of an npz file, without reading array data.
+/// Read the zip index and every `.npy` header of an npz file through `src`, without reading
+/// array data; `src`'s cached windows serve later small reads (the scalars next to the directory).
 ///
-/// Args: `path` of the `.npz`.
 /// Returns: the arrays (key, header, data location), unsupported arrays and other members.
-pub fn read_npz_index(path: &Path) -> Result<NpzIndex> {
-    let file = crate::core::file::open_regular(path)?;
-    Ok(read_npz_index_from(&file, path)?)
-}
-
-/// [`read_npz_index`] on an open file, with the error kept classified.
-pub fn read_npz_index_from(file: &File, path: &Path) -> ReadResult<NpzIndex> {
-    read_npz_index_src(Src::new(file, path)?)
-}
-
-/// [`read_npz_index_from`] when the caller already knows the file's length (from its own `fstat`).
-pub fn read_npz_index_with_len(file: &File, path: &Path, len: u64) -> ReadResult<NpzIndex> {
-    read_npz_index_src(Src::with_len(file, path, len))
-}
-
-fn read_npz_index_src(src: Src<'_>) -> ReadResult<NpzIndex> {
-    read_npz_index_via(&src)
-}
-
-/// The index through `src`, whose cached windows later small reads reuse and whose `reads` tell
-/// how many positional reads it took.
-pub(crate) fn read_npz_index_via(src: &Src<'_>) -> ReadResult<NpzIndex> {
-    let zip = read_zip_index_with(src)?;
+pub(crate) fn read_npz_index(src: &Src<'_>) -> ReadResult<NpzIndex> {
+    let zip = read_zip_index(src)?;
     let mut index = NpzIndex {
         file_len: zip.file_len,
         arrays: Vec::new(),
         unsupported: Vec::new(),
         others: Vec::new(),
+        writer_aligned: zip.writer_aligned,
     };
     for member in zip.members {
         let Some(key) = member.name.strip_suffix(".npy").map(str::to_owned) else {
@@ -1003,6 +958,28 @@ fn stream_array(
 pub(crate) mod testutil {
     use super::encode_npy_header;
     use crate::core::zip::testutil::{zip_bytes, ZipOpts};
+
+    /// The index of the file at `path` (tests' shorthand for open, size, index).
+    pub fn index_at(path: &std::path::Path) -> crate::core::error::Result<super::NpzIndex> {
+        let file = crate::core::file::open_regular(path)?;
+        Ok(index_of_file(&file, path)?)
+    }
+
+    /// The zip index of the file at `path`.
+    pub fn zip_index_at(
+        path: &std::path::Path,
+    ) -> crate::core::zip::ReadResult<crate::core::zip::ZipIndex> {
+        let file = std::fs::File::open(path).unwrap();
+        crate::core::zip::read_zip_index(&crate::core::zip::Src::new(&file, path)?)
+    }
+
+    /// The index of an open file, its error kept classified.
+    pub fn index_of_file(
+        file: &std::fs::File,
+        path: &std::path::Path,
+    ) -> crate::core::zip::ReadResult<super::NpzIndex> {
+        super::read_npz_index(&crate::core::zip::Src::new(file, path)?)
+    }
 
     /// An `.npy` image of `data` (already in the dtype's byte layout).
     pub fn npy(descr: &str, shape: &[u64], data: &[u8]) -> Vec<u8> {
@@ -1217,7 +1194,7 @@ mod tests {
     fn npz_index(bytes: &[u8]) -> ReadResult<NpzIndex> {
         let t = temp_file(bytes);
         let f = File::open(t.path()).unwrap();
-        read_npz_index_from(&f, t.path())
+        testutil::index_of_file(&f, t.path())
     }
 
     #[test]
@@ -1228,9 +1205,9 @@ mod tests {
             let t = temp_file(&savez_cache((128, 128), extra_mid, false, false, true));
             let f = File::open(t.path()).unwrap();
             let src = Src::new(&f, t.path()).unwrap();
-            let idx = read_npz_index_via(&src).unwrap();
+            let idx = read_npz_index(&src).unwrap();
             assert_eq!(idx.arrays.len(), 3 + usize::from(extra_mid));
-            assert_eq!(src.reads.get(), budget, "reads for extra_mid={extra_mid}");
+            assert_eq!(src.reads(), budget, "reads for extra_mid={extra_mid}");
         }
     }
 
@@ -1241,7 +1218,7 @@ mod tests {
         let z = zip_bytes(&[("lat.npy", &lat, true)], ZipOpts::default());
         let t = temp_file(&z);
         let f = File::open(t.path()).unwrap();
-        let idx = read_npz_index_from(&f, t.path()).unwrap();
+        let idx = testutil::index_of_file(&f, t.path()).unwrap();
         let entry = &idx.arrays[0];
         let mut dst = vec![0u8; entry.array_len as usize];
         inflate_array_into(&f, t.path(), entry, &mut dst).unwrap();
@@ -1274,7 +1251,7 @@ mod tests {
             );
             let t = temp_file(&z);
             let f = File::open(t.path()).unwrap();
-            let idx = read_npz_index_from(&f, t.path()).unwrap();
+            let idx = testutil::index_of_file(&f, t.path()).unwrap();
             assert_eq!(idx.arrays.len(), 2);
             assert_eq!(idx.unsupported.len(), 1);
             assert_eq!(idx.unsupported[0].descr, "<U3");
@@ -1294,7 +1271,7 @@ mod tests {
                 f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
             );
             assert_eq!(idx.members().count(), 4);
-            let via_path = read_npz_index(t.path()).unwrap();
+            let via_path = testutil::index_at(t.path()).unwrap();
             assert_eq!(via_path, idx);
         }
     }
@@ -1421,7 +1398,6 @@ mod tests {
             prop_assert_eq!(h.len() % 64, 0);
             let p = parse_npy_header(&h).unwrap();
             prop_assert_eq!(&p.descr, DESCRS[d]);
-            prop_assert_eq!(p.dtype.descr(), DESCRS[d]);
             prop_assert_eq!(p.fortran_order, fortran);
             prop_assert_eq!(p.shape, shape);
             prop_assert_eq!(p.header_len as usize, h.len());
@@ -1455,7 +1431,7 @@ mod tests {
             mutate(&mut b, &flips, do_cut.then_some(cut));
             let t = temp_file(&b);
             let f = File::open(t.path()).unwrap();
-            if let Ok(idx) = read_npz_index_from(&f, t.path()) {
+            if let Ok(idx) = testutil::index_of_file(&f, t.path()) {
                 for a in &idx.arrays {
                     let _ = read_array_bytes(&f, t.path(), a);
                 }

@@ -4,7 +4,7 @@
 //! A forked child (a DataLoader worker) never touches the parent's pools: their threads do not
 //! exist there, and a lock the parent held at the fork may never be released. It gets a fresh
 //! pool per call instead, as every call did before.
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rayon::ThreadPool;
@@ -24,17 +24,23 @@ pub(crate) fn env_workers() -> Option<usize> {
 /// files on every call, which a call per batch (`load_batch`) or per file (`validate` from the
 /// sd-scripts strategy) would repeat. A forked worker, which may be pinned to other CPUs, asks again.
 pub(crate) fn cpus() -> Option<usize> {
-    use std::sync::atomic::AtomicU64;
     // The process id in the high half, the count (0: unknown) in the low half; 0 before the first
     // call.
     static CPUS: AtomicU64 = AtomicU64::new(0);
-    let pid = u64::from(std::process::id());
-    let kept = CPUS.load(Ordering::Relaxed);
-    let n = if kept != 0 && kept >> 32 == pid {
-        (kept & 0xFFFF_FFFF) as usize
+    cpus_kept_in(&CPUS, u64::from(std::process::id()), || {
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    })
+}
+
+/// [`cpus`] over the kept word `kept` for the process `pid`, asking `ask` only when `kept` holds
+/// no count of this process.
+fn cpus_kept_in(kept: &AtomicU64, pid: u64, ask: impl FnOnce() -> usize) -> Option<usize> {
+    let word = kept.load(Ordering::Relaxed);
+    let n = if word != 0 && word >> 32 == pid {
+        (word & 0xFFFF_FFFF) as usize
     } else {
-        let n = std::thread::available_parallelism().map_or(0, |n| n.get());
-        CPUS.store(pid << 32 | (n as u64 & 0xFFFF_FFFF), Ordering::Relaxed);
+        let n = ask();
+        kept.store(pid << 32 | (n as u64 & 0xFFFF_FFFF), Ordering::Relaxed);
         n
     };
     (n > 0).then_some(n)
@@ -110,9 +116,28 @@ mod tests {
 
     #[test]
     fn the_cpu_count_is_asked_once_and_kept() {
+        let kept = AtomicU64::new(0);
+        let asked = std::cell::Cell::new(0);
+        let ask = |n: usize| {
+            let asked = &asked;
+            move || {
+                asked.set(asked.get() + 1);
+                n
+            }
+        };
+        assert_eq!(cpus_kept_in(&kept, 7, ask(6)), Some(6));
+        // Kept: the second call does not ask (were it to, it would get 9).
+        assert_eq!(cpus_kept_in(&kept, 7, ask(9)), Some(6));
+        assert_eq!(asked.get(), 1);
+        // A forked child (another process id) asks again.
+        assert_eq!(cpus_kept_in(&kept, 8, ask(3)), Some(3));
+        assert_eq!(asked.get(), 2);
+        // An unknown count is no count, and is asked for again.
+        let unknown = AtomicU64::new(0);
+        assert_eq!(cpus_kept_in(&unknown, 7, ask(0)), None);
+        assert_eq!(asked.get(), 3);
+        // The process's own answer is the standard library's.
         let want = std::thread::available_parallelism().ok().map(|n| n.get());
-        // Asked, then kept: the same answer both times.
-        assert_eq!(cpus(), want);
         assert_eq!(cpus(), want);
     }
 }

@@ -9,24 +9,28 @@
 //! member as the general reader would index it (where each lies and its header), so that `load`
 //! plans a common-layout file without building the full index.
 //!
-//! It answers only "ok": every check the general reader ([`crate::core::npy::read_npz_index_with_len`]
-//! plus the rules in [`crate::core::validate`]) makes must pass. Anything it does not handle
+//! It answers only "ok": every check the general reader ([`crate::core::npy::read_npz_index`]
+//! plus the rules in [`crate::core::schema::rules`]) makes must pass. Anything it does not handle
 //! (deflated or encrypted members, data descriptors, comments, non-ASCII names, npy headers not in
 //! numpy's own layout, more than [`MAX_MEMBERS`] members, any failed check) returns `false`, and
 //! the caller takes the general path, which gives the status and its message. So it can change
 //! speed, never a verdict; `tests` hold it to that on mutated files.
 use std::fs::File;
 
+use crate::core::meta::META_KEY;
 use crate::core::npy::{
     parse_numpy_layout_ref, DType, InlineShape, ScalarKind, MAGIC, MAX_HEADER_LEN,
     NUMPY_MAX_HEADER_SIZE,
 };
-use crate::core::validate::{Ctx, Expectation, Required};
-use crate::core::write::META_KEY;
+use crate::core::schema::rules::{Expectation, Required, Rules};
+use crate::core::zip::records::{
+    first_overlap, stored_local_at, u16_at, u32_at, CentralHeader, EocdRecord, LocalHeader,
+    Zip64Eocd, Zip64Locator, CENTRAL_LEN, EOCD_LEN, FLAG_DATA_DESCRIPTOR, FLAG_ENCRYPTED,
+    FLAG_PATCHED, FLAG_STRONG_ENCRYPTION, LOCAL_LEN, LOCAL_SIG, MAX_EXTRACT_VERSION,
+    ZIP64_EOCD_LEN, ZIP64_LOCATOR_LEN,
+};
 use crate::core::zip::{
-    parse_zip64_extra, read_at, read_upto, stored_local_at, tail_window, u16_at, u32_at, u64_at,
-    Zip64Need, CENTRAL_LEN, CENTRAL_SIG, EOCD_LEN, EOCD_SIG, HEAD_READ, LOCAL_LEN, LOCAL_SIG,
-    MAX_CENTRAL_DIR_LEN, ZIP64_EOCD_LEN, ZIP64_EOCD_SIG, ZIP64_LOCATOR_LEN, ZIP64_LOCATOR_SIG,
+    read_at, read_upto, tail_window, ReadCount, HEAD_READ, MAX_CENTRAL_DIR_LEN,
 };
 
 /// Members handled without the general reader.
@@ -171,7 +175,7 @@ struct Regions<'f, 's> {
     mid_at: [(u64, usize); MIDS],
     n_mids: usize,
     /// Positional reads made (tests hold this to the general reader's count).
-    reads: u32,
+    reads: ReadCount,
 }
 
 impl Regions<'_, '_> {
@@ -208,7 +212,7 @@ impl Regions<'_, '_> {
         debug_assert!(end <= off + take as u64);
         let k = self.n_mids;
         read_at(self.file, &mut self.mids[k][..take], off).ok()?;
-        self.reads += 1;
+        self.reads = self.reads.add();
         self.mid_at[k] = (off, take);
         self.n_mids += 1;
         Some(())
@@ -230,6 +234,8 @@ struct Entry {
 struct Members {
     ents: [Entry; MAX_MEMBERS],
     n: usize,
+    /// Whether any local header carries the writer's alignment field.
+    aligned: bool,
 }
 
 /// True when the file passes every check of the general path. See the module docs. With `meta`,
@@ -278,13 +284,13 @@ fn quick_check(
         mids,
         mid_at: [(0, 0); MIDS],
         n_mids: 0,
-        reads: 2,
+        reads: ReadCount::starting_at(2),
     };
     let (ok, seen) = check(&mut r, memo, exp)?;
     if let (true, Some(m)) = (ok, meta) {
         *m = meta_of(&mut r, seen);
     }
-    Some((ok, r.reads))
+    Some((ok, r.reads.get()))
 }
 
 /// The quick check without the file's length: the head is read first, then the file is walked
@@ -327,7 +333,7 @@ fn quick_unsized_reads(
     }
     let mut mid_at = [(0u64, 0usize); MIDS];
     let mut n_mids = 0;
-    let mut reads = 1;
+    let mut reads = ReadCount::starting_at(1);
     // The whole file fits in the head read.
     let (tail_start, tail_len, len) = if got < head.len() {
         tail[..got].copy_from_slice(&head[..got]);
@@ -353,7 +359,7 @@ fn quick_unsized_reads(
     if let (true, Some(m)) = (ok, meta) {
         *m = meta_of(&mut r, seen);
     }
-    Some((ok, len, r.reads))
+    Some((ok, len, r.reads.get()))
 }
 
 /// An array member as [`quick_arrays`] found it: everything the general reader's entry for it holds.
@@ -393,12 +399,19 @@ impl QuickArray<'_> {
 pub(crate) struct QuickIndex<'f, 's> {
     r: Regions<'f, 's>,
     arrays: [Option<QuickArray<'s>>; MAX_MEMBERS],
+    /// Whether any local header carries the writer's alignment field.
+    aligned: bool,
 }
 
 impl<'s> QuickIndex<'_, 's> {
     /// The array members, in central-directory order.
     pub(crate) fn arrays(&self) -> impl Iterator<Item = &QuickArray<'s>> {
         self.arrays.iter().map_while(Option::as_ref)
+    }
+
+    /// Whether any member's local header carries latentcache's alignment field.
+    pub(crate) fn aligned_by_writer(&self) -> bool {
+        self.aligned
     }
 
     /// `n` bytes at `off`, from the regions read or one more read of at most [`MID`] bytes.
@@ -410,7 +423,7 @@ impl<'s> QuickIndex<'_, 's> {
     /// Positional reads made here (the caller's two not counted).
     #[cfg(test)]
     pub(crate) fn reads(&self) -> u32 {
-        self.r.reads
+        self.r.reads.get()
     }
 }
 
@@ -443,7 +456,7 @@ pub(crate) fn quick_arrays<'f, 's, R>(
     let head = &head[..head_len.min(HEAD_READ as usize)];
     let mut mid_at = [(0u64, 0usize); MIDS];
     let mut n_mids = 0;
-    let mut reads = 0;
+    let mut reads = ReadCount::default();
     let (tail, tail_start) = if eof {
         (after, after_at)
     } else {
@@ -469,7 +482,7 @@ pub(crate) fn quick_arrays<'f, 's, R>(
         n_mids,
         reads,
     };
-    let Members { ents, n } = structure(&mut r)?;
+    let Members { ents, n, aligned } = structure(&mut r)?;
     let mut arrays = [None; MAX_MEMBERS];
     let mut k = 0;
     for ent in ents.iter().take(n) {
@@ -500,7 +513,7 @@ pub(crate) fn quick_arrays<'f, 's, R>(
         });
         k += 1;
     }
-    f(&mut QuickIndex { r, arrays })
+    f(&mut QuickIndex { r, arrays, aligned })
 }
 
 /// The descr text of a dict in numpy's own layout (`{'descr': '<f4', ...`).
@@ -518,12 +531,12 @@ fn walk_on(
     mids: &mut [[u8; MID]; MIDS],
     mid_at: &mut [(u64, usize); MIDS],
     n_mids: &mut usize,
-    reads: &mut u32,
+    reads: &mut ReadCount,
     mut pos: u64,
 ) -> Option<(u64, usize)> {
     loop {
         let n = read_upto(file, &mut tail[..], pos)?;
-        *reads += 1;
+        *reads = reads.add();
         // Nothing read: the file ends at or before `pos` (cut inside a payload); where exactly,
         // only sizing it tells.
         if n == 0 {
@@ -559,7 +572,7 @@ fn walk_to_payload_end(buf: &[u8], at: u64) -> Option<u64> {
 
 /// Every check of the quick path on the regions read (see the module docs).
 fn check(r: &mut Regions<'_, '_>, memo: &mut Memo, exp: &Expectation) -> Option<(bool, MetaSeen)> {
-    let Members { ents, n } = structure(r)?;
+    let Members { ents, n, .. } = structure(r)?;
     let tail = r.tail;
     let name = |e: &Entry| &tail[e.name_at..e.name_at + e.name_len];
 
@@ -571,7 +584,7 @@ fn check(r: &mut Regions<'_, '_>, memo: &mut Memo, exp: &Expectation) -> Option<
         required,
     } = memo;
     let req = required_for(required, exp);
-    let ctx = Ctx::new(std::path::Path::new(""), exp);
+    let rules = Rules::new(exp);
     let mut found = [false; 5];
     let mut meta = MetaSeen::Absent;
     for ent in ents.iter().take(n) {
@@ -593,7 +606,7 @@ fn check(r: &mut Regions<'_, '_>, memo: &mut Memo, exp: &Expectation) -> Option<
         }
         for (k, (pfx, rule)) in req.list().iter().enumerate() {
             if req.is_key(key, pfx) {
-                if ctx.fault(&dtype, fortran, shape.dims(), *rule).is_some() {
+                if rules.fault(&dtype, fortran, shape.dims(), *rule).is_some() {
                     return None;
                 }
                 found[k] = true;
@@ -642,51 +655,39 @@ fn sizes_add_up(ent: &Entry, dtype: &DType, shape: &InlineShape, header_len: usi
 }
 
 /// The zip structure on the regions read: the end records, the central directory, every local
-/// header, and no overlaps. `None` for anything the general reader would have to judge.
+/// header, and no overlaps, parsed by the general reader's record parsers. `None` for anything the
+/// general reader would have to judge.
 fn structure(r: &mut Regions<'_, '_>) -> Option<Members> {
     let len = r.len;
 
     // The end record, exactly at the end (no comment), and its ZIP64 records when present.
     let eocd_pos = len.checked_sub(EOCD_LEN as u64)?;
-    let e = r.slice(eocd_pos, EOCD_LEN)?;
-    if &e[..4] != EOCD_SIG || u16_at(e, 20) != 0 {
+    let e = EocdRecord::parse(r.slice(eocd_pos, EOCD_LEN)?)?;
+    if e.comment_len != 0 {
         return None;
     }
-    let (disk, cd_disk) = (u16_at(e, 4), u16_at(e, 6));
-    let (entries_disk, entries) = (u16_at(e, 8), u16_at(e, 10));
-    let (cd_size32, cd_offset32) = (u32_at(e, 12), u32_at(e, 16));
     let has_locator = eocd_pos >= ZIP64_LOCATOR_LEN
-        && r.slice(eocd_pos - ZIP64_LOCATOR_LEN, 4)? == ZIP64_LOCATOR_SIG;
+        && Zip64Locator::is_at(r.slice(eocd_pos - ZIP64_LOCATOR_LEN, 4)?);
     let (n_entries, cd_size, cd_offset, cd_limit) = if has_locator {
         let loc_pos = eocd_pos - ZIP64_LOCATOR_LEN;
-        let loc = r.slice(loc_pos, ZIP64_LOCATOR_LEN as usize)?;
-        let (z_disk, z_off, total_disks) = (u32_at(loc, 4), u64_at(loc, 8), u32_at(loc, 16));
-        if z_disk != 0 || total_disks > 1 || z_off.checked_add(ZIP64_EOCD_LEN)? != loc_pos {
+        let loc = Zip64Locator::parse(r.slice(loc_pos, ZIP64_LOCATOR_LEN as usize)?)?;
+        let z_off = loc.eocd_offset;
+        if !loc.single_disk() || z_off.checked_add(ZIP64_EOCD_LEN)? != loc_pos {
             return None;
         }
-        let z = r.slice(z_off, ZIP64_EOCD_LEN as usize)?;
-        if &z[..4] != ZIP64_EOCD_SIG
-            || u32_at(z, 16) != 0
-            || u32_at(z, 20) != 0
-            || u64_at(z, 24) != u64_at(z, 32)
-        {
+        let z = Zip64Eocd::parse(r.slice(z_off, ZIP64_EOCD_LEN as usize)?)?;
+        if !z.single_disk() {
             return None;
         }
-        (u64_at(z, 32), u64_at(z, 40), u64_at(z, 48), z_off)
+        (z.entries, z.cd_size, z.cd_offset, z_off)
     } else {
-        let marked = disk == 0xFFFF
-            || cd_disk == 0xFFFF
-            || entries_disk == 0xFFFF
-            || entries == 0xFFFF
-            || cd_size32 == 0xFFFF_FFFF
-            || cd_offset32 == 0xFFFF_FFFF;
-        if marked || disk != 0 || cd_disk != 0 || entries_disk != entries {
+        if e.zip64_marked() || !e.single_disk() {
             return None;
         }
         (
-            u64::from(entries),
-            u64::from(cd_size32),
-            u64::from(cd_offset32),
+            u64::from(e.entries),
+            u64::from(e.cd_size),
+            u64::from(e.cd_offset),
             eocd_pos,
         )
     };
@@ -710,48 +711,30 @@ fn structure(r: &mut Regions<'_, '_>) -> Option<Members> {
     let n = n_entries as usize;
     let mut p = 0usize;
     for ent in ents.iter_mut().take(n) {
-        if cd.len() - p < CENTRAL_LEN || &cd[p..p + 4] != CENTRAL_SIG {
-            return None;
-        }
-        let h = &cd[p..p + CENTRAL_LEN];
-        let (flags, method) = (u16_at(h, 8), u16_at(h, 10));
-        let (csize32, usize32) = (u32_at(h, 20), u32_at(h, 24));
-        let nlen = usize::from(u16_at(h, 28));
-        let elen = usize::from(u16_at(h, 30));
-        let clen = usize::from(u16_at(h, 32));
-        let (disk, lho32) = (u16_at(h, 34), u32_at(h, 42));
-        let var_end = p + CENTRAL_LEN + nlen + elen + clen;
+        let h = CentralHeader::parse(cd, p).ok()?;
         // Stored members only, without encryption or a data descriptor, on disk 0, ASCII names.
-        if var_end > cd.len()
-            || flags & 0x0069 != 0
-            || h[6] > crate::core::zip::MAX_EXTRACT_VERSION
-            || method != 0
-            || (disk != 0 && disk != 0xFFFF)
-            || !cd[p + CENTRAL_LEN..p + CENTRAL_LEN + nlen].is_ascii()
+        if h.flags & (FLAG_ENCRYPTED | FLAG_DATA_DESCRIPTOR | FLAG_PATCHED | FLAG_STRONG_ENCRYPTION)
+            != 0
+            || h.version_needed > MAX_EXTRACT_VERSION
+            || h.method != 0
+            || (h.disk != 0 && h.disk != 0xFFFF)
+            || !h.name.is_ascii()
         {
             return None;
         }
-        let need = Zip64Need {
-            usize: usize32 == 0xFFFF_FFFF,
-            csize: csize32 == 0xFFFF_FFFF,
-            offset: lho32 == 0xFFFF_FFFF,
-        };
-        let extra = &cd[p + CENTRAL_LEN + nlen..p + CENTRAL_LEN + nlen + elen];
-        let z = parse_zip64_extra(extra, &need).ok()?;
-        let usize_ = z[0].unwrap_or(u64::from(usize32));
-        let csize = z[1].unwrap_or(u64::from(csize32));
+        let (usize_, csize, lho) = h.sizes().ok()?;
         if usize_ != csize {
             return None;
         }
         *ent = Entry {
-            name_at: cd_in_tail + p + CENTRAL_LEN,
-            name_len: nlen,
+            name_at: cd_in_tail + h.name_at,
+            name_len: h.name.len(),
             csize,
-            lho: z[2].unwrap_or(u64::from(lho32)),
+            lho,
             data_offset: 0,
-            crc32: u32_at(h, 16),
+            crc32: h.crc32,
         };
-        p = var_end;
+        p = h.end;
     }
     if p != cd.len() {
         return None;
@@ -769,59 +752,51 @@ fn structure(r: &mut Regions<'_, '_>) -> Option<Members> {
     }
 
     // Local headers: the same name and method, sizes that agree, the payload inside the file.
+    let mut aligned = false;
     for ent in ents.iter_mut().take(n) {
         r.ensure(ent.lho, LOCAL_LEN)?;
-        let h = r.slice(ent.lho, LOCAL_LEN)?;
-        if &h[..4] != LOCAL_SIG || u16_at(h, 6) & 0x0049 != 0 || u16_at(h, 8) != 0 {
-            return None;
-        }
-        let (csize32, usize32) = (u32_at(h, 18), u32_at(h, 22));
-        let (nlen, elen) = (usize::from(u16_at(h, 26)), usize::from(u16_at(h, 28)));
-        r.ensure(ent.lho + LOCAL_LEN as u64, nlen + elen)?;
-        let var = r.slice(ent.lho + LOCAL_LEN as u64, nlen + elen)?;
-        if &var[..nlen] != name(ent) {
-            return None;
-        }
-        let need = Zip64Need {
-            usize: usize32 == 0xFFFF_FFFF,
-            csize: csize32 == 0xFFFF_FFFF,
-            offset: false,
-        };
-        let z = parse_zip64_extra(&var[nlen..], &need).ok()?;
-        if z[0].unwrap_or(u64::from(usize32)) != ent.csize
-            || z[1].unwrap_or(u64::from(csize32)) != ent.csize
+        let h = LocalHeader::parse(r.slice(ent.lho, LOCAL_LEN)?)?;
+        if h.flags & (FLAG_ENCRYPTED | FLAG_DATA_DESCRIPTOR | FLAG_STRONG_ENCRYPTION) != 0
+            || h.method != 0
         {
             return None;
         }
-        ent.data_offset = ent.lho + (LOCAL_LEN + nlen + elen) as u64;
+        r.ensure(ent.lho + LOCAL_LEN as u64, h.var_len())?;
+        let var = r.slice(ent.lho + LOCAL_LEN as u64, h.var_len())?;
+        let (lname, lextra) = var.split_at(h.name_len);
+        if lname != name(ent) {
+            return None;
+        }
+        let (lu, lc, marked) = h.sizes(lextra).ok()?;
+        if lu != ent.csize || lc != ent.csize {
+            return None;
+        }
+        aligned |= marked;
+        ent.data_offset = ent.lho + (LOCAL_LEN + h.var_len()) as u64;
         if ent.data_offset.checked_add(ent.csize)? > len {
             return None;
         }
     }
 
     // No member overlaps another or the central directory.
-    let mut spans = [(0u64, 0u64); MAX_MEMBERS];
-    for (s, e) in spans.iter_mut().zip(&ents).take(n) {
-        *s = (e.lho, e.data_offset + e.csize);
+    let mut spans = [(0u64, 0u64, 0usize); MAX_MEMBERS];
+    for (i, (s, e)) in spans.iter_mut().zip(&ents).take(n).enumerate() {
+        *s = (e.lho, e.data_offset + e.csize, i);
     }
-    let spans = &mut spans[..n];
-    spans.sort_unstable();
-    if spans.iter().any(|&(s, e)| s < cd_end && e > cd_offset)
-        || spans.windows(2).any(|w| w[0].1 > w[1].0)
-    {
+    if first_overlap(&mut spans[..n], cd_offset, cd_end).is_some() {
         return None;
     }
 
-    Some(Members { ents, n })
+    Some(Members { ents, n, aligned })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::npy::read_npz_index_via;
+    use crate::core::meta::read_meta_bytes_from;
+    use crate::core::npy::read_npz_index;
     use crate::core::npy::testutil::{npy, savez_cache, savez_cache_with};
     use crate::core::validate::{validate_one, Code, Options};
-    use crate::core::write::read_meta_bytes_from;
     use crate::core::zip::testutil::{temp_file, zip_bytes, ZipOpts};
     use crate::core::zip::Src;
     use proptest::prelude::*;
@@ -888,8 +863,8 @@ mod tests {
                         let t = temp_file(&b);
                         let f = File::open(t.path()).unwrap();
                         let src = Src::new(&f, t.path()).unwrap();
-                        read_npz_index_via(&src).unwrap();
-                        assert!(reads <= src.reads.get(), "{reads} > {}", src.reads.get());
+                        read_npz_index(&src).unwrap();
+                        assert!(reads <= src.reads(), "{reads} > {}", src.reads());
                     }
                 }
             }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::core::cache_path::{check_suffix, split_ext, strip_cache_layer, IMAGE_EXTENSIONS};
 use crate::core::error::{Error, Result};
-use crate::core::write::{temp_target, LOCK_DIR};
+use crate::core::temp::{temp_target, LOCK_DIR};
 
 /// A cache file and the original image size `(W, H)` its name carries.
 #[derive(Debug, Clone, PartialEq, Eq)]

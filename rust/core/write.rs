@@ -12,47 +12,29 @@
 //! multiple of 64 bytes, so the array data of every stored member is 64-byte aligned and can be mapped
 //! without a copy. The file stays a plain zip: `np.load` reads it and `zipfile` finds correct CRC-32s.
 
-use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 
 use crate::core::error::{Error, Result};
-use crate::core::npy::{encode_npy_header, parse_npy_header, DType, ScalarKind};
+use crate::core::lock::WriteLock;
+use crate::core::npy::{encode_npy_header, DType};
+use crate::core::temp::{split_target, temp_path};
 use crate::core::zip;
-use crate::core::zip::{
-    read_at, read_zip_index, read_zip_index_classified, stream_member, Compression, Member,
-    ReadErrorKind,
-};
+use crate::core::zip::records;
+use crate::core::zip::{read_at, read_zip_index, Compression, Member, ReadErrorKind, Src};
 
 /// Every member's payload (and so every stored array's data) starts at a multiple of this.
 pub const ALIGN: u64 = 64;
-/// The hidden folder, next to the caches, that holds the lock shard files.
-pub const LOCK_DIR: &str = ".latentcache-locks";
-/// How many lock files one folder can have (cache names are hashed onto them).
-pub const LOCK_SHARDS: usize = 64;
-/// Marks temporary files: `.{target name}.lctmp`, or `.{target name}.lctmp-{pid}-{hex}` when the
-/// file system refused the lock (see [`write_npz`]).
-pub const TEMP_MARKER: &str = ".lctmp";
-/// The member (key without `.npy`) that holds latentcache's JSON metadata as a 1-D uint8 array.
-pub const META_KEY: &str = "latentcache_meta";
-/// The largest metadata member [`read_meta_bytes`] accepts.
-pub const MAX_META_LEN: u64 = 1 << 20;
-/// How many bytes at each end of an image [`source_fingerprint`] hashes.
-pub const FINGERPRINT_WINDOW: u64 = 64 << 10;
-
 // The record signatures as little-endian words, from the reader's definitions.
-const LOCAL_SIG: u32 = u32::from_le_bytes(*zip::LOCAL_SIG);
-const CENTRAL_SIG: u32 = u32::from_le_bytes(*zip::CENTRAL_SIG);
-const EOCD_SIG: u32 = u32::from_le_bytes(*zip::EOCD_SIG);
-const ZIP64_EOCD_SIG: u32 = u32::from_le_bytes(*zip::ZIP64_EOCD_SIG);
-const ZIP64_LOCATOR_SIG: u32 = u32::from_le_bytes(*zip::ZIP64_LOCATOR_SIG);
-use zip::ZIP64_EXTRA_ID;
-/// The extra-field id Android's zipalign uses for alignment padding; zip readers skip unknown ids.
-const ALIGN_EXTRA_ID: u16 = 0xD935;
+const LOCAL_SIG: u32 = u32::from_le_bytes(*records::LOCAL_SIG);
+const CENTRAL_SIG: u32 = u32::from_le_bytes(*records::CENTRAL_SIG);
+const EOCD_SIG: u32 = u32::from_le_bytes(*records::EOCD_SIG);
+const ZIP64_EOCD_SIG: u32 = u32::from_le_bytes(*records::ZIP64_EOCD_SIG);
+const ZIP64_LOCATOR_SIG: u32 = u32::from_le_bytes(*records::ZIP64_LOCATOR_SIG);
+// The padding field is zipalign's id, which zip readers skip; the loader takes it as this writer's mark.
+use records::{ALIGN_EXTRA_ID, FLAG_UTF8, ZIP64_EXTRA_ID};
 const LIMIT32: u64 = 0xFFFF_FFFF;
-const FLAG_UTF8: u16 = 0x0800;
 /// 1980-01-01 00:00:00, the DOS epoch: fixed so that equal inputs give equal files.
 const DOS_DATE: u16 = (1 << 5) | 1;
 const DOS_TIME: u16 = 0;
@@ -226,146 +208,6 @@ fn check_arrays(path: &Path, arrays: &[NewArray<'_>]) -> Result<Vec<Vec<u8>>> {
     Ok(headers)
 }
 
-/// The folder and file name of a target path (`x.npz` lives in `.`).
-fn split_target(path: &Path) -> Result<(PathBuf, &OsStr)> {
-    let name = path.file_name().ok_or_else(|| {
-        Error::Value(format!(
-            "{}: the target must be a file path",
-            path.display()
-        ))
-    })?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Ok((dir, name))
-}
-
-/// Longest target name used as is in a temporary name: `.` + name + `.lctmp` + `-{pid}-{hex}` must
-/// stay within the 255-byte file-name limit of common file systems.
-const MAX_TEMP_STEM: usize = 220;
-
-/// The part of a temporary file's name that stands for its target: the target's name, or for a
-/// name too long to carry a prefix and suffix, its first 200 bytes, `~` and a CRC-32 of the whole
-/// name. Locks are sharded by this stem, so that [`remove_stale_temp`] takes the same lock as the
-/// writer of the target.
-pub fn temp_stem(name: &OsStr) -> OsString {
-    if name.len() <= MAX_TEMP_STEM {
-        return name.to_os_string();
-    }
-    let text = name.to_string_lossy();
-    let mut cut = 200.min(text.len());
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    let hash = crc32fast::hash(text.as_bytes());
-    OsString::from(format!("{}~{hash:08x}", &text[..cut]))
-}
-
-/// The temporary file of `name` in `dir`: `.{name}.lctmp` when the writer holds the target's lock
-/// (only one can exist, and the next writer removes a crashed one's), else
-/// `.{name}.lctmp-{pid}-{hex}`, unique, so that writers that could not lock never share one.
-pub fn temp_path(dir: &Path, name: &OsStr, locked: bool) -> PathBuf {
-    let mut s = OsString::from(".");
-    s.push(temp_stem(name));
-    s.push(TEMP_MARKER);
-    if !locked {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        s.push(format!("-{}-{nanos:x}", std::process::id()));
-    }
-    dir.join(s)
-}
-
-/// The target file name a temporary file belongs to, or `None` if `name` is not a temporary name.
-pub fn temp_target(name: &str) -> Option<&str> {
-    // The markers are ASCII, so the cut falls on a character boundary.
-    temp_target_bytes(name.as_bytes()).and_then(|t| std::str::from_utf8(t).ok())
-}
-
-/// [`temp_target`] of a name as the OS gives it: a target whose name is not UTF-8 (legal on Linux)
-/// has its temporary files found and removed too.
-pub fn temp_target_os(name: &OsStr) -> Option<OsString> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        temp_target_bytes(name.as_bytes()).map(|t| OsStr::from_bytes(t).to_os_string())
-    }
-    #[cfg(not(unix))]
-    {
-        name.to_str().and_then(temp_target).map(OsString::from)
-    }
-}
-
-fn temp_target_bytes(name: &[u8]) -> Option<&[u8]> {
-    let rest = name.strip_prefix(b".")?;
-    let marker = TEMP_MARKER.as_bytes();
-    if let Some(target) = rest.strip_suffix(marker) {
-        return (!target.is_empty()).then_some(target);
-    }
-    let at = (0..rest.len().saturating_sub(marker.len()))
-        .rev()
-        .find(|&i| rest[i..].starts_with(marker) && rest.get(i + marker.len()) == Some(&b'-'))?;
-    let (target, tail) = (&rest[..at], &rest[at + marker.len() + 1..]);
-    let dash = tail.iter().position(|&b| b == b'-')?;
-    let (pid, hex) = (&tail[..dash], &tail[dash + 1..]);
-    let ok = !target.is_empty()
-        && !pid.is_empty()
-        && pid.iter().all(u8::is_ascii_digit)
-        && !hex.is_empty()
-        && hex.iter().all(u8::is_ascii_hexdigit);
-    ok.then_some(target)
-}
-
-/// Temporary files of this writer in `dir` (left behind by killed writers, or in flight), sorted.
-///
-/// Args: `dir` the folder to list (not recursive).
-/// Returns: the temporary files' paths; the name pattern is `.{target}.lctmp` or
-/// `.{target}.lctmp-{pid}-{hex}`, see [`temp_target`].
-pub fn find_temp_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name();
-        if temp_target_os(&name).is_some() {
-            out.push(entry.path());
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// Remove a leftover temporary file safely: under its target's lock, so a live writer's file is never
-/// removed. Only the locked form (`.{target}.lctmp`) is removed; the unique form of lockless writers
-/// cannot be told from a live one and is left alone.
-///
-/// Returns: whether a file was removed.
-pub fn remove_stale_temp(temp: &Path) -> Result<bool> {
-    let Some(name) = temp.file_name() else {
-        return Ok(false);
-    };
-    let Some(target) = temp_target_os(name) else {
-        return Ok(false);
-    };
-    if !name.as_encoded_bytes().ends_with(TEMP_MARKER.as_bytes()) {
-        return Ok(false);
-    }
-    let (dir, _) = split_target(temp)?;
-    let mut warnings = Vec::new();
-    // `target` is the temp stem, which shards to the same lock as the real target's writer.
-    let lock = WriteLock::acquire(&dir.join(target), &mut warnings)?;
-    if !lock.exclusive() {
-        return Ok(false);
-    }
-    match fs::remove_file(temp) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(Error::io(temp, e)),
-    }
-}
-
 fn remove_if_exists(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -396,109 +238,6 @@ impl Drop for TempGuard {
     }
 }
 
-/// The per-cache-file write lock: an in-process mutex and an OS advisory lock (`flock` on Unix,
-/// `LockFileEx` on Windows) on one of [`LOCK_SHARDS`] files in `.latentcache-locks/` next to the cache.
-///
-/// Why shards in a hidden folder: a sidecar lock per cache would double the file count of a 100k-image
-/// folder and could never be deleted safely (deleting a lock file races with a writer that just opened
-/// it); one lock per folder would serialise every GPU writing into it. 64 shard files, chosen by a hash
-/// of the lower-cased file name, bound the extra files to 64 per folder while two unrelated writes wait
-/// on each other only 1 time in 64 and for one file write. The files are never deleted by latentcache.
-///
-/// The OS releases the lock when its holder dies, so a killed writer never blocks the next one. The
-/// in-process mutex (keyed by the same hash) makes threads of one process exclude each other even
-/// where the OS lock is per process (NFS emulates `flock` with POSIX byte-range locks, which do not
-/// conflict within a process). The mutex is taken first and both are held for one file write only, so
-/// no two locks are ever waited on in a cycle.
-pub struct WriteLock {
-    file: Option<File>,
-    _process: MutexGuard<'static, ()>,
-}
-
-static PROCESS_LOCKS: [Mutex<()>; LOCK_SHARDS] = [const { Mutex::new(()) }; LOCK_SHARDS];
-
-impl WriteLock {
-    /// Take the lock of the cache file `target`, blocking until it is free. Where the file system
-    /// has no locks (`ENOLCK`, unsupported), go on without the OS lock and push a warning.
-    pub fn acquire(target: &Path, warnings: &mut Vec<String>) -> Result<WriteLock> {
-        let (dir, name) = split_target(target)?;
-        let shard = lock_shard(&temp_stem(name));
-        let process = PROCESS_LOCKS[shard]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let lock_dir = dir.join(LOCK_DIR);
-        match fs::create_dir(&lock_dir) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                return Err(Error::io(target, e));
-            }
-            _ => {}
-        }
-        let lock_path = lock_dir.join(format!("{shard:02}.lock"));
-        let file = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-        {
-            // A lock file another user created (with their umask) may be read-only for us; a lock
-            // needs no write access, so read access is enough to share it.
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                File::open(&lock_path).map_err(|_| Error::io(target, e))?
-            }
-            other => other.map_err(|e| Error::io(target, e))?,
-        };
-        loop {
-            match file.lock() {
-                Ok(()) => {
-                    return Ok(WriteLock {
-                        file: Some(file),
-                        _process: process,
-                    })
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if no_locks(&e) => {
-                    warnings.push(format!(
-                        "{}: the file system does not support locks ({e}); writing without one, so \
-                         concurrent writers of this file may lose each other's resolutions",
-                        target.display()
-                    ));
-                    return Ok(WriteLock {
-                        file: None,
-                        _process: process,
-                    });
-                }
-                Err(e) => return Err(Error::io(target, e)),
-            }
-        }
-    }
-
-    /// Whether the OS lock is held (not only the in-process one).
-    pub fn exclusive(&self) -> bool {
-        self.file.is_some()
-    }
-}
-
-fn no_locks(e: &io::Error) -> bool {
-    // ENOLCK is 37 on Linux, 77 on macOS and the BSDs.
-    #[cfg(target_os = "linux")]
-    const ENOLCK: i32 = 37;
-    #[cfg(not(target_os = "linux"))]
-    const ENOLCK: i32 = 77;
-    e.kind() == io::ErrorKind::Unsupported || (cfg!(unix) && e.raw_os_error() == Some(ENOLCK))
-}
-
-/// The lock shard of a cache file name: FNV-1a of its lower-cased name (lower-cased so that names
-/// that are one file on a case-insensitive file system share a lock).
-pub fn lock_shard(name: &OsStr) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.to_string_lossy().to_lowercase().bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % LOCK_SHARDS as u64) as usize
-}
-
 /// Open and index the existing target. `None` when there is none or it is corrupt (with a warning);
 /// an error when it exists but cannot be read (replacing it would lose data we could not look at).
 fn open_existing(path: &Path, warnings: &mut Vec<String>) -> Result<Option<(File, Vec<Member>)>> {
@@ -509,7 +248,7 @@ fn open_existing(path: &Path, warnings: &mut Vec<String>) -> Result<Option<(File
         }
         Err(e) => return Err(e),
     };
-    match read_zip_index_classified(&file, path) {
+    match Src::new(&file, path).and_then(|src| read_zip_index(&src)) {
         Ok(index) => Ok(Some((file, index.members))),
         Err(e) if e.kind == ReadErrorKind::Io => Err(e.into()),
         Err(e) => {
@@ -1059,114 +798,13 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// A source image's identity as recorded in the cache's metadata.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceFingerprint {
-    pub size: u64,
-    /// Modification time in nanoseconds since the Unix epoch (Python's `os.stat().st_mtime_ns`).
-    pub mtime_ns: i64,
-    /// `"crc32-64k:HHHHHHHHTTTTTTTT"`: the CRC-32 (zlib's) of the first and of the last
-    /// [`FINGERPRINT_WINDOW`] bytes (the whole file, twice, when it is smaller), in hex.
-    pub hash: String,
-}
-
-/// Size, mtime and a fast content hash of an image: two 64 KiB reads whatever the file size.
-///
-/// The hash confirms a size or mtime change (a copied dataset keeps its bytes but not its mtimes); it
-/// does not see an edit that keeps the size and touches neither end of the file.
-pub fn source_fingerprint(path: &Path) -> Result<SourceFingerprint> {
-    let file = crate::core::file::open_regular(path)?;
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    let size = meta.len();
-    let window = size.min(FINGERPRINT_WINDOW) as usize;
-    let mut buf = vec![0u8; window];
-    read_at(&file, &mut buf, 0).map_err(|e| Error::io(path, e))?;
-    let head = crc32fast::hash(&buf);
-    read_at(&file, &mut buf, size - window as u64).map_err(|e| Error::io(path, e))?;
-    let tail = crc32fast::hash(&buf);
-    Ok(SourceFingerprint {
-        size,
-        mtime_ns: mtime_ns(&meta),
-        hash: format!("crc32-64k:{head:08x}{tail:08x}"),
-    })
-}
-
-#[cfg(unix)]
-fn mtime_ns(meta: &fs::Metadata) -> i64 {
-    use std::os::unix::fs::MetadataExt;
-    meta.mtime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(meta.mtime_nsec())
-}
-
-#[cfg(not(unix))]
-fn mtime_ns(meta: &fs::Metadata) -> i64 {
-    use std::time::UNIX_EPOCH;
-    match meta.modified() {
-        Ok(t) => match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-            Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
-        },
-        Err(_) => 0,
-    }
-}
-
-/// The UTF-8 JSON bytes of an npz's `latentcache_meta` member, or `None` when it has none.
-///
-/// Returns: the array's data bytes (a 1-D `|u1` array); `NpzFormatError` when the file is not a
-/// readable zip or the member is not such an array.
-pub fn read_meta_bytes(path: &Path) -> Result<Option<Vec<u8>>> {
-    let file = crate::core::file::open_regular(path)?;
-    read_meta_bytes_from(&file, path)
-}
-
-/// [`read_meta_bytes`] of a file already open (`path` names it in errors).
-pub fn read_meta_bytes_from(file: &File, path: &Path) -> Result<Option<Vec<u8>>> {
-    let index = read_zip_index(file, path)?;
-    let name = format!("{META_KEY}.npy");
-    meta_bytes_of(
-        file,
-        path,
-        index.members.iter().rev().find(|m| m.name == name),
-    )
-}
-
-/// [`read_meta_bytes_from`] for a caller that already has the file's index: `member` is the
-/// file's `latentcache_meta.npy` member, None when it has none.
-pub fn meta_bytes_of(file: &File, path: &Path, member: Option<&Member>) -> Result<Option<Vec<u8>>> {
-    let Some(member) = member else {
-        return Ok(None);
-    };
-    let bad = |msg: String| Error::npz(path, Some(META_KEY), msg);
-    if member.uncompressed_size > MAX_META_LEN {
-        return Err(bad(format!(
-            "the metadata member is too large ({} bytes)",
-            member.uncompressed_size
-        )));
-    }
-    let mut bytes = Vec::with_capacity(member.uncompressed_size as usize);
-    stream_member(file, path, member, |c| {
-        bytes.extend_from_slice(c);
-        Ok(())
-    })?;
-    let header = parse_npy_header(&bytes).map_err(|e| bad(e.to_string()))?;
-    if header.dtype.kind != ScalarKind::U1 || header.shape.len() != 1 || header.fortran_order {
-        return Err(bad(format!(
-            "expected a 1-D uint8 array, found {} of shape {:?}",
-            header.descr, header.shape
-        )));
-    }
-    let start = header.header_len as usize;
-    if Some(bytes.len() as u64 - header.header_len) != header.data_len() {
-        return Err(bad("the array's size does not match its header".into()));
-    }
-    Ok(Some(bytes.split_off(start)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::npy::read_npz_index;
+    use crate::core::lock::remove_stale_temp;
+    use crate::core::meta::{read_meta_bytes, META_KEY};
+    use crate::core::temp::find_temp_files;
+    use std::ffi::OsStr;
 
     fn arr<'a>(key: &str, descr: &str, shape: &[u64], data: &'a [u8]) -> NewArray<'a> {
         NewArray {
@@ -1223,10 +861,10 @@ mod tests {
         let r = write_npz(&p, &[arr("y", "<f4", &[1], &d)], &[], DURABLE).unwrap();
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
         assert_eq!(r.kept, 1);
-        let idx = read_npz_index(&p).unwrap();
+        let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         assert!(idx.get("old").is_some() && idx.get("y").is_some());
         // One byte of the compressed data changed: the file is replaced, with a warning.
-        let m = read_zip_index(&fs::File::open(&p).unwrap(), &p)
+        let m = crate::core::npy::testutil::zip_index_at(&p)
             .unwrap()
             .members
             .into_iter()
@@ -1240,7 +878,7 @@ mod tests {
         let r = write_npz(&p, &[arr("z", "<f4", &[1], &d)], &[], DURABLE).unwrap();
         assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
         assert!(r.warnings[0].contains("old.npy"), "{:?}", r.warnings);
-        let idx = read_npz_index(&p).unwrap();
+        let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         assert!(idx.get("old").is_none() && idx.get("z").is_some());
     }
 
@@ -1261,14 +899,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!((r.kept, r.written), (0, 2));
-        let idx = read_npz_index(&p).unwrap();
+        let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         assert_eq!(idx.arrays.len(), 2);
         for a in &idx.arrays {
             assert_eq!(a.member.data_offset % ALIGN, 0, "{}", a.key);
             assert_eq!(a.array_offset.unwrap() % ALIGN, 0, "{}", a.key);
         }
         let f = File::open(&p).unwrap();
-        let zi = read_zip_index(&f, &p).unwrap();
+        let zi = read_zip_index(&Src::new(&f, &p).unwrap()).unwrap();
         for m in &zi.members {
             assert_eq!(crate::core::zip::member_crc32(&f, &p, m).unwrap(), m.crc32);
         }
@@ -1292,7 +930,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.kept, 1);
-        let idx = read_npz_index(&p).unwrap();
+        let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         let f = File::open(&p).unwrap();
         let l1 = idx.get("latents_1x1").unwrap();
         assert_eq!(l1.header.shape, vec![1]);
@@ -1310,10 +948,13 @@ mod tests {
         let d = vec![0u8; 4];
         let r = write_npz(&p, &[arr("x", "<f4", &[1], &d)], &[], DURABLE).unwrap();
         assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
-        assert!(read_npz_index(&p).unwrap().get("x").is_some());
+        assert!(crate::core::npy::testutil::index_at(&p)
+            .unwrap()
+            .get("x")
+            .is_some());
         // A kept stored member with a bad CRC: flip one payload byte of `x`.
         let mut bytes = fs::read(&p).unwrap();
-        let off = read_npz_index(&p)
+        let off = crate::core::npy::testutil::index_at(&p)
             .unwrap()
             .get("x")
             .unwrap()
@@ -1323,7 +964,7 @@ mod tests {
         fs::write(&p, &bytes).unwrap();
         let r = write_npz(&p, &[arr("y", "<f4", &[1], &d)], &[], DURABLE).unwrap();
         assert!(r.warnings[0].contains("CRC"), "{:?}", r.warnings);
-        let idx = read_npz_index(&p).unwrap();
+        let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         assert!(idx.get("x").is_none() && idx.get("y").is_some());
     }
 
@@ -1342,7 +983,7 @@ mod tests {
         drop(file);
         match write_npz(&p, &[arr("b", "|u1", &[2], &[4, 5])], &[], DURABLE) {
             Ok(_) => {
-                let idx = read_npz_index(&p).unwrap();
+                let idx = crate::core::npy::testutil::index_at(&p).unwrap();
                 assert!(idx.get("a").is_some() && idx.get("b").is_some());
             }
             Err(e) => {
@@ -1376,7 +1017,7 @@ mod tests {
         let old = fs::read(&p).unwrap();
         let reader = File::open(&p).unwrap();
         write_npz(&p, &[arr("b", "|u1", &[2], &[4, 5])], &[], DURABLE).unwrap();
-        let idx = read_npz_index(&p).unwrap();
+        let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         assert!(idx.get("a").is_some() && idx.get("b").is_some());
         let mut seen = vec![0u8; old.len()];
         crate::core::zip::read_at(&reader, &mut seen, 0).unwrap();
@@ -1406,7 +1047,7 @@ mod tests {
             .ok()
             .unwrap();
         drop(f);
-        let idx = read_npz_index(&p).unwrap();
+        let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         let a = idx.get("k").unwrap();
         assert_eq!(a.array_offset.unwrap() % ALIGN, 0);
         let f = File::open(&p).unwrap();
@@ -1414,7 +1055,7 @@ mod tests {
         // And merging from a zip64 file into a plain one keeps the member.
         let e = vec![6u8; 4];
         write_npz(&p, &[arr("j", "|u1", &[4], &e)], &[], DURABLE).unwrap();
-        let idx = read_npz_index(&p).unwrap();
+        let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         assert!(idx.get("k").is_some() && idx.get("j").is_some());
     }
 
@@ -1431,42 +1072,6 @@ mod tests {
     }
 
     #[test]
-    fn temp_names() {
-        let dir = Path::new("/d");
-        let t = temp_path(dir, OsStr::new("a_anima.npz"), true);
-        assert_eq!(t, Path::new("/d/.a_anima.npz.lctmp"));
-        assert_eq!(temp_target(".a_anima.npz.lctmp"), Some("a_anima.npz"));
-        let u = temp_path(dir, OsStr::new("a.npz"), false);
-        let un = u.file_name().unwrap().to_str().unwrap();
-        assert_eq!(temp_target(un), Some("a.npz"), "{un}");
-        assert_eq!(temp_target("a.npz"), None);
-        assert_eq!(temp_target(".lctmp"), None);
-        assert_eq!(temp_target(".a.lctmp-x-1"), None);
-    }
-
-    #[cfg(unix)]
-    #[test]
-    fn temp_files_of_a_non_utf8_target_are_found_and_removed() {
-        use std::os::unix::ffi::OsStrExt;
-        let dir = tempfile::tempdir().unwrap();
-        let name = OsStr::from_bytes(b"\xff_0512x0512_anima.npz");
-        let locked = temp_path(dir.path(), name, true);
-        let unlocked = temp_path(dir.path(), name, false);
-        fs::write(&locked, b"half").unwrap();
-        fs::write(&unlocked, b"half").unwrap();
-        assert_eq!(
-            temp_target_os(unlocked.file_name().unwrap()).as_deref(),
-            Some(name)
-        );
-        let mut want = vec![locked.clone(), unlocked.clone()];
-        want.sort();
-        assert_eq!(find_temp_files(dir.path()).unwrap(), want);
-        assert!(remove_stale_temp(&locked).unwrap());
-        assert!(!locked.exists());
-        assert!(!remove_stale_temp(&unlocked).unwrap());
-    }
-
-    #[test]
     fn leftover_temp_is_removed_by_next_writer() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.npz");
@@ -1479,25 +1084,6 @@ mod tests {
         fs::write(&t, b"half").unwrap();
         assert!(remove_stale_temp(&t).unwrap());
         assert!(!t.exists());
-    }
-
-    #[test]
-    fn fingerprint_windows() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("img.png");
-        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        fs::write(&p, &data).unwrap();
-        let fp = source_fingerprint(&p).unwrap();
-        assert_eq!(fp.size, 200_000);
-        let w = FINGERPRINT_WINDOW as usize;
-        let want = format!(
-            "crc32-64k:{:08x}{:08x}",
-            crc32fast::hash(&data[..w]),
-            crc32fast::hash(&data[data.len() - w..])
-        );
-        assert_eq!(fp.hash, want);
-        fs::write(&p, b"").unwrap();
-        assert_eq!(source_fingerprint(&p).unwrap().size, 0);
     }
 
     #[test]
@@ -1522,14 +1108,5 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read_meta_bytes(&p).unwrap(), None);
-    }
-
-    #[test]
-    fn shards_are_stable() {
-        assert_eq!(
-            lock_shard(OsStr::new("A.npz")),
-            lock_shard(OsStr::new("a.npz"))
-        );
-        assert!(lock_shard(OsStr::new("x")) < LOCK_SHARDS);
     }
 }

@@ -225,17 +225,6 @@ fn dtype_of<'py>(py: Python<'py>, imp: &Imports, descr: &str) -> PyResult<Bound<
     Ok(d)
 }
 
-/// Read buffers of 64 KiB and more are allocated in whole 64 KiB steps: the latents of neighbouring
-/// buckets (1024x1024, 896x1152, 832x1216, ...) then ask the allocator for the same size, so a buffer
-/// freed by one sample is reused as it is by the next, instead of the allocator taking fresh memory
-/// (and a page fault per 4 KiB) whenever sizes differ by a few KiB.
-const READ_STEP: u64 = 64 << 10;
-
-/// Latents up to this size (a 16384x16384 bucket's are 256 MiB) are read while the file is planned,
-/// into a buffer made before the file is looked at; beyond it, after planning (a nonsensical bucket
-/// must not allocate before the file says it has no such latents).
-const PLAN_READ_MAX: u64 = 256 << 20;
-
 /// Ask for transparent huge pages under a new buffer of 4 MiB or more (a `load_batch` result), as
 /// numpy does for its own large arrays: the read into it then takes far fewer TLB misses (on the
 /// project's VM a 16 MiB batch filled 35% slower on 4 KiB pages). Only whole 2 MiB pages inside
@@ -262,19 +251,15 @@ fn huge_pages(obj: &Bound<'_, PyAny>, size: u64) {
     let _ = (obj, size);
 }
 
-/// A `bytearray` of at least `len` bytes (see [`READ_STEP`]): a kept one that nothing refers to any
-/// more (see `bufpool`), else a new one, left uninitialised. The first `len` bytes are written
+/// A `bytearray` of at least `len` bytes (sized by `core::load::read_buffer_len`): a kept one that
+/// nothing refers to any more (see `bufpool`), else a new one, left uninitialised. The first `len` bytes are written
 /// before Python sees them, and Python views only those. Returns it and the address of its buffer.
 fn uninit_bytearray<'py>(
     py: Python<'py>,
     what: impl FnOnce() -> String,
     len: u64,
 ) -> PyResult<(Bound<'py, PyAny>, usize)> {
-    let size = if len >= READ_STEP {
-        len.div_ceil(READ_STEP).saturating_mul(READ_STEP)
-    } else {
-        len
-    };
+    let size = core_load::read_buffer_len(len);
     let n = isize::try_from(size).map_err(|_| {
         pyo3::exceptions::PyMemoryError::new_err(format!(
             "{}: {len} bytes do not fit in memory",
@@ -292,7 +277,7 @@ fn uninit_bytearray<'py>(
                     pyo3::ffi::PyByteArray_FromStringAndSize(std::ptr::null(), n),
                 )?
             };
-            if size >= READ_STEP {
+            if size >= core_load::READ_STEP {
                 super::bufpool::keep(py, &obj, size);
             }
             huge_pages(&obj, size);
@@ -305,17 +290,21 @@ fn uninit_bytearray<'py>(
     Ok((obj, address))
 }
 
-/// One array of [`load_arrays`]: its file offset when `map_it` and it can be mapped; else a new
-/// buffer, queued in `reads` to be filled.
+/// One array of [`load_file`] as the core decided (see `core::load::fetch`): its file offset to
+/// map, or a new buffer, queued in `reads` to be filled.
 fn array_out<'py, 'a>(
     py: Python<'py>,
     path: &std::path::Path,
-    spec: &'a core_load::ArraySpec,
-    map_it: bool,
+    plan: &'a core_load::LoadPlan,
+    which: core_load::Array,
+    req: core_load::Request,
     reads: &mut Vec<(usize, usize, &'a core_load::ArraySpec)>,
-) -> PyResult<Out<'py, 'a>> {
-    Ok(match spec.mappable_offset() {
-        Some(off) if map_it => Out::Map(spec, off),
+) -> PyResult<Option<Out<'py, 'a>>> {
+    let Some(spec) = plan.array(which) else {
+        return Ok(None);
+    };
+    Ok(Some(match core_load::fetch(plan, which, req) {
+        Some(core_load::Fetch::Map { offset }) => Out::Map(spec, offset),
         _ => {
             let (obj, address) = uninit_bytearray(
                 py,
@@ -325,15 +314,15 @@ fn array_out<'py, 'a>(
             reads.push((address, spec.nbytes() as usize, spec));
             Out::Read(spec, obj)
         }
-    })
+    }))
 }
 
 /// Load one bucket's arrays from a cache file the caller opened: plan it and read the arrays
 /// that are to be read with the interpreter lock released, then make the numpy arrays.
 ///
 /// The latents are read unless `map_latents`; the flipped latents and the alpha mask are mapped
-/// when they are stored aligned; `copy` reads all of them. An array that cannot be mapped
-/// (unaligned, deflated) is always read.
+/// when the file is one latentcache wrote and they are stored aligned; `copy` reads all of them.
+/// A stock file (np.savez) is always read: see `core::load::fetch` for the policy.
 ///
 /// Args:
 ///     fd: the file's descriptor, which a mapping is made from (`mmap.mmap` takes its own copy).
@@ -365,21 +354,16 @@ pub fn load_file<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let schema = super::schema::schema_of(model)?;
     let file = borrow_file(handle)?;
+    let req = core_load::Request { map_latents, copy };
     // Latents that will be read are read while the file is planned, into a buffer made for the
     // bucket's float32 latents and the bytes after them (see `plan_reading_latents`).
-    let want = core_load::latents_nbytes(schema, bucket_reso) + core_load::AFTER_LATENTS as u64;
-    let pre = if (copy || !map_latents) && want <= PLAN_READ_MAX {
-        Some(uninit_bytearray(
-            py,
-            || format!("{}: the latents", path.display()),
-            want,
-        )?)
-    } else {
-        None
-    };
-    let pre_at = pre.as_ref().map(|(_, address)| *address);
+    let want = core_load::pre_read_len(schema, bucket_reso, req);
+    let pre = want
+        .map(|want| uninit_bytearray(py, || format!("{}: the latents", path.display()), want))
+        .transpose()?;
+    let pre_at = pre.as_ref().map(|(_, address)| *address).zip(want);
     let planned = super::detached(py, || match pre_at {
-        Some(address) => {
+        Some((address, want)) => {
             // SAFETY: the bytearray made above holds at least `want` bytes, and only this call
             // references it until it returns.
             let buf = unsafe { out_slice(address, want as usize) }
@@ -393,14 +377,20 @@ pub fn load_file<'py>(
     let mut reads: Vec<(usize, usize, &core_load::ArraySpec)> = Vec::new();
     let latents = match pre {
         Some((obj, _)) if planned.latents_read => Out::Read(&plan.latents, obj),
-        _ => array_out(py, &path, &plan.latents, map_latents && !copy, &mut reads)?,
+        // Every plan holds latents; an error, not a panic, should that ever change.
+        _ => array_out(py, &path, plan, core_load::Array::Latents, req, &mut reads)?.ok_or_else(
+            || PyValueError::new_err(format!("{}: the plan holds no latents", path.display())),
+        )?,
     };
-    let flipped = (plan.flipped.as_ref())
-        .map(|s| array_out(py, &path, s, !copy, &mut reads))
-        .transpose()?;
-    let alpha = (plan.alpha_mask.as_ref())
-        .map(|s| array_out(py, &path, s, !copy, &mut reads))
-        .transpose()?;
+    let flipped = array_out(py, &path, plan, core_load::Array::Flipped, req, &mut reads)?;
+    let alpha = array_out(
+        py,
+        &path,
+        plan,
+        core_load::Array::AlphaMask,
+        req,
+        &mut reads,
+    )?;
     if !reads.is_empty() {
         super::detached(py, || {
             for (address, len, spec) in &reads {

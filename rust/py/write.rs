@@ -65,7 +65,7 @@ pub fn write_npz(
 ///     The temporary files' paths.
 #[pyfunction]
 pub fn find_temp_files(py: Python<'_>, directory: PathBuf) -> PyResult<Vec<std::ffi::OsString>> {
-    let found = super::detached(py, || core_write::find_temp_files(&directory))?;
+    let found = super::detached(py, || crate::core::temp::find_temp_files(&directory))?;
     // As `OsString`s, which become `str` the way `os.fsdecode` makes them: a name that is not UTF-8
     // keeps its bytes (surrogate escapes), so the path can be passed back to `remove_stale_temp`.
     Ok(found.into_iter().map(PathBuf::into_os_string).collect())
@@ -78,7 +78,7 @@ pub fn find_temp_files(py: Python<'_>, directory: PathBuf) -> PyResult<Vec<std::
 ///     Whether a file was removed (False for names that are not lock-protected temporary files).
 #[pyfunction]
 pub fn remove_stale_temp(py: Python<'_>, path: PathBuf) -> PyResult<bool> {
-    super::detached(py, || core_write::remove_stale_temp(&path))
+    super::detached(py, || crate::core::lock::remove_stale_temp(&path))
 }
 
 /// Size, mtime and a fast content hash of a source image, for the cache's metadata.
@@ -98,7 +98,7 @@ pub fn source_fingerprint<'py>(
     py: Python<'py>,
     image_path: PathBuf,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let fp = super::detached(py, || core_write::source_fingerprint(&image_path))?;
+    let fp = super::detached(py, || crate::core::meta::source_fingerprint(&image_path))?;
     let d = PyDict::new(py);
     d.set_item("size", fp.size)?;
     d.set_item("mtime_ns", fp.mtime_ns)?;
@@ -115,6 +115,6 @@ pub fn read_meta_bytes<'py>(
     py: Python<'py>,
     path: PathBuf,
 ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-    let bytes = super::detached(py, || core_write::read_meta_bytes(&path))?;
+    let bytes = super::detached(py, || crate::core::meta::read_meta_bytes(&path))?;
     Ok(bytes.map(|b| PyBytes::new(py, &b)))
 }

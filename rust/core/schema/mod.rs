@@ -6,6 +6,7 @@
 //! the same table (`latentcache.models`), and a test checks that both agree.
 pub mod anima;
 pub mod others;
+pub mod rules;
 
 use crate::core::error::{Error, Result};
 
@@ -166,15 +167,6 @@ impl Schema {
             .any(|l| l.matches(shape, self.channels, h, w))
     }
 
-    /// Whether `shape` is a latent array of any size in an accepted layout (the writer's check).
-    pub fn accepts_layout(&self, shape: &[u64]) -> bool {
-        let (h, w) = match shape {
-            [.., h, w] => (*h, *w),
-            _ => return false,
-        };
-        h > 0 && w > 0 && self.accepts_latents(shape, h, w)
-    }
-
     /// The accepted latent shapes for `h x w` cells, as a message says them.
     pub fn expected_latents(&self, h: u64, w: u64) -> String {
         let shapes: Vec<String> = self
@@ -329,7 +321,6 @@ mod tests {
         assert_eq!(hi.key_suffix((1024, 768)), "_24x32");
         assert!(a.accepts_latents(&[16, 1, 2, 3], 2, 3) && a.accepts_latents(&[16, 2, 3], 2, 3));
         assert!(!sd.accepts_latents(&[4, 1, 2, 3], 2, 3) && sd.accepts_latents(&[4, 2, 3], 2, 3));
-        assert!(!a.accepts_layout(&[15, 2, 3]) && !a.accepts_layout(&[16, 0, 3]));
         assert_eq!(hi.latents_nbytes((64, 32)), 64 * 2 * 4);
         assert_eq!(a.latents_resolution("latents_128x96"), Some((128, 96)));
         assert_eq!(sd.latents_resolution("latents_128x96"), None);
