@@ -71,6 +71,25 @@ def test_latents_span_finds_exactly_the_latents(tmp_path: Path) -> None:
     assert latents_span(items[0].path, (w + 8, h)) is None
 
 
+def test_same_work_floor_finds_what_load_reads(tmp_path: Path) -> None:
+    from latentcache.bench import latentcache_wrote, stored_span
+
+    items = generate(tmp_path, 20)
+    # generate() writes even items with np.savez and odd ones with latentcache's writer.
+    assert [latentcache_wrote(i.path) for i in items] == [i % 2 == 1 for i in range(20)]
+    for i in items:
+        w, h = i.bucket
+        span = stored_span(i.path, f"latents_flipped_{h // 8}x{w // 8}.npy")
+        assert (span is not None) == i.flip, i.path
+        if span is not None:
+            offset, nbytes = span
+            with open(i.path, "rb") as f:
+                f.seek(offset)
+                got = np.frombuffer(f.read(nbytes), np.float32)
+            with np.load(i.path) as z:
+                assert np.array_equal(got, z[f"latents_flipped_{h // 8}x{w // 8}"].ravel()), i.path
+
+
 def test_header_read_floor_counts_what_it_opened(tmp_path: Path) -> None:
     items = generate(tmp_path, 6)
     paths = [i.path for i in items] + [str(tmp_path / "missing.npz")]
@@ -102,6 +121,7 @@ def test_bench_command_prints_every_row_and_json(tmp_path: Path) -> None:
         "sd_scripts_load",
         "safetensors",
         "load_floor",
+        "load_floor_same_work",
         "raw_read",
     }
     for key, row in loads.items():

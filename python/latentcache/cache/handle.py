@@ -16,7 +16,7 @@ import stat
 import zipfile
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -26,10 +26,26 @@ from latentcache.errors import NpzFormatError
 from latentcache.models import ModelLike, ModelSchema
 from latentcache.models import get as get_model
 
-__all__ = ["CacheHandle", "open_cache"]
+__all__ = ["ArrayHeader", "CacheHandle", "open_cache"]
 
 _PathLike = str | os.PathLike[str]
 _RESO = re.compile(r"_(\d+)x(\d+)$")
+
+
+class ArrayHeader(NamedTuple):
+    """One entry's npy header: what ``get`` would return, without reading the data.
+
+    Attributes:
+        shape: the array's shape.
+        dtype: its dtype.
+        fortran_order: whether the data is stored in Fortran (column-major) order.
+        offset: where the data starts within the (uncompressed) member, after the header.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    fortran_order: bool
+    offset: int
 
 
 class CacheHandle:
@@ -119,6 +135,16 @@ class CacheHandle:
             return None
         raw = self.get(META_KEY, copy=True)
         return parse_meta(self.path, raw.tobytes())
+
+    def header(self, key: str) -> ArrayHeader:
+        """Entry ``key``'s npy header (shape, dtype, order, data offset) without reading its data.
+
+        Raises:
+            KeyError: no such entry.
+            NpzFormatError: the entry is not a readable npy array.
+        """
+        shape, fortran, dtype, offset = self._header(key)
+        return ArrayHeader(tuple(int(x) for x in shape), dtype, bool(fortran), int(offset))
 
     def _header(self, key: str) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
         """Shape, Fortran order, dtype and the data's offset within the member."""

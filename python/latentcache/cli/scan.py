@@ -36,9 +36,15 @@ def _report_to_dict(report: latentcache.ScanReport) -> dict[str, Any]:
 def command(args: argparse.Namespace) -> int:
     report = latentcache.scan_directory(args.dir, suffix=args.suffix, recursive=args.recursive)
     if args.remove_temp and report.temp_files:
-        # Each removal takes the target's write lock, so a live writer's file is never removed.
-        removed = sum(latentcache.remove_stale_temp(p) for p in report.temp_files)
+        # repair's policy: each removal takes the target's writer lock without waiting, so a live
+        # writer's file is skipped (never waited for, never removed); a lockless writer's file goes
+        # only when its writer is provably gone.
+        from latentcache.tools.repair import remove_temp_files
+
+        removed, left = remove_temp_files(report.temp_files)
         print(f"removed {removed} leftover temporary file(s)", file=sys.stderr)
+        for why in left:
+            print(f"skipped: {why}", file=sys.stderr)
         report = latentcache.scan_directory(args.dir, suffix=args.suffix, recursive=args.recursive)
     if args.json:
         json.dump(_report_to_dict(report), sys.stdout, indent=1)
@@ -82,7 +88,8 @@ def add_parser(sub: Any) -> None:
     scan.add_argument(
         "--remove-temp",
         action="store_true",
-        help="remove temporary files left by killed writers (under lock)",
+        help="remove temporary files left by killed writers (under their lock, never waiting: a live "
+        "writer's file is skipped)",
     )
     scan.add_argument(
         "--suffix", default=latentcache.DEFAULT_SUFFIX, help="cache suffix (default %(default)s)"

@@ -28,6 +28,7 @@ from latentcache.tools.plan import Action, Inside, Plan, identity, unchanged
 from latentcache.tools.writer_lock import (
     TEMP_MARKER,
     UNKNOWN,
+    LocklessTemps,
     WriterBusy,
     lockless_temp_owner,
     shard_mutex,
@@ -36,28 +37,29 @@ from latentcache.tools.writer_lock import (
     try_writer_lock,
 )
 
-__all__ = ["busy", "cache_files", "migrate", "prune", "read_only"]
+__all__ = ["busy", "cache_files", "check_lockless", "migrate", "prune", "read_only"]
 
 # Rewrites wait on fsync, not the CPU: this many overlap.
 _WORKERS = min(16, 4 * (os.cpu_count() or 1))
 
 
 def cache_files(
-    root: str, schema: ModelSchema, recursive: bool, doubled: bool = False, temps: set[str] | None = None
+    root: str,
+    schema: ModelSchema,
+    recursive: bool,
+    doubled: bool = False,
+    temps: LocklessTemps | None = None,
 ) -> tuple[list[str], list[str]]:
     """This model's cache files under ``root`` (paired and orphan, and with ``doubled`` the #2362
     leftovers; sorted) and notes on the ones left out because they resolve outside ``root``. With
-    ``temps``, the caches the scan found writers' temporary files for are added to it."""
+    ``temps``, the lockless writers' temporary files the scan found are indexed into it (by target
+    stem, so that long names match)."""
     report = _core.scan_directory(root, schema.suffix, recursive, model=schema.name)
     found = {c.path for i in report.images for c in i.caches} | {c.path for c in report.orphan_caches}
     if doubled:
         found |= {d.path for d in report.doubled_caches}
     if temps is not None:
-        for t in report.temp_files:
-            folder, name = os.path.split(t)
-            parsed = temp_target(name)
-            if parsed is not None:
-                temps.add(os.path.join(folder, parsed[0]))
+        temps.add(report.temp_files)
     within = Inside(root)
     notes = []
     kept = []
@@ -84,39 +86,70 @@ def _lockless_temps(path: str) -> list[str]:
 def read_only(path: str) -> str | None:
     """Why ``path`` cannot be replaced or removed by us (the file or its folder is read-only,
     immutable, or on a read-only file system), or None. A read-only file is the user's mark: the
-    tools leave it rather than replace it by rename, which its folder's permissions would allow."""
+    tools leave it rather than replace it by rename, which its folder's permissions would allow.
+
+    Mode bits count as well as ``os.access``: root (a CI job, a training container) may write
+    anything ``os.access`` allows it, but a file or folder with no write bit at all is still the
+    user's "leave it" mark."""
     folder = os.path.dirname(path) or "."
     try:
         mode = os.lstat(path).st_mode
     except OSError as e:
         return f"{path} cannot be read ({e.strerror or e})"
-    if not os.access(path, os.W_OK):
+    if not (mode & 0o222 or stat.S_ISLNK(mode)) or not os.access(path, os.W_OK):
         return f"{path} is read-only (mode {stat.S_IMODE(mode):04o}); left as it is"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"{path}: its folder {folder} is read-only; left as it is"
+    try:
+        folder_mode = os.stat(folder).st_mode
+    except OSError as e:
+        return f"{path}: its folder {folder} cannot be read ({e.strerror or e}); left as it is"
+    if not folder_mode & 0o222 or not os.access(folder, os.W_OK | os.X_OK):
+        return (
+            f"{path}: its folder {folder} is read-only (mode {stat.S_IMODE(folder_mode):04o}); left as it is"
+        )
     return None
 
 
-def busy(path: str, lockless: bool) -> str | None:
+def busy(path: str, temps: LocklessTemps | None = None) -> str | None:
     """Why ``path`` may be being written by another process now, or None: its writer lock is held,
-    or (``lockless``: the scan saw a lockless writer's temporary file of it; or where the file system
-    has no locks) such a file is there and its writer is not provably gone. A leftover
-    ``.{name}.lctmp`` of a killed writer does not count: its lock is free, and the writer removes it."""
+    or a lockless writer's temporary file of it is there and its writer is not provably gone. The
+    temporary files are those of ``temps`` (a plan's scan: no listing per file), else of a listing of
+    the folder; they are looked at when the scan saw one, or where the file system has no locks. A
+    leftover ``.{name}.lctmp`` of a killed writer does not count: its lock is free, and the writer
+    removes it."""
     try:
         with try_writer_lock(path, create=False) as state:  # a plan changes nothing
-            return lockless_busy(path) if state == UNKNOWN or lockless else None
+            if temps is None:
+                return lockless_busy(path) if state == UNKNOWN else None
+            seen = temps.seen(path)
+            return lockless_busy(path, seen) if state == UNKNOWN or seen else None
     except WriterBusy:
         return "being written by another process (its writer lock is held); skipped, run again later"
 
 
-def lockless_busy(path: str) -> str | None:
-    """Why a lockless writer may be writing ``path`` (one of its temporary files is there and is not
-    provably abandoned), or None."""
-    for t in _lockless_temps(path):
+def lockless_busy(path: str, temps: Sequence[str] | None = None) -> str | None:
+    """Why a lockless writer may be writing ``path`` (one of its temporary files, from ``temps`` or
+    else a listing of the folder, is still there and is not provably abandoned), or None."""
+    for t in _lockless_temps(path) if temps is None else temps:
+        if temps is not None and not os.path.lexists(t):
+            continue  # gone since the listing: its writer finished or was cleaned up
         why = lockless_temp_owner(t)
         if why is not None:
             return f"a lockless writer's temporary file {os.path.basename(t)} is there: {why}"
     return None
+
+
+def check_lockless(path: str, state: str, temps: LocklessTemps | None) -> None:
+    """Raise WriterBusy when a lockless writer may be writing ``path`` now: where the lock state
+    is UNKNOWN (no locks here) or the plan's scan saw such a file. With ``temps`` its folder is
+    listed at most once per apply; without, it is listed now."""
+    why = None
+    if temps is None:
+        if state == UNKNOWN:
+            why = lockless_busy(path)
+    elif state == UNKNOWN or temps.seen(path):
+        why = lockless_busy(path, temps.now(path))
+    if why is not None:
+        raise WriterBusy(errno.EAGAIN, why)
 
 
 def _damaged(path: str, skip: Sequence[str]) -> str | None:
@@ -154,7 +187,7 @@ def _rewrite(
     replace: Callable[[], list[tuple[str, str, tuple[int, ...], bytes]]],
     drop: Sequence[str],
     tool: str,
-    had_temp: bool = False,
+    temps: LocklessTemps | None = None,
 ) -> Callable[[], int]:
     def run() -> int:
         with shard_mutex(path):
@@ -169,10 +202,7 @@ def _rewrite(
         # for the write itself; the inode check just before it narrows what is left of the gap.
         try:
             with try_writer_lock(path) as state:
-                if state == UNKNOWN or had_temp:
-                    why = lockless_busy(path)
-                    if why is not None:
-                        raise WriterBusy(errno.EAGAIN, why)
+                check_lockless(path, state, temps)
                 before = identity(path)
                 damaged = _damaged(path, drop)
                 if damaged is not None:
@@ -194,10 +224,10 @@ def _rewrite(
     return run
 
 
-def _skipped(plan: Plan, path: str, temps: set[str]) -> bool:
+def _skipped(plan: Plan, path: str, temps: LocklessTemps) -> bool:
     """Whether ``path`` is left out of the plan (recorded in ``plan.skipped``): it is read-only, or
     another process is writing it. The step re-checks both when it runs."""
-    why = read_only(path) or busy(path, path in temps)
+    why = read_only(path) or busy(path, temps)
     if why is None:
         return False
     plan.skipped.append(why if why.startswith(path) else f"{path}: {why}")
@@ -226,8 +256,9 @@ def migrate(
     schema = get_model(model)
     root = os.fspath(directory)
     plan = Plan("migrate")
-    temps: set[str] = set()
+    temps = LocklessTemps()
     paths, plan.notes = cache_files(root, schema, recursive, temps=temps)
+    plan.before_apply.append(temps.reset)
     for path in paths:
         try:
             with open_cache(path, model=schema) as f:
@@ -238,7 +269,7 @@ def migrate(
                         for base in (schema.keys.latents, schema.keys.latents_flipped):
                             key = schema.key(base, h, w)
                             if key in f:
-                                shape = f._header(key)[0]
+                                shape = f.header(key).shape
                                 if len(shape) == 4 and shape[1] == 1:  # what the rewrite squeezes
                                     legacy.append(key)
                 aligned = f.is_aligned()
@@ -276,7 +307,7 @@ def migrate(
                 path,
                 "; ".join(why),
                 nbytes=size,
-                run=_rewrite(path, replace, [], "migrate", path in temps),
+                run=_rewrite(path, replace, [], "migrate", temps),
             )
         )
     if apply:
@@ -329,8 +360,9 @@ def prune(
     if not schema.multi_resolution:
         plan.notes.append(f"{schema.name} caches hold one resolution per file; nothing to prune")
         return plan
-    temps: set[str] = set()
+    temps = LocklessTemps()
     paths, plan.notes = cache_files(root, schema, recursive, temps=temps)
+    plan.before_apply.append(temps.reset)
     for path in paths:
         try:
             with open_cache(path, model=schema) as f:
@@ -357,7 +389,7 @@ def prune(
                     "remove",
                     path,
                     f"holds only resolutions no bucket loads ({sizes})",
-                    run=_remove_file(path, schema, wanted),
+                    run=_remove_file(path, schema, wanted, temps),
                 )
             )
             continue
@@ -368,7 +400,7 @@ def prune(
                 "prune",
                 path,
                 f"drops resolutions no bucket loads: {sizes}",
-                run=_rewrite(path, list, drop, "prune", path in temps),
+                run=_rewrite(path, list, drop, "prune", temps),
             )
         )
     if apply:
@@ -376,7 +408,9 @@ def prune(
     return plan
 
 
-def _remove_file(path: str, schema: ModelSchema, wanted: set[tuple[int, int]]) -> Callable[[], int]:
+def _remove_file(
+    path: str, schema: ModelSchema, wanted: set[tuple[int, int]], temps: LocklessTemps | None = None
+) -> Callable[[], int]:
     planned = identity(path)
 
     def run() -> int:
@@ -387,7 +421,8 @@ def _remove_file(path: str, schema: ModelSchema, wanted: set[tuple[int, int]]) -
         if why is not None:
             raise PermissionError(why)
         try:
-            with try_writer_lock(path):
+            with try_writer_lock(path) as state:
+                check_lockless(path, state, temps)
                 with open_cache(path, model=schema) as f:
                     kept = [r for r in f.resolutions() if r in wanted]
                 if kept:

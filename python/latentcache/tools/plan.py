@@ -61,6 +61,8 @@ class Plan:
         skipped: files the plan would act on but leaves for a later run (another process is writing
             them; they are read-only), one line each naming the file; they count as problems left.
         applied: whether ``apply`` ran.
+        before_apply: called with no arguments each time ``apply`` starts (a tool resets what its
+            steps share for one apply there, such as the folder listings of lockless temporary files).
     """
 
     tool: str
@@ -68,6 +70,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     applied: bool = False
+    before_apply: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def problems(self) -> list[Action]:
@@ -80,6 +83,9 @@ class Plan:
         ``workers`` > 1 runs them on a thread pool: each action touches its own file, and the writer
         releases the interpreter lock, so the fsyncs of many small rewrites overlap.
         """
+
+        for hook in self.before_apply:
+            hook()
 
         def one(a: Action) -> Action:
             if a.run is None or a.done:

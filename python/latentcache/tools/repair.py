@@ -13,24 +13,26 @@ import functools
 import itertools
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from latentcache import _core
+from latentcache.cache.images import image_size_from_header
 from latentcache.cache.validate import verify_directory
 from latentcache.errors import CachePathError, LatentCacheError
 from latentcache.models import ModelLike
 from latentcache.models import get as get_model
-from latentcache.tools.migrate import busy, read_only
+from latentcache.tools.migrate import busy, check_lockless, read_only
 from latentcache.tools.plan import Action, Identity, Inside, Plan, identity, unchanged
 from latentcache.tools.writer_lock import (
     UNKNOWN,
+    LocklessTemps,
     WriterBusy,
     lockless_temp_owner,
     temp_target,
     try_writer_lock,
 )
 
-__all__ = ["repair"]
+__all__ = ["remove_temp_files", "repair"]
 
 # Codes that prove a named cache cannot be used (the next run encodes it again). Everything else
 # (ok, stale, io_error, ...) is left alone: an unreadable file is not proven broken.
@@ -50,8 +52,6 @@ _INVALID = frozenset(
 
 
 def _image_size(path: str) -> tuple[int, int] | None:
-    from latentcache.anima import image_size_from_header
-
     try:
         return image_size_from_header(path)
     except Exception:  # PIL raises more than OSError (a decompression bomb, a bad header): unknown
@@ -91,14 +91,17 @@ def _checked(path: str, planned: Identity | None, recheck: _Recheck | None) -> i
     return unchanged(path, planned)  # after the re-check: the file re-checked is the one planned
 
 
-def _unlocked_and_writable(path: str) -> Iterator[None]:
-    """Hold ``path``'s writer lock (without waiting) after checking that it is not read-only: a step
-    that removes or moves a cache runs inside, so no latentcache writer is replacing it meanwhile."""
+def _unlocked_and_writable(path: str, temps: LocklessTemps | None = None) -> Iterator[None]:
+    """Hold ``path``'s writer lock (without waiting) after checking that it is not read-only and
+    that no lockless writer may be writing it (``temps``: the plan's index, one listing per folder per
+    apply): a step that removes or moves a cache
+    runs inside, so no latentcache writer is replacing it meanwhile."""
     why = read_only(path)
     if why is not None:
         raise PermissionError(why)
     try:
-        with try_writer_lock(path):
+        with try_writer_lock(path) as state:
+            check_lockless(path, state, temps)
             yield
     except WriterBusy as e:
         raise OSError(f"{path}: {e.strerror}") from None
@@ -107,9 +110,14 @@ def _unlocked_and_writable(path: str) -> Iterator[None]:
 _guarded = contextlib.contextmanager(_unlocked_and_writable)
 
 
-def _remove(path: str, planned: Identity | None = None, recheck: _Recheck | None = None) -> Callable[[], int]:
+def _remove(
+    path: str,
+    planned: Identity | None = None,
+    recheck: _Recheck | None = None,
+    temps: LocklessTemps | None = None,
+) -> Callable[[], int]:
     def run() -> int:
-        with _guarded(path):
+        with _guarded(path, temps):
             n = _checked(path, planned, recheck)
             os.remove(path)
         return n
@@ -129,10 +137,14 @@ def _free_name(dest: str) -> str:
 
 
 def _move(
-    path: str, dest: str, planned: Identity | None = None, recheck: _Recheck | None = None
+    path: str,
+    dest: str,
+    planned: Identity | None = None,
+    recheck: _Recheck | None = None,
+    temps: LocklessTemps | None = None,
 ) -> Callable[[], int]:
     def run() -> int:
-        with _guarded(path):
+        with _guarded(path, temps):
             return _move_now(path, dest, planned, recheck)
 
     return run
@@ -193,6 +205,35 @@ def _remove_temp(temp: str, lock_of: str, pid: int | None) -> Callable[[], int]:
     return run
 
 
+def remove_temp_files(temps: Iterable[str]) -> tuple[int, list[str]]:
+    """Remove writers' temporary files by ``repair``'s policy, never waiting for a lock: a
+    ``.{name}.lctmp`` when its target's writer lock is free, a lockless writer's
+    ``.{name}.lctmp-{pid}-{hex}`` only when its writer is provably gone. Returns how many were
+    removed and, for each one left, why (naming the file). ``latentcache scan --remove-temp`` uses it.
+    """
+    removed = 0
+    left: list[str] = []
+    for temp in temps:
+        parsed = temp_target(os.path.basename(temp))
+        if parsed is None:
+            left.append(f"{temp}: not a writer's temporary file; left alone")
+            continue
+        lock_of = os.path.join(os.path.dirname(temp), parsed[0])
+        why = _temp_in_use(temp, lock_of, parsed[1])
+        if why is not None:
+            left.append(f"{temp}: {why}")
+            continue
+        try:
+            _remove_temp(temp, lock_of, parsed[1])()
+        except FileNotFoundError:
+            continue  # removed meanwhile (by its writer, or another cleanup)
+        except OSError as e:
+            left.append(str(e) if str(temp) in str(e) else f"{temp}: {e}")
+            continue
+        removed += 1
+    return removed, left
+
+
 def _rename_no_clobber(src: str, dst: str) -> None:
     """Give ``src`` the name ``dst`` unless ``dst`` exists, atomically: never replaces a file."""
     if os.name == "nt":
@@ -216,6 +257,11 @@ def _promote(
     leftover: str, cache: str, schema_name: str, size: tuple[int, int], planned: Identity | None
 ) -> Callable[[], int]:
     def run() -> int:
+        why = read_only(
+            leftover
+        )  # a rename needs the leftover's folder writable; its mode is the user's mark
+        if why is not None:
+            raise PermissionError(why)
         # Re-checked now: another run may have made the cache since the plan.
         if os.path.lexists(cache):
             raise OSError(f"{cache} exists now; the leftover {leftover} is left for the next run")
@@ -296,6 +342,8 @@ def repair(
     root = os.fspath(directory)
     plan = Plan("repair")
     report = _core.scan_directory(root, schema.suffix, recursive, model=schema.name)
+    temps = LocklessTemps(report.temp_files)  # indexed once: no folder listing per cache
+    plan.before_apply.append(temps.reset)
     qdir = os.fspath(quarantine) if quarantine is not None else None
     if qdir is not None and Inside(qdir)(os.path.join(root, "x")):
         raise ValueError(f"the quarantine {qdir} must not be {root} itself or a folder above it")
@@ -327,16 +375,16 @@ def repair(
         if path in seen or outside(path):
             return
         seen.add(path)
-        if skip(path, read_only(path) or busy(path, False)):
+        if skip(path, read_only(path) or busy(path, temps)):
             return
         ident = identity(path)
         if qdir is not None:
             dest = os.path.join(qdir, os.path.relpath(path, root))
             plan.actions.append(
-                Action("quarantine", path, reason, target=dest, run=_move(path, dest, ident, recheck))
+                Action("quarantine", path, reason, target=dest, run=_move(path, dest, ident, recheck, temps))
             )
         else:
-            plan.actions.append(Action("remove", path, reason, run=_remove(path, ident, recheck)))
+            plan.actions.append(Action("remove", path, reason, run=_remove(path, ident, recheck, temps)))
 
     # 1. Writers' temporary files, in every folder the scan listed: `.{name}.lctmp` (a writer that
     #    held the lock) when its lock is free, `.{name}.lctmp-{pid}-{hex}` (a writer on a file system
@@ -387,6 +435,8 @@ def repair(
             and _valid_for(d.path, real, schema.name)
         ):
             seen.add(d.path)
+            if skip(d.path, read_only(d.path)):
+                continue
             plan.actions.append(
                 Action(
                     "rename",

@@ -21,12 +21,13 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 __all__ = [
     "HELD",
     "LOCK_DIR",
+    "LocklessTemps",
     "NO_LOCK_FILE",
     "UNKNOWN",
     "STALE_AFTER_S",
@@ -116,19 +117,30 @@ def temp_target(name: str) -> tuple[str, int | None] | None:
     return rest[:at], int(pid)
 
 
+# pid_t is a signed 32-bit integer on every POSIX system Python runs on (Linux caps pids at 2**22).
+_PID_MAX = 2**31 - 1
+
+
 def pid_alive(pid: int) -> bool | None:
     """Whether ``pid`` is a live process on this machine; None where that cannot be asked safely
-    (Windows, where ``os.kill`` terminates)."""
+    (Windows, where ``os.kill`` terminates, so lockless writers' temporary files are never proved
+    abandoned there). A pid that does not fit in ``pid_t`` (a name like ``.x.lctmp-4294967296-ab``,
+    made elsewhere or by hand) cannot be a process here: False (the file still has to be
+    ``STALE_AFTER_S`` old before anything removes it)."""
     if os.name == "nt":
         return None
     if pid <= 0:
         return None
+    if pid > _PID_MAX:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # alive, another user's
+    except OverflowError:  # a platform whose pid_t is narrower still
+        return False
     except OSError:
         return None
     return True
@@ -156,6 +168,69 @@ def lockless_temp_owner(path: str, now: float | None = None) -> str | None:
             f"another container may be; it counts as abandoned after {STALE_AFTER_S // 60} minutes)"
         )
     return None
+
+
+def _stem_key(path: str) -> tuple[str, str]:
+    """(folder, the writer's temp stem of the file name): how a temporary file names its target."""
+    folder, name = os.path.split(path)
+    stem = temp_stem(name)
+    return folder, stem if isinstance(stem, str) else os.fsdecode(stem)
+
+
+class LocklessTemps:
+    """Lockless writers' temporary files (``.{stem}.lctmp-{pid}-{hex}``) by folder and target stem.
+
+    A plan takes them from its scan's ``temp_files`` (``seen``: no folder is listed again); a step
+    takes them from ``now``, which lists each folder at most once between two ``reset()`` calls (one
+    per apply). Looking a cache up by the writer's temp stem (the name itself, or for a name over 220
+    bytes its first 200 bytes, ``~`` and a CRC) matches long names too. Thread-safe.
+    """
+
+    def __init__(self, temp_files: Iterable[str] = ()) -> None:
+        self._scan: dict[tuple[str, str], list[str]] = {}
+        self._listed: dict[str, dict[tuple[str, str], list[str]]] = {}
+        self._lock = threading.Lock()
+        self.add(temp_files)
+
+    def add(self, temp_files: Iterable[str]) -> None:
+        """Index a scan's ``temp_files`` (other names are ignored)."""
+        for t in temp_files:
+            self._add(self._scan, t)
+
+    @staticmethod
+    def _add(index: dict[tuple[str, str], list[str]], temp: str) -> None:
+        folder, name = os.path.split(temp)
+        parsed = temp_target(name)
+        if parsed is not None and parsed[1] is not None:
+            index.setdefault((folder, parsed[0]), []).append(temp)
+
+    def seen(self, path: str) -> list[str]:
+        """The lockless temporary files of the cache ``path`` that the scan listed."""
+        return list(self._scan.get(_stem_key(path), ()))
+
+    def reset(self) -> None:
+        """Forget the folder listings ``now`` made (called when an apply starts)."""
+        with self._lock:
+            self._listed.clear()
+
+    def now(self, path: str) -> list[str]:
+        """The lockless temporary files of ``path`` in its folder's listing made by this apply (the
+        first call for a folder lists it)."""
+        key = _stem_key(path)
+        folder = key[0]
+        with self._lock:
+            listed = self._listed.get(folder)
+            if listed is None:
+                listed = {}
+                try:
+                    names = os.listdir(folder or ".")
+                except OSError:
+                    names = []
+                for n in names:
+                    if n.startswith(".") and TEMP_MARKER in n:
+                        self._add(listed, os.path.join(folder, n))
+                self._listed[folder] = listed
+            return list(listed.get(key, ()))
 
 
 def _no_locks(e: OSError) -> bool:
@@ -229,15 +304,29 @@ def try_writer_lock(target: str, create: bool = True) -> Iterator[str]:
         mutex.release()
 
 
+# What msvcrt.locking's LK_NBLCK raises when another process holds the range (the CRT maps
+# ERROR_LOCK_VIOLATION to EACCES; EDEADLOCK is its "gave up retrying" code).
+_WIN_LOCKED = frozenset({errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)})
+
+
 def _flock_nb(fd: int, target: str) -> bool:
-    """Take an exclusive lock on ``fd`` without waiting: True taken, False no locks here."""
+    """Take an exclusive lock on ``fd`` without waiting: True taken, False no locks here (on
+    Windows also: the lock could not be tried for another reason than a holder; nothing proved)."""
     if sys.platform == "win32":  # pragma: no cover - a LockFile range overlapping the writer's
         import msvcrt
 
         try:
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         except OSError as e:
-            raise WriterBusy(errno.EAGAIN, "being written by another process", target) from e
+            # Only a lock violation means another holder; anything else proves nothing: unknown.
+            if e.errno in _WIN_LOCKED:
+                raise WriterBusy(
+                    errno.EAGAIN,
+                    "being written by another process (the writer's lock is held; it may be a writer "
+                    "of another file sharing the lock shard); skipped, run again later",
+                    target,
+                ) from None
+            return False
         return True
     import fcntl
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from latentcache.cache.images import image_size_from_header  # re-exported: it lives below the tools
+
 __all__ = [
     "crop_ltrb",
     "image_size_from_header",
@@ -25,27 +27,6 @@ def _train_util_available() -> bool:
         return importlib.util.find_spec("library.train_util") is not None
     except (ImportError, ValueError):
         return False
-
-
-def image_size_from_header(path: str) -> tuple[int, int]:
-    """``(W, H)`` of an image from its header: ``imagesize`` when installed, else PIL (lazy decode).
-
-    Raises:
-        OSError: the file cannot be read or is not an image PIL knows.
-    """
-    try:
-        import imagesize  # type: ignore[import-not-found,import-untyped,unused-ignore]
-
-        w, h = imagesize.get(path)
-        if w > 0 and h > 0:
-            return int(w), int(h)
-    except ImportError:
-        pass
-    from PIL import Image  # type: ignore[import-not-found,unused-ignore]
-
-    with Image.open(path) as img:
-        w, h = img.size
-    return int(w), int(h)
 
 
 def int_pair(size: Sequence[Any]) -> tuple[int, int]:
