@@ -59,7 +59,7 @@ def test_no_prefix_confusion(
     by_path = {Path(i.path).name: [Path(c.path).name for c in i.caches] for i in report.images}
     assert by_path[f"{short}.png"] == [], by_path
     assert by_path[f"{long}.png"] == [Path(long_cache).name]
-    assert report.orphan_caches == []
+    assert report.orphan_caches == ()
 
 
 def make_dataset(d: Path) -> None:
@@ -191,7 +191,7 @@ def test_scan_reports_and_removes_writer_temp_files(
     (tmp_path / ".latentcache-locks" / "x.png").parent.mkdir(exist_ok=True)
     (tmp_path / ".latentcache-locks" / "x.png").write_bytes(b"")  # the lock folder is never scanned
     r = lc.scan_directory(tmp_path, recursive=True)
-    assert r.temp_files == [str(leftover)] and not r.is_clean
+    assert r.temp_files == (str(leftover),) and not r.is_clean
     assert [Path(i.path).name for i in r.images] == ["a.png"]
     assert main(["scan", str(tmp_path)]) == 1
     assert "writer temp files:     1" in capsys.readouterr().out
@@ -301,10 +301,10 @@ def test_scan_matches_a_reference_model(
     assert got_images == want["images"]
     assert [(c.path, c.size) for c in r.orphan_caches] == want["orphans"]
     assert [(c.path, c.size, c.image) for c in r.doubled_caches] == want["doubled"]
-    assert [(g.stem, g.images) for g in r.shared_stems] == want["shared"]
-    assert r.temp_files == want["temps"]
+    assert [(g.stem, list(g.images)) for g in r.shared_stems] == want["shared"]
+    assert list(r.temp_files) == want["temps"]
     assert r.files == len(folders[d]) + len(folders[d / "sub"])
-    assert r.images_without_cache == [p for p, caches in want["images"] if not caches]
+    assert list(r.images_without_cache) == [p for p, caches in want["images"] if not caches]
     assert [i.path for i in r.multi_size] == [p for p, caches in want["images"] if len(caches) > 1]
 
 
@@ -334,3 +334,28 @@ def test_a_single_path_where_a_list_is_expected_is_named(single: str | Path) -> 
         lc.validate(single, (64, 64))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="load_batch: paths must be a sequence"):
         lc.load_batch(single, (64, 64))  # type: ignore[arg-type]
+
+
+def test_a_scan_report_hands_out_tuples_made_once(tmp_path: Path) -> None:
+    """Every sequence of a report is a tuple (no caller can change what another reads), and the
+    same object on every read."""
+    touch(tmp_path, "a.png", "a_0064x0064_anima.npz", "a_0128x0128_anima.npz", "o_0064x0064_anima.npz")
+    touch(tmp_path, "c.png", "c.jpg", ".x_0064x0064_anima.npz.lctmp")
+    r = lc.scan_directory(tmp_path)
+    names = [
+        "images",
+        "orphan_caches",
+        "doubled_caches",
+        "shared_stems",
+        "temp_files",
+        "images_without_cache",
+    ]
+    for name in [*names, "multi_size"]:
+        got = getattr(r, name)
+        assert isinstance(got, tuple), name
+        assert getattr(r, name) is got, name
+    assert all(isinstance(i.caches, tuple) for i in r.images)
+    assert [len(i.caches) for i in r.multi_size] == [2]
+    assert [g.images for g in r.shared_stems] == [(str(tmp_path / "c.jpg"), str(tmp_path / "c.png"))]
+    with pytest.raises(AttributeError):
+        r.images.append(r.images[0])  # type: ignore[attr-defined]

@@ -206,6 +206,40 @@ def test_load_errors_name_file_and_entry(tmp_path: Path) -> None:
         lc.load(tmp_path / "missing.npz", BUCKET)
 
 
+def test_the_loader_opens_the_file_in_rust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``load`` hands the path to ``_core._load_file``, which opens the file itself (on Windows with
+    delete sharing, so a writer can replace a cache that a trainer reads): Python opens nothing."""
+    p = write_aligned(tmp_path / "a.npz", arrays_for(BUCKET, flip=True))
+    want = np.load(p)["latents_flipped_12x16"]
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise AssertionError(f"os.open{args}")
+
+    monkeypatch.setattr(os, "open", refuse)
+    got = lc.load(p, BUCKET)
+    assert got.latents_flipped is not None
+    np.testing.assert_array_equal(got.latents_flipped, want)
+    again = lc._core._load_file(str(p), BUCKET, map_latents=True)
+    np.testing.assert_array_equal(again.latents, got.latents)
+    assert isinstance(again, lc.CachedLatents)
+
+
+def test_the_raw_load_entries_are_private() -> None:
+    for name in ["load_file", "load_batch_into"]:
+        assert not hasattr(lc._core, name), name
+    for name in ["_load_file", "_load_batch_into", "_read_buffer"]:
+        assert callable(getattr(lc._core, name)), name
+
+
+def test_load_of_a_folder_or_a_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "d.npz").mkdir()
+    with pytest.raises(IsADirectoryError if os.name != "nt" else OSError):
+        lc.load(tmp_path / "d.npz", BUCKET)
+    with pytest.raises(FileNotFoundError) as e:
+        lc._core._load_file(tmp_path / "missing.npz", BUCKET)
+    assert e.value.filename == str(tmp_path / "missing.npz")
+
+
 def make_batch(tmp_path: Path, n: int, bucket: tuple[int, int] = BUCKET) -> list[Path]:
     paths = []
     for i in range(n):
@@ -447,7 +481,7 @@ def test_load_batch_result_reuses_a_dropped_one(tmp_path: Path) -> None:
 def test_the_core_fills_only_a_real_writable_float32_array(tmp_path: Path) -> None:
     paths = [str(p) for p in make_batch(tmp_path, 2)]
     good = np.zeros((2, 16, 12, 16), dtype=np.float32)
-    lc._core.load_batch_into(paths, BUCKET, [False, False], good)
+    lc._core._load_batch_into(paths, BUCKET, [False, False], good)
     assert np.array_equal(good, lc.load_batch(paths, BUCKET))
 
     class Sub(np.ndarray):
@@ -465,7 +499,7 @@ def test_the_core_fills_only_a_real_writable_float32_array(tmp_path: Path) -> No
     ]
     for out in bad:
         with pytest.raises(ValueError, match="out must be"):
-            lc._core.load_batch_into(paths, BUCKET, [False, False], out)
+            lc._core._load_batch_into(paths, BUCKET, [False, False], out)
     assert not readonly.any()
 
 

@@ -331,6 +331,27 @@ def test_bad_arguments(tmp_path: Path) -> None:
         lc.validate([p], BUCKET, workers=-1)
 
 
+def test_the_binding_names_its_arguments_as_validate_does(tmp_path: Path) -> None:
+    """The binding's own argument errors say ``buckets`` and ``flipped`` (no rewriting in Python);
+    ``_validate_with_meta`` still takes ``flip_aug`` for callers not yet moved to ``flipped``."""
+    p = write_stock(tmp_path / "a.npz", arrays_for(BUCKET))
+    with pytest.raises(ValueError, match=r"^buckets has 3 entries for 2 paths"):
+        lc._core.validate([p, p], [BUCKET, BUCKET, BUCKET])
+    with pytest.raises(ValueError, match=r"^buckets: \(0, 0\) is not a bucket"):
+        lc._core.validate([p], (0, 0))
+    with pytest.raises(ValueError, match=r"^flipped has 2 entries for 1 paths?"):
+        lc._core.validate([p], BUCKET, flipped=[True, False])
+    with pytest.raises(ValueError, match=r"^flipped has 2 entries for 1 paths?"):
+        lc._core._validate_with_meta([p], BUCKET, flipped=[True, False])
+    with pytest.raises(TypeError, match="flip_aug"):
+        lc._core.validate([p], BUCKET, flip_aug=True)  # type: ignore[call-arg]
+    old = lc._core._validate_with_meta([p], BUCKET, flip_aug=True)
+    assert [s.code for s, _ in old] == ["missing_key"]
+    with pytest.raises(TypeError, match="both"):
+        lc._core._validate_with_meta([p], BUCKET, flipped=True, flip_aug=True)
+    assert [s.code for s in lc._core.validate([p], BUCKET, flipped=False)] == ["ok"]
+
+
 def test_a_bucket_smaller_than_one_latent_is_refused(tmp_path: Path) -> None:
     p = write_stock(tmp_path / "a.npz", arrays_for(BUCKET))
     for bad in [(0, 0), (64, 4)]:

@@ -249,6 +249,53 @@ def test_write_result_reports_a_member_dropped_as_unloadable(tmp_path: Path) -> 
     assert "latents_2x2" in got.kept
 
 
+def test_write_result_of_a_file_zipfile_refuses(tmp_path: Path) -> None:
+    """A zip directory whose "version needed" is 6.4 makes zipfile raise NotImplementedError;
+    the writer reads the directory itself, so ``write_latents`` replaces the file with a warning
+    (np.load refuses it too) and reports nothing kept or dropped, without zipfile."""
+    p = tmp_path / "v_0016x0016_anima.npz"
+    lc.write_latents(p, latents=sample(16, 2, 2), original_size=(16, 16), crop_ltrb=(0,) * 4)
+    raw = bytearray(p.read_bytes())
+    at = raw.index(b"PK\x01\x02")
+    raw[at + 6 : at + 8] = struct.pack("<H", 64)
+    p.write_bytes(bytes(raw))
+    with pytest.raises(NotImplementedError):
+        zipfile.ZipFile(p).close()
+    with pytest.warns(lc.CorruptCacheWarning, match="6.4"):
+        got = lc.write_latents(p, latents=sample(16, 1, 1), original_size=(8, 8), crop_ltrb=(0,) * 4)
+    assert got.kept == () and got.dropped == ()
+    assert sorted(np.load(p).files) == sorted(got.written)
+
+
+def test_the_core_writer_reports_member_names(tmp_path: Path) -> None:
+    """``_core.write_npz`` names the old file's members it kept and dropped (zip names, ``.npy``
+    included), read under its lock; iterating over its report gives the warnings."""
+    p = tmp_path / "c.npz"
+    np.savez(p, a=np.arange(2), b=np.arange(3), c=np.arange(4))
+    one = (np.float32(1).tobytes(),)
+    report = lc._core.write_npz(str(p), [("a", "<f4", (1,), one[0])], ["b", "nothing"])
+    assert (report.kept, report.dropped) == (("c.npy",), ("b.npy",))
+    assert (report.warnings, list(report), len(report)) == ((), [], 0)
+    assert report.written == 1 and report.file_len == p.stat().st_size
+    report = lc._core.write_npz(str(p), [("d", "|u1", (1,), b"\x01")])
+    assert (report.kept, report.dropped) == (("c.npy", "a.npy"), ())
+    assert sorted(np.load(p).files) == ["a", "c", "d"]
+
+
+def test_write_result_of_a_key_stored_twice(tmp_path: Path) -> None:
+    """A stock file with ``k`` next to ``k.npy``: ``k`` is dropped (np.load would read it for key
+    ``k``), ``k.npy`` kept, so the key is kept and not dropped."""
+    p = tmp_path / "k_0016x0016_anima.npz"
+    with zipfile.ZipFile(p, "w") as z:
+        buf = __import__("io").BytesIO()
+        np.save(buf, np.arange(3))
+        z.writestr("note.npy", buf.getvalue())
+        z.writestr("note", b"raw bytes")
+    with pytest.warns(lc.CorruptCacheWarning, match="'note'"):
+        got = lc.write_latents(p, latents=sample(16, 1, 1), original_size=(8, 8), crop_ltrb=(0,) * 4)
+    assert got.kept == ("note",) and got.dropped == ()
+
+
 def stock_save(path: Path, sfx: str, lat: np.ndarray, compressed: bool = False) -> None:
     """sd-scripts' save_latents_to_disk: np.load every member, then np.savez onto the final path."""
     kwargs: dict[str, np.ndarray] = {}

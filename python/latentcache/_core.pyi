@@ -1,6 +1,7 @@
 # Hand-written stub for the Rust extension; kept true by `python -m mypy.stubtest latentcache._core`.
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import TracebackType
 from typing import Any, final
 
 import numpy as np
@@ -20,8 +21,6 @@ __all__ = [
     "__version__",
     "cache_path",
     "find_source_image",
-    "load_batch_into",
-    "load_file",
     "model_schemas",
     "parse_cache_path",
     "path_key",
@@ -31,7 +30,14 @@ __all__ = [
     "_header_read_floor",
     "_validate_with_meta",
     "_verify_many",
+    "_load_batch_into",
+    "_load_file",
+    "_lock_path",
     "_read_buffer",
+    "_temp_stem",
+    "_try_write_lock",
+    "NpzWriteReport",
+    "WriteLock",
     "_read_pool_stats",
     "find_temp_files",
     "read_meta_bytes",
@@ -71,7 +77,7 @@ class ImageEntry:
     @property
     def path(self) -> str: ...
     @property
-    def caches(self) -> list[CacheFile]: ...
+    def caches(self) -> tuple[CacheFile, ...]: ...
 
 @final
 class DoubledCache:
@@ -87,24 +93,24 @@ class SharedStem:
     @property
     def stem(self) -> str: ...
     @property
-    def images(self) -> list[str]: ...
+    def images(self) -> tuple[str, ...]: ...
 
 @final
 class ScanReport:
     @property
-    def images(self) -> list[ImageEntry]: ...
+    def images(self) -> tuple[ImageEntry, ...]: ...
     @property
-    def orphan_caches(self) -> list[CacheFile]: ...
+    def orphan_caches(self) -> tuple[CacheFile, ...]: ...
     @property
-    def doubled_caches(self) -> list[DoubledCache]: ...
+    def doubled_caches(self) -> tuple[DoubledCache, ...]: ...
     @property
-    def shared_stems(self) -> list[SharedStem]: ...
+    def shared_stems(self) -> tuple[SharedStem, ...]: ...
     @property
-    def temp_files(self) -> list[str]: ...
+    def temp_files(self) -> tuple[str, ...]: ...
     @property
-    def images_without_cache(self) -> list[str]: ...
+    def images_without_cache(self) -> tuple[str, ...]: ...
     @property
-    def multi_size(self) -> list[ImageEntry]: ...
+    def multi_size(self) -> tuple[ImageEntry, ...]: ...
     @property
     def directories(self) -> int: ...
     @property
@@ -115,18 +121,16 @@ class ScanReport:
 def scan_directory(
     path: _Path, suffix: str | None = None, recursive: bool = False, *, model: _Model | None = None
 ) -> ScanReport: ...
-def load_file(
-    fd: int,
-    handle: int,
+def _load_file(
     path: _Path,
-    bucket_reso: tuple[int, int],
+    bucket: tuple[int, int],
     map_latents: bool = False,
     copy: bool = False,
     model: _Model | None = None,
 ) -> CachedLatents: ...
 def _read_pool_stats() -> tuple[int, int, int]: ...
 def _read_buffer(nbytes: int) -> bytearray: ...
-def load_batch_into(
+def _load_batch_into(
     paths: Sequence[_Path],
     bucket_reso: tuple[int, int],
     flipped: list[bool],
@@ -151,9 +155,9 @@ class CacheStatus:
 def status_codes() -> list[str]: ...
 def validate(
     paths: Sequence[_Path],
-    bucket_resos: tuple[int, int] | Sequence[tuple[int, int]],
+    buckets: tuple[int, int] | Sequence[tuple[int, int]],
     *,
-    flip_aug: bool | Sequence[bool] | None = None,
+    flipped: bool | Sequence[bool] | None = None,
     alpha_mask: bool | Sequence[bool] | None = None,
     verify_crc: bool = False,
     check_finite: bool = False,
@@ -162,14 +166,15 @@ def validate(
 ) -> list[CacheStatus]: ...
 def _validate_with_meta(
     paths: Sequence[_Path],
-    bucket_resos: tuple[int, int] | Sequence[tuple[int, int]],
+    buckets: tuple[int, int] | Sequence[tuple[int, int]],
     *,
-    flip_aug: bool | Sequence[bool] | None = None,
+    flipped: bool | Sequence[bool] | None = None,
     alpha_mask: bool | Sequence[bool] | None = None,
     verify_crc: bool = False,
     check_finite: bool = False,
     workers: int | None = None,
     model: _Model | None = None,
+    flip_aug: bool | Sequence[bool] | None = None,
 ) -> list[tuple[CacheStatus, bytes | None]]: ...
 def _header_read_floor(paths: Sequence[_Path], workers: int | None = None) -> tuple[float, int]: ...
 def _verify_many(
@@ -184,13 +189,52 @@ def _verify_many(
 ]: ...
 
 # the npz writer (rust/py/write.rs)
+@final
+class NpzWriteReport:
+    """What ``write_npz`` did; iterating over it gives the warnings."""
+
+    @property
+    def warnings(self) -> tuple[str, ...]: ...
+    @property
+    def kept(self) -> tuple[str, ...]: ...
+    @property
+    def dropped(self) -> tuple[str, ...]: ...
+    @property
+    def written(self) -> int: ...
+    @property
+    def file_len(self) -> int: ...
+    def __iter__(self) -> Iterator[str]: ...
+    def __len__(self) -> int: ...
+
 def write_npz(
     path: _Path,
     arrays: list[tuple[str, str, tuple[int, ...], bytes]],
     drop_keys: list[str] = ...,
     durable: bool = True,
-) -> list[str]: ...
+) -> NpzWriteReport: ...
 def find_temp_files(directory: _Path) -> list[str]: ...
 def remove_stale_temp(path: _Path) -> bool: ...
 def source_fingerprint(image_path: _Path) -> dict[str, int | str]: ...
 def read_meta_bytes(path: _Path) -> bytes | None: ...
+
+# the writer's lock and names (rust/py/lock.rs)
+@final
+class WriteLock:
+    """The writer's lock of one cache file, held until ``release()`` (or the end of a ``with``)."""
+
+    @property
+    def exclusive(self) -> bool: ...
+    @property
+    def held(self) -> bool: ...
+    def release(self) -> None: ...
+    def __enter__(self) -> WriteLock: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool: ...
+
+def _lock_path(cache_path: _Path) -> str: ...
+def _temp_stem(name: str) -> str: ...
+def _try_write_lock(cache_path: _Path, *, create: bool = True) -> WriteLock | None: ...

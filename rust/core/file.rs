@@ -9,6 +9,24 @@ use crate::core::error::{Error, Result};
 /// refuse it unless it is a regular file: a folder is `EISDIR`, a FIFO, socket or device an
 /// `NpzFormat` error naming the file and what it is.
 pub fn open_regular(path: &Path) -> Result<File> {
+    let file = open_to_read(path)?;
+    check_regular(&file, path)?;
+    Ok(file)
+}
+
+/// Windows share modes (`FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE`).
+#[cfg(windows)]
+const SHARE_ALL: u32 = 0x1 | 0x2 | 0x4;
+
+/// Open `path` to read without blocking, without checking what it is (see [`open_regular`]; a
+/// caller that reads at once can call [`check_regular`] only when a read fails, and save an
+/// `fstat` per good file).
+///
+/// On Windows the file is shared for reading, writing and deleting, so that while it is open the
+/// writer can still rename a new file over it (`MoveFileExW` or `ReplaceFileW`, see
+/// `write::replace_file` and docs/windows.md): a trainer reading a cache never makes a concurrent
+/// write of that cache fail. The reader keeps the old file's bytes.
+pub fn open_to_read(path: &Path) -> Result<File> {
     let mut opts = OpenOptions::new();
     opts.read(true);
     #[cfg(unix)]
@@ -18,9 +36,14 @@ pub fn open_regular(path: &Path) -> Result<File> {
         // once instead of waiting for a writer.
         opts.custom_flags(libc::O_NONBLOCK);
     }
-    let file = opts.open(path).map_err(|e| Error::io(path, e))?;
-    check_regular(&file, path)?;
-    Ok(file)
+    #[cfg(windows)]
+    {
+        use std::os::windows::fs::OpenOptionsExt;
+        // Said explicitly, not left to std's default: without FILE_SHARE_DELETE the writer's
+        // replace of this path fails while the file is open.
+        opts.share_mode(SHARE_ALL);
+    }
+    opts.open(path).map_err(|e| Error::io(path, e))
 }
 
 /// An error unless the open `file` is a regular file (see [`open_regular`]).

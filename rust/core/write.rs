@@ -66,8 +66,16 @@ pub struct WriteOptions {
 pub struct WriteReport {
     /// Things the caller should warn about (a corrupt file replaced, no lock available).
     pub warnings: Vec<String>,
-    /// Members copied from the existing file.
-    pub kept: usize,
+    /// The names of the existing file's members that the new file holds as they were (copied byte
+    /// for byte), in file order.
+    pub kept: Vec<String>,
+
+    /// The names of the existing file's members that the new file no longer holds, in file order:
+    /// those named in `drop_keys`, those dropped with a warning (unloadable, or all of them when a
+    /// corrupt file was replaced). A member replaced by a written array of its key is in neither
+    /// list. Both lists are empty when there was no file, or one whose zip directory could not be
+    /// read (replaced with a warning).
+    pub dropped: Vec<String>,
     /// Arrays written from the caller's data.
     pub written: usize,
     /// Size of the new file.
@@ -84,7 +92,8 @@ pub struct WriteReport {
 ///
 /// Args: `path` the target, `arrays` the arrays to store, `drop_keys` keys to remove if present,
 /// `opts` durability.
-/// Returns: a [`WriteReport`]; every error names `path`, and on error the target is untouched and no
+/// Returns: a [`WriteReport`], read under the lock, so that what it says was kept and dropped is
+/// this write's doing even while other processes write the same file; every error names `path`, and on error the target is untouched and no
 /// temporary file is left.
 pub fn write_npz(
     path: &Path,
@@ -109,15 +118,28 @@ pub fn write_npz(
         let key = name.strip_suffix(".npy").unwrap_or(name);
         arrays.iter().any(|a| a.key == key) || drop_keys.iter().any(|k| k == key)
     };
+    let written = |name: &str| {
+        let key = name.strip_suffix(".npy").unwrap_or(name);
+        arrays.iter().any(|a| a.key == key)
+    };
+    // The old file's names as `np.load` sees them (the last member of each name).
+    let mut old_names: Vec<String> = Vec::new();
     let kept: Vec<Member> = match &existing {
         Some((old, members)) => {
-            let candidates: Vec<Member> = last_of_each_name(members)
-                .into_iter()
-                .filter(|m| !replaced(&m.name))
-                .collect();
+            let last = last_of_each_name(members);
+            old_names = last.iter().map(|m| m.name.clone()).collect();
+            let candidates: Vec<Member> = last.into_iter().filter(|m| !replaced(&m.name)).collect();
             loadable_members(old, path, candidates, &mut report.warnings)?
         }
         None => Vec::new(),
+    };
+    // What the new file no longer holds of the old one, given the names it copies.
+    let dropped_beside = |copied: &[Member]| -> Vec<String> {
+        old_names
+            .iter()
+            .filter(|n| !written(n) && !copied.iter().any(|m| &m.name == *n))
+            .cloned()
+            .collect()
     };
 
     // Create first, then arm the guard: a name that already exists is not ours to delete.
@@ -139,10 +161,12 @@ pub fn write_npz(
     let old_file = existing.as_ref().map(|(f, _)| f);
     let file_len = match write_archive(&file, old_file, &kept, arrays, &headers, false) {
         Ok(len) => {
-            report.kept = kept.len();
+            report.kept = kept.iter().map(|m| m.name.clone()).collect();
+            report.dropped = dropped_beside(&kept);
             len
         }
         Err(ArchiveError::Corrupt(message)) => {
+            report.dropped = dropped_beside(&[]);
             report.warnings.push(format!(
                 "{}: replacing a corrupt cache file ({message}); its other members are dropped",
                 path.display()
@@ -860,7 +884,7 @@ mod tests {
         // Intact: kept byte for byte, no warning.
         let r = write_npz(&p, &[arr("y", "<f4", &[1], &d)], &[], DURABLE).unwrap();
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
-        assert_eq!(r.kept, 1);
+        assert_eq!((r.kept, r.dropped), (vec!["old.npy".to_owned()], vec![]));
         let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         assert!(idx.get("old").is_some() && idx.get("y").is_some());
         // One byte of the compressed data changed: the file is replaced, with a warning.
@@ -878,6 +902,11 @@ mod tests {
         let r = write_npz(&p, &[arr("z", "<f4", &[1], &d)], &[], DURABLE).unwrap();
         assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
         assert!(r.warnings[0].contains("old.npy"), "{:?}", r.warnings);
+        // The member that no longer inflates is dropped; `y` is kept.
+        assert_eq!(
+            (r.kept, r.dropped),
+            (vec!["y.npy".to_owned()], vec!["old.npy".to_owned()])
+        );
         let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         assert!(idx.get("old").is_none() && idx.get("z").is_some());
     }
@@ -898,7 +927,7 @@ mod tests {
             DURABLE,
         )
         .unwrap();
-        assert_eq!((r.kept, r.written), (0, 2));
+        assert_eq!((r.kept.len(), r.dropped.len(), r.written), (0, 0, 2));
         let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         assert_eq!(idx.arrays.len(), 2);
         for a in &idx.arrays {
@@ -929,7 +958,9 @@ mod tests {
             WriteOptions { durable: false },
         )
         .unwrap();
-        assert_eq!(r.kept, 1);
+        assert_eq!(r.kept, ["latents_2x2.npy"]);
+        // `latents_1x1` was replaced, not dropped; `alpha_mask_1x1` was not there.
+        assert!(r.dropped.is_empty(), "{:?}", r.dropped);
         let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         let f = File::open(&p).unwrap();
         let l1 = idx.get("latents_1x1").unwrap();
@@ -941,6 +972,73 @@ mod tests {
     }
 
     #[test]
+    fn the_report_names_the_members_kept_and_dropped() {
+        use crate::core::npy::testutil::npy;
+        use crate::core::zip::testutil::{zip_bytes, ZipOpts};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r_0064x0064_anima.npz");
+        let one = npy("|u1", &[1], &[7]);
+        fs::write(
+            &p,
+            zip_bytes(
+                &[
+                    ("latents_1x1.npy", &one[..], false),
+                    ("alpha_mask_1x1.npy", &one[..], false),
+                    ("latents_2x2.npy", &one[..], true),
+                    ("bad.npy", &b"not an npy array"[..], false),
+                    ("notes", &b"kept as it is"[..], false),
+                    ("latents_1x1", &b"named as a written key"[..], false),
+                ],
+                ZipOpts::default(),
+            ),
+        )
+        .unwrap();
+        let d = vec![0u8; 4];
+        let r = write_npz(
+            &p,
+            &[arr("latents_1x1", "<f4", &[1], &d)],
+            &["alpha_mask_1x1".into(), "flipped_1x1".into()],
+            DURABLE,
+        )
+        .unwrap();
+        assert_eq!(r.kept, ["latents_2x2.npy", "notes"]);
+        // Asked to drop, and unloadable (with its warning); the replaced ones are neither.
+        assert_eq!(r.dropped, ["alpha_mask_1x1.npy", "bad.npy"]);
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(r.warnings[0].contains("'bad.npy'"), "{:?}", r.warnings);
+        let names: Vec<String> = crate::core::npy::testutil::zip_index_at(&p)
+            .unwrap()
+            .members
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(names, ["latents_2x2.npy", "notes", "latents_1x1.npy"]);
+    }
+
+    #[test]
+    fn a_file_whose_directory_cannot_be_read_reports_nothing_kept_or_dropped() {
+        // "Version needed to extract" 6.4: np.load refuses it (zipfile raises NotImplementedError),
+        // so the file is replaced with a warning; its member names are not known.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.npz");
+        let a = vec![1u8; 4];
+        write_npz(&p, &[arr("a", "<f4", &[1], &a)], &[], DURABLE).unwrap();
+        let mut bytes = fs::read(&p).unwrap();
+        let at = bytes
+            .windows(4)
+            .position(|w| w == records::CENTRAL_SIG)
+            .unwrap();
+        bytes[at + 6] = 64;
+        fs::write(&p, &bytes).unwrap();
+        let r = write_npz(&p, &[arr("b", "<f4", &[1], &a)], &[], DURABLE).unwrap();
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(r.warnings[0].contains("6.4"), "{:?}", r.warnings);
+        assert!(r.kept.is_empty() && r.dropped.is_empty(), "{r:?}");
+        let idx = crate::core::npy::testutil::index_at(&p).unwrap();
+        assert!(idx.get("a").is_none() && idx.get("b").is_some());
+    }
+
+    #[test]
     fn corrupt_existing_is_replaced_with_warning() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.npz");
@@ -948,6 +1046,8 @@ mod tests {
         let d = vec![0u8; 4];
         let r = write_npz(&p, &[arr("x", "<f4", &[1], &d)], &[], DURABLE).unwrap();
         assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        // An unreadable old file: nothing can be said of its members.
+        assert!(r.kept.is_empty() && r.dropped.is_empty(), "{r:?}");
         assert!(crate::core::npy::testutil::index_at(&p)
             .unwrap()
             .get("x")
@@ -964,6 +1064,8 @@ mod tests {
         fs::write(&p, &bytes).unwrap();
         let r = write_npz(&p, &[arr("y", "<f4", &[1], &d)], &[], DURABLE).unwrap();
         assert!(r.warnings[0].contains("CRC"), "{:?}", r.warnings);
+        assert!(r.kept.is_empty(), "{:?}", r.kept);
+        assert_eq!(r.dropped, ["x.npy"]);
         let idx = crate::core::npy::testutil::index_at(&p).unwrap();
         assert!(idx.get("x").is_none() && idx.get("y").is_some());
     }
@@ -1033,6 +1135,33 @@ mod tests {
             ["held_0064x0064_anima.npz"],
             "no temporary file may stay behind"
         );
+    }
+
+    #[test]
+    fn the_loaders_open_file_does_not_stop_a_replace() {
+        // The loader (and the binding's `_load_file`) opens caches with `file::open_to_read`; on
+        // Windows that open must share delete access, or `replace_file` of the same path fails
+        // while a trainer reads it (issue 15). Runs under Wine in CI.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("read_0064x0064_anima.npz");
+        write_npz(&p, &[arr("a", "|u1", &[3], &[1, 2, 3])], &[], DURABLE).unwrap();
+        let old = fs::read(&p).unwrap();
+        let reader = crate::core::file::open_to_read(&p).unwrap();
+        let checked = crate::core::file::open_regular(&p).unwrap();
+        let new = dir.path().join("new.tmp");
+        fs::write(&new, b"the new file").unwrap();
+        replace_file(&new, &p).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"the new file");
+        assert!(!new.exists());
+        for f in [&reader, &checked] {
+            let mut seen = vec![0u8; old.len()];
+            crate::core::zip::read_at(f, &mut seen, 0).unwrap();
+            assert_eq!(seen, old, "the open reader must keep seeing the old file");
+        }
+        // And the writer's own path, with both still open.
+        write_npz(&p, &[arr("b", "|u1", &[2], &[4, 5])], &[], DURABLE).unwrap();
+        let idx = crate::core::npy::testutil::index_at(&p).unwrap();
+        assert!(idx.get("b").is_some());
     }
 
     #[test]

@@ -1,38 +1,13 @@
 //! Bindings for `core::load`: one call that plans a cache file the caller opened and reads the
 //! arrays that are not to be mapped, and parallel batch loading into caller-owned numpy memory.
 use std::fs::File;
-use std::mem::ManuallyDrop;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use crate::core::load as core_load;
-
-/// Borrow the caller's open file descriptor (POSIX) or handle (Windows) as a `File` without taking
-/// ownership: the Python file object keeps it open and closes it.
-fn borrow_file(fd: i64) -> PyResult<ManuallyDrop<File>> {
-    #[cfg(unix)]
-    {
-        use std::os::fd::FromRawFd;
-        let fd = i32::try_from(fd).map_err(|_| PyValueError::new_err("bad file descriptor"))?;
-        if fd < 0 {
-            return Err(PyValueError::new_err("bad file descriptor"));
-        }
-        // SAFETY: the caller passes the descriptor of a file object it keeps open for the whole
-        // call; ManuallyDrop keeps us from closing it.
-        Ok(ManuallyDrop::new(unsafe { File::from_raw_fd(fd) }))
-    }
-    #[cfg(windows)]
-    {
-        use std::os::windows::io::FromRawHandle;
-        // SAFETY: as above, with the OS handle from `msvcrt.get_osfhandle`.
-        Ok(ManuallyDrop::new(unsafe {
-            File::from_raw_handle(fd as isize as *mut std::ffi::c_void)
-        }))
-    }
-}
 
 /// A mutable byte slice over caller-owned memory.
 ///
@@ -105,7 +80,7 @@ fn float32_memory<'a>(out: &Bound<'_, PyAny>, nbytes: usize) -> PyResult<&'a mut
 ///     workers: threads for this call (default: `LATENTCACHE_NUM_THREADS`, else the CPU count).
 ///     model: the registry name of the cache kind (default Anima): its channels `C`, stride and keys.
 #[pyfunction]
-#[pyo3(signature = (paths, bucket_reso, flipped, out, workers = None, model = None))]
+#[pyo3(name = "_load_batch_into", signature = (paths, bucket_reso, flipped, out, workers = None, model = None))]
 pub fn load_batch_into(
     py: Python<'_>,
     paths: Vec<PathBuf>,
@@ -172,7 +147,8 @@ impl<'py> Out<'py, '_> {
     fn into_array(
         self,
         py: Python<'py>,
-        fd: i64,
+        file: &File,
+        path: &Path,
         mapping: &mut Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let imp = imports(py)?;
@@ -190,11 +166,7 @@ impl<'py> Out<'py, '_> {
             None => match mapping {
                 Some(m) => m.clone(),
                 None => {
-                    // A private copy-on-write mapping: the arrays are writable (torch takes them
-                    // without a warning) and a write never reaches the file.
-                    let kwargs = pyo3::types::PyDict::new(py);
-                    kwargs.set_item("access", imp.access_copy.bind(py))?;
-                    let m = imp.mmap.bind(py).call((fd, 0), Some(&kwargs))?;
+                    let m = map_private(py, imp, file, path)?;
                     mapping.insert(m).clone()
                 }
             },
@@ -203,6 +175,72 @@ impl<'py> Out<'py, '_> {
         imp.ndarray
             .bind(py)
             .call1((shape, dtype, buffer, offset, py.None(), order))
+    }
+}
+
+/// A private copy-on-write mapping of the whole file (`mmap.mmap(..., access=ACCESS_COPY)`): the
+/// arrays are writable (torch takes them without a warning) and a write never reaches the file.
+/// The mapping keeps its own handle of the file, so `file` may be closed after this.
+fn map_private<'py>(
+    py: Python<'py>,
+    imp: &Imports,
+    file: &File,
+    path: &Path,
+) -> PyResult<Bound<'py, PyAny>> {
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("access", imp.access_copy.bind(py))?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let _ = path;
+        // `mmap.mmap` duplicates the descriptor.
+        imp.mmap.bind(py).call((file.as_raw_fd(), 0), Some(&kwargs))
+    }
+    #[cfg(windows)]
+    {
+        use std::os::windows::io::{FromRawHandle, IntoRawHandle};
+        // `mmap.mmap` takes a C runtime descriptor: one is made over a duplicate of the handle,
+        // and closed (with that duplicate) once the mapping holds its own handle.
+        let dup = file
+            .try_clone()
+            .map_err(|e| PyErr::from(crate::core::error::Error::io(path, e)))?;
+        let handle = dup.into_raw_handle();
+        let fd = match py
+            .import("msvcrt")?
+            .call_method1("open_osfhandle", (handle as isize, 0))
+        {
+            Ok(fd) => fd,
+            Err(e) => {
+                // SAFETY: `handle` came from `into_raw_handle` above and nothing else owns it.
+                drop(unsafe { File::from_raw_handle(handle) });
+                return Err(e);
+            }
+        };
+        let m = imp.mmap.bind(py).call((&fd, 0), Some(&kwargs));
+        py.import("os")?.call_method1("close", (fd,))?;
+        m
+    }
+}
+
+/// Plan one bucket's reads, reading the latents into the buffer at `pre_at` (its address and
+/// length) when there is one.
+fn plan(
+    file: &File,
+    path: &Path,
+    schema: &crate::core::schema::Schema,
+    bucket_reso: (u32, u32),
+    pre_at: Option<(usize, u64)>,
+) -> crate::core::error::Result<core_load::PlannedRead> {
+    match pre_at {
+        Some((address, want)) => {
+            // SAFETY: the bytearray that the caller made holds at least `want` bytes, and only
+            // this call references it until it returns.
+            let buf = unsafe { out_slice(address, want as usize) }
+                .map_err(|e| crate::core::error::Error::Value(e.to_string()))?;
+            core_load::plan_reading_latents(file, path, schema, bucket_reso, buf)
+        }
+        // No buffer: planned only.
+        None => core_load::plan_reading_latents(file, path, schema, bucket_reso, &mut []),
     }
 }
 
@@ -317,43 +355,43 @@ fn array_out<'py, 'a>(
     }))
 }
 
-/// Load one bucket's arrays from a cache file the caller opened: plan it and read the arrays
-/// that are to be read with the interpreter lock released, then make the numpy arrays.
+/// Load one bucket's arrays from a cache file: open it, plan it and read the arrays that are to
+/// be read with the interpreter lock released, then make the numpy arrays.
 ///
-/// The latents are read unless `map_latents`; the flipped latents and the alpha mask are mapped
-/// when the file is one latentcache wrote and they are stored aligned; `copy` reads all of them.
-/// A stock file (np.savez) is always read: see `core::load::fetch` for the policy.
+/// The file is opened here (`core::file::open_to_read`): without blocking on a FIFO, and on
+/// Windows shared for reading, writing and deleting, so that the writer can replace the file while
+/// it is read. The latents are read unless `map_latents`; the flipped latents and the alpha mask
+/// are mapped when the file is one latentcache wrote and they are stored aligned; `copy` reads all
+/// of them. A stock file (np.savez) is always read: see `core::load::fetch` for the policy.
 ///
 /// Args:
-///     fd: the file's descriptor, which a mapping is made from (`mmap.mmap` takes its own copy).
-///     handle: the same file as the OS sees it, which the core reads (the descriptor on POSIX,
-///         `msvcrt.get_osfhandle(fd)` on Windows).
-///     path: the file's path, for error messages.
-///     bucket_reso: `(W, H)` in pixels.
+///     path: the cache file.
+///     bucket: `(W, H)` in pixels.
 ///     map_latents: map the latents as well when they can be.
 ///     copy: read every array.
+///     model: a model name or `ModelSchema` (default Anima).
 ///
 /// Returns:
 ///     `latentcache.CachedLatents(latents, original_size, crop_ltrb, latents_flipped | None,
 ///     alpha_mask | None)`.
 ///
 /// Raises:
-///     NpzFormatError: the file is not a valid npz or lacks this bucket's keys.
+///     NpzFormatError: the file is not a valid npz or lacks this bucket's keys, or it is not a
+///         regular file (a FIFO, socket or device).
+///     OSError: the file cannot be opened or read (`FileNotFoundError`, `IsADirectoryError`).
 #[pyfunction]
-#[pyo3(signature = (fd, handle, path, bucket_reso, map_latents = false, copy = false, model = None))]
-#[allow(clippy::too_many_arguments)]
-pub fn load_file<'py>(
+#[pyo3(signature = (path, bucket, map_latents = false, copy = false, model = None))]
+pub fn _load_file<'py>(
     py: Python<'py>,
-    fd: i64,
-    handle: i64,
     path: PathBuf,
-    bucket_reso: (u32, u32),
+    bucket: (u32, u32),
     map_latents: bool,
     copy: bool,
     model: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let bucket_reso = bucket;
     let schema = super::schema::schema_of(model)?;
-    let file = borrow_file(handle)?;
+    let file = super::detached(py, || crate::core::file::open_to_read(&path))?;
     let req = core_load::Request { map_latents, copy };
     // Latents that will be read are read while the file is planned, into a buffer made for the
     // bucket's float32 latents and the bytes after them (see `plan_reading_latents`).
@@ -362,16 +400,15 @@ pub fn load_file<'py>(
         .map(|want| uninit_bytearray(py, || format!("{}: the latents", path.display()), want))
         .transpose()?;
     let pre_at = pre.as_ref().map(|(_, address)| *address).zip(want);
-    let planned = super::detached(py, || match pre_at {
-        Some((address, want)) => {
-            // SAFETY: the bytearray made above holds at least `want` bytes, and only this call
-            // references it until it returns.
-            let buf = unsafe { out_slice(address, want as usize) }
-                .map_err(|e| crate::core::error::Error::Value(e.to_string()))?;
-            core_load::plan_reading_latents(&file, &path, schema, bucket_reso, buf)
-        }
-        // No buffer: planned only.
-        None => core_load::plan_reading_latents(&file, &path, schema, bucket_reso, &mut []),
+    // The type of the file is looked at only when planning fails, so a good load makes no `fstat`:
+    // a FIFO, socket or device fails its first read and is then named for what it is.
+    let planned = super::detached(py, || {
+        plan(&file, &path, schema, bucket_reso, pre_at).map_err(|e| {
+            match crate::core::file::check_regular(&file, &path) {
+                Err(special) => special,
+                Ok(()) => e,
+            }
+        })
     })?;
     let plan = &planned.plan;
     let mut reads: Vec<(usize, usize, &core_load::ArraySpec)> = Vec::new();
@@ -405,13 +442,13 @@ pub fn load_file<'py>(
     }
     // The arrays are made only now, over buffers that are filled.
     let mut mapping = None;
-    let latents = latents.into_array(py, fd, &mut mapping)?;
+    let latents = latents.into_array(py, &file, &path, &mut mapping)?;
     let flipped = match flipped {
-        Some(a) => a.into_array(py, fd, &mut mapping)?,
+        Some(a) => a.into_array(py, &file, &path, &mut mapping)?,
         None => py.None().into_bound(py),
     };
     let alpha = match alpha {
-        Some(a) => a.into_array(py, fd, &mut mapping)?,
+        Some(a) => a.into_array(py, &file, &path, &mut mapping)?,
         None => py.None().into_bound(py),
     };
     let items = pyo3::types::PyTuple::new(

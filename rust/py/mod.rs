@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 mod bufpool;
 mod errors;
 mod load;
+mod lock;
 mod paths;
 mod scan;
 mod schema;
@@ -15,7 +16,9 @@ mod _core {
     #[pymodule_export]
     use super::bufpool::_read_pool_stats;
     #[pymodule_export]
-    use super::load::{_read_buffer, load_batch_into, load_file};
+    use super::load::{_load_file, _read_buffer, load_batch_into};
+    #[pymodule_export]
+    use super::lock::{_lock_path, _temp_stem, _try_write_lock, PyWriteLock};
     #[pymodule_export]
     use super::paths::{cache_path, find_source_image, parse_cache_path, path_key};
     #[pymodule_export]
@@ -33,6 +36,7 @@ mod _core {
     #[pymodule_export]
     use super::write::{
         find_temp_files, read_meta_bytes, remove_stale_temp, source_fingerprint, write_npz,
+        PyNpzWriteReport,
     };
 
     use pyo3::prelude::*;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyList;
+use pyo3::types::PyTuple;
 
 use crate::core::scan as core_scan;
 
@@ -24,15 +24,22 @@ impl PyCacheFile {
 }
 
 /// An image and the caches whose stem is exactly its stem.
-#[pyclass(frozen, get_all, name = "ImageEntry", module = "latentcache._core")]
+#[pyclass(frozen, name = "ImageEntry", module = "latentcache._core")]
 #[derive(Clone)]
 pub struct PyImageEntry {
+    #[pyo3(get)]
     path: OsString,
     caches: Vec<PyCacheFile>,
 }
 
 #[pymethods]
 impl PyImageEntry {
+    /// The caches of this image, sorted by path.
+    #[getter]
+    fn caches<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, self.caches.iter().cloned())
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "ImageEntry(path={:?}, caches={})",
@@ -52,15 +59,26 @@ pub struct PyDoubledCache {
 }
 
 /// Images that share one stem, and so one set of cache names.
-#[pyclass(frozen, get_all, name = "SharedStem", module = "latentcache._core")]
+#[pyclass(frozen, name = "SharedStem", module = "latentcache._core")]
 #[derive(Clone)]
 pub struct PySharedStem {
+    #[pyo3(get)]
     stem: OsString,
     images: Vec<OsString>,
 }
 
-/// What `scan_directory` found; every list is sorted by path. Each list is made on its first read
-/// and the same list object is returned after that (reading `images` in a loop costs nothing).
+#[pymethods]
+impl PySharedStem {
+    /// The images, sorted by path.
+    #[getter]
+    fn images<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.images)
+    }
+}
+
+/// What `scan_directory` found; every tuple is sorted by path. Each tuple is made on its first read
+/// and the same tuple object is returned after that (reading `images` in a loop costs nothing);
+/// tuples, so that no caller can change what another reads.
 #[pyclass(frozen, name = "ScanReport", module = "latentcache._core")]
 pub struct PyScanReport {
     images: Lazy<PyImageEntry>,
@@ -81,10 +99,10 @@ pub struct PyScanReport {
     is_clean: bool,
 }
 
-/// Items kept in Rust until their Python list is first asked for, then that one list.
+/// Items kept in Rust until their Python tuple is first asked for, then that one tuple.
 struct Lazy<T> {
     items: Vec<T>,
-    list: PyOnceLock<Py<PyList>>,
+    list: PyOnceLock<Py<PyTuple>>,
 }
 
 impl<T> Lazy<T>
@@ -98,10 +116,10 @@ where
         }
     }
 
-    fn get(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+    fn get(&self, py: Python<'_>) -> PyResult<Py<PyTuple>> {
         self.list
             .get_or_try_init(py, || {
-                PyList::new(py, self.items.iter().cloned()).map(Bound::unbind)
+                PyTuple::new(py, self.items.iter().cloned()).map(Bound::unbind)
             })
             .map(|l| l.clone_ref(py))
     }
@@ -111,43 +129,43 @@ where
 impl PyScanReport {
     /// Every image with its caches (possibly none).
     #[getter]
-    fn images(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+    fn images(&self, py: Python<'_>) -> PyResult<Py<PyTuple>> {
         self.images.get(py)
     }
 
     /// Caches with no image of exactly their stem.
     #[getter]
-    fn orphan_caches(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+    fn orphan_caches(&self, py: Python<'_>) -> PyResult<Py<PyTuple>> {
         self.orphan_caches.get(py)
     }
 
     /// Caches whose name carries the suffix twice (sd-scripts #2362 leftovers).
     #[getter]
-    fn doubled_caches(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+    fn doubled_caches(&self, py: Python<'_>) -> PyResult<Py<PyTuple>> {
         self.doubled_caches.get(py)
     }
 
     /// Images that share a stem with another image.
     #[getter]
-    fn shared_stems(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+    fn shared_stems(&self, py: Python<'_>) -> PyResult<Py<PyTuple>> {
         self.shared_stems.get(py)
     }
 
     /// Temporary files of the crash-safe writer (left by a killed writer, or in flight).
     #[getter]
-    fn temp_files(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+    fn temp_files(&self, py: Python<'_>) -> PyResult<Py<PyTuple>> {
         self.temp_files.get(py)
     }
 
     /// Images with no cache.
     #[getter]
-    fn images_without_cache(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+    fn images_without_cache(&self, py: Python<'_>) -> PyResult<Py<PyTuple>> {
         self.images_without_cache.get(py)
     }
 
     /// Images whose stem has caches for more than one image size.
     #[getter]
-    fn multi_size(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+    fn multi_size(&self, py: Python<'_>) -> PyResult<Py<PyTuple>> {
         self.multi_size.get(py)
     }
 

@@ -95,15 +95,15 @@ pub fn status_codes() -> Vec<&'static str> {
 /// Expected per file, for the model's channels C and stride s, with h, w = H // s, W // s:
 /// `latents_{h}x{w}` float32 `(C, h, w)` (or `(C, 1, h, w)` where the model has that layout),
 /// `original_size_{h}x{w}` 2 integers, `crop_ltrb_{h}x{w}` 4 numbers, plus
-/// `latents_flipped_{h}x{w}` when `flip_aug` and `alpha_mask_{h}x{w}` float32 `(H, W)` when
+/// `latents_flipped_{h}x{w}` when `flipped` and `alpha_mask_{h}x{w}` float32 `(H, W)` when
 /// `alpha_mask`; all in C order. A single-resolution model (sd, sdxl) has bare keys (`latents`,
 /// ...). A file named as another model's cache is `wrong_model`. No payload is read unless
 /// `verify_crc` or `check_finite`.
 ///
 /// Args:
 ///     paths: the cache files.
-///     bucket_resos: one `(W, H)` for all paths, or one per path.
-///     flip_aug: one bool for all, or one per path.
+///     buckets: one `(W, H)` for all paths, or one per path.
+///     flipped: one bool for all, or one per path.
 ///     alpha_mask: one bool for all, or one per path.
 ///     verify_crc: also read every member and check its CRC-32 (`crc_mismatch`).
 ///     check_finite: also read the latents and report NaN or Inf (`non_finite`).
@@ -115,13 +115,13 @@ pub fn status_codes() -> Vec<&'static str> {
 /// Returns:
 ///     One `CacheStatus` per path, in input order. A broken file is a status, never an exception.
 #[pyfunction]
-#[pyo3(signature = (paths, bucket_resos, *, flip_aug = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None, model = None))]
+#[pyo3(signature = (paths, buckets, *, flipped = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None, model = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn validate<'py>(
     py: Python<'py>,
     paths: Vec<Bound<'py, PyAny>>,
-    bucket_resos: &Bound<'_, PyAny>,
-    flip_aug: Option<&Bound<'_, PyAny>>,
+    buckets: &Bound<'_, PyAny>,
+    flipped: Option<&Bound<'_, PyAny>>,
     alpha_mask: Option<&Bound<'_, PyAny>>,
     verify_crc: bool,
     check_finite: bool,
@@ -134,14 +134,7 @@ pub fn validate<'py>(
         with_meta: false,
     };
     let (names, statuses) = run(
-        py,
-        paths,
-        bucket_resos,
-        flip_aug,
-        alpha_mask,
-        &opts,
-        workers,
-        model,
+        py, paths, buckets, flipped, alpha_mask, &opts, workers, model,
     )?;
     let list = pyo3::types::PyList::empty(py);
     for (name, s) in names.into_iter().zip(statuses) {
@@ -157,38 +150,43 @@ type WithMeta<'py> = (Bound<'py, PyCacheStatus>, Option<Bound<'py, PyBytes>>);
 /// read through the file it already opened: what `validate(check_source=True)` needs, without
 /// opening every file a second time.
 ///
+/// `flip_aug` is the old name of `flipped`, still taken here (integrations/sd_scripts/dataset.py
+/// passes it); giving both is a TypeError.
+///
 /// Returns:
 ///     One `(CacheStatus, bytes | None)` per path, in input order: the bytes for an `ok` file
 ///     that has the member, None otherwise. A member that cannot be read makes the file
 ///     `malformed` (`io_error` for a failed read).
 #[pyfunction]
-#[pyo3(signature = (paths, bucket_resos, *, flip_aug = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None, model = None))]
+#[pyo3(signature = (paths, buckets, *, flipped = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None, model = None, flip_aug = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn _validate_with_meta<'py>(
     py: Python<'py>,
     paths: Vec<Bound<'py, PyAny>>,
-    bucket_resos: &Bound<'_, PyAny>,
-    flip_aug: Option<&Bound<'_, PyAny>>,
+    buckets: &Bound<'_, PyAny>,
+    flipped: Option<&Bound<'_, PyAny>>,
     alpha_mask: Option<&Bound<'_, PyAny>>,
     verify_crc: bool,
     check_finite: bool,
     workers: Option<usize>,
     model: Option<&Bound<'py, PyAny>>,
+    flip_aug: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Vec<WithMeta<'py>>> {
+    let flipped = match (flipped, flip_aug) {
+        (Some(_), Some(_)) => {
+            return Err(pyo3::exceptions::PyTypeError::new_err(
+                "_validate_with_meta() got both 'flipped' and its old name 'flip_aug'",
+            ))
+        }
+        (new, old) => new.or(old),
+    };
     let opts = core_validate::Options {
         verify_crc,
         check_finite,
         with_meta: true,
     };
     let (names, statuses) = run(
-        py,
-        paths,
-        bucket_resos,
-        flip_aug,
-        alpha_mask,
-        &opts,
-        workers,
-        model,
+        py, paths, buckets, flipped, alpha_mask, &opts, workers, model,
     )?;
     names
         .into_iter()
@@ -206,8 +204,8 @@ pub fn _validate_with_meta<'py>(
 fn run<'py>(
     py: Python<'py>,
     paths: Vec<Bound<'py, PyAny>>,
-    bucket_resos: &Bound<'_, PyAny>,
-    flip_aug: Option<&Bound<'_, PyAny>>,
+    buckets: &Bound<'_, PyAny>,
+    flipped: Option<&Bound<'_, PyAny>>,
     alpha_mask: Option<&Bound<'_, PyAny>>,
     opts: &core_validate::Options,
     workers: Option<usize>,
@@ -233,17 +231,17 @@ fn run<'py>(
         names.push(buf.as_os_str().into_pyobject(py)?);
         bufs.push(Cow::Owned(buf));
     }
-    let resos: Vec<(u32, u32)> = per_path(bucket_resos, "bucket_resos", n)?;
+    let resos: Vec<(u32, u32)> = per_path(buckets, "buckets", n)?;
     let stride = schema.stride;
     if let Some(&(w, h)) = resos.iter().find(|&&(w, h)| w < stride || h < stride) {
         return Err(PyValueError::new_err(format!(
-            "bucket_resos: ({w}, {h}) is not a bucket: W and H are pixels, at least {stride} each \
+            "buckets: ({w}, {h}) is not a bucket: W and H are pixels, at least {stride} each \
              (the {:?} model's latent stride)",
             schema.name
         )));
     }
-    let flips: Vec<bool> = match flip_aug {
-        Some(o) => per_path(o, "flip_aug", n)?,
+    let flips: Vec<bool> = match flipped {
+        Some(o) => per_path(o, "flipped", n)?,
         None => vec![false],
     };
     let alphas: Vec<bool> = match alpha_mask {

@@ -2,12 +2,68 @@
 use std::path::PathBuf;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyIterator, PyTuple};
 
 use crate::core::write as core_write;
 
 /// One array for `write_npz`: `(key, descr, shape, data)`.
 type ArrayArg<'py> = (String, String, Vec<u64>, Bound<'py, PyBytes>);
+
+/// What `write_npz` did: the writer's warnings and the old file's members it kept and dropped.
+///
+/// Iterating over it gives the warnings, as iterating over the list that `write_npz` used to return
+/// did.
+#[pyclass(frozen, name = "NpzWriteReport", module = "latentcache._core")]
+pub struct PyNpzWriteReport {
+    warnings: Vec<String>,
+    kept: Vec<String>,
+    dropped: Vec<String>,
+    /// How many arrays were written from the caller's data.
+    #[pyo3(get)]
+    written: usize,
+    /// The size of the new file in bytes.
+    #[pyo3(get)]
+    file_len: u64,
+}
+
+#[pymethods]
+impl PyNpzWriteReport {
+    /// Things to warn about (a corrupt existing file replaced, a member dropped, no lock).
+    #[getter]
+    fn warnings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.warnings)
+    }
+
+    /// The member names (as in the zip, `.npy` included) of the old file that the new one holds
+    /// byte for byte, in file order.
+    #[getter]
+    fn kept<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.kept)
+    }
+
+    /// The member names of the old file that the new one no longer holds (asked to drop, or dropped
+    /// with a warning), in file order; a member replaced by a written array of its key is in
+    /// neither. Both are empty when there was no old file or its zip directory could not be read.
+    #[getter]
+    fn dropped<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.dropped)
+    }
+
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyIterator>> {
+        self.warnings(py)?.as_any().try_iter()
+    }
+
+    fn __len__(&self) -> usize {
+        self.warnings.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "NpzWriteReport(warnings={:?}, kept={:?}, dropped={:?}, written={}, file_len={})",
+            self.warnings, self.kept, self.dropped, self.written, self.file_len
+        )
+    }
+}
 
 /// Write arrays into an npz file atomically, keeping the existing file's other members.
 ///
@@ -23,7 +79,9 @@ type ArrayArg<'py> = (String, String, Vec<u64>, Bound<'py, PyBytes>);
 ///     durable: fsync the file before and the folder after the rename.
 ///
 /// Returns:
-///     Warnings for the caller to raise (a corrupt existing file was replaced, no lock was available).
+///     An `NpzWriteReport`: the warnings for the caller to raise (a corrupt existing file was
+///     replaced, no lock was available), and the old file's member names kept and dropped, read
+///     under the lock (iterating over it gives the warnings).
 ///
 /// Raises:
 ///     OSError: with the errno and the target as filename; the old file is untouched.
@@ -36,7 +94,7 @@ pub fn write_npz(
     arrays: Vec<ArrayArg<'_>>,
     drop_keys: Vec<String>,
     durable: bool,
-) -> PyResult<Vec<String>> {
+) -> PyResult<PyNpzWriteReport> {
     // `bytes` are immutable and `arrays` keeps them alive, so their contents can be borrowed while
     // the interpreter lock is released: no copy.
     let new: Vec<core_write::NewArray<'_>> = arrays
@@ -50,7 +108,13 @@ pub fn write_npz(
         .collect();
     let opts = core_write::WriteOptions { durable };
     let report = super::detached(py, || core_write::write_npz(&path, &new, &drop_keys, opts))?;
-    Ok(report.warnings)
+    Ok(PyNpzWriteReport {
+        warnings: report.warnings,
+        kept: report.kept,
+        dropped: report.dropped,
+        written: report.written,
+        file_len: report.file_len,
+    })
 }
 
 /// Temporary files of the npz writer in a folder (left by killed writers, or in flight), sorted.

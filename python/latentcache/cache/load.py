@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
-import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -14,7 +12,6 @@ import numpy as np
 from latentcache import _core, models
 from latentcache.cache.compat import renamed
 from latentcache.cache.validate import check_path_list
-from latentcache.errors import LatentCacheError, NpzFormatError
 from latentcache.models import ModelLike
 
 __all__ = ["CachedLatents", "load", "load_batch"]
@@ -40,28 +37,6 @@ def _bucket(
     if got is None:
         raise TypeError(f"{func}() missing required argument: 'bucket'")
     return got
-
-
-def _os_handle(fd: int) -> int:
-    if sys.platform == "win32":
-        import msvcrt
-
-        return int(msvcrt.get_osfhandle(fd))
-    return int(fd)
-
-
-# O_NONBLOCK: a FIFO named like a cache opens at once instead of waiting for a writer (and its
-# positional reads then fail, see `_refuse_special`); a regular file reads as without it.
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
-
-
-def _refuse_special(fd: int, path: str) -> None:
-    """Raise a clear ``NpzFormatError`` when the open ``fd`` is not a regular file or a folder (a
-    FIFO, socket or device). Called only after a failed load, so a good load makes no ``fstat``."""
-    mode = os.fstat(fd).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-        raise NpzFormatError(f"{path}: is not a regular file ({kind}), refusing to read it")
 
 
 def load(
@@ -114,17 +89,9 @@ def load(
     bucket = _bucket("load", bucket, bucket_reso)
     p = os.fspath(path)
     name = None if model is None else models.get(model).name
-    # A raw descriptor: no buffered file object per load. A mapping keeps its own copy of it, so
-    # it is closed at once.
-    fd = os.open(p, _OPEN_FLAGS)
-    try:
-        try:
-            return _core.load_file(fd, _os_handle(fd), p, bucket, map_latents, copy, name)
-        except (LatentCacheError, OSError):
-            _refuse_special(fd, p)
-            raise
-    finally:
-        os.close(fd)
+    # Opened in Rust (no file object per load): without blocking on a FIFO, and on Windows with
+    # delete sharing, so that a writer can replace the file while it is read.
+    return _core._load_file(p, bucket, map_latents, copy, name)
 
 
 def load_batch(
@@ -189,5 +156,5 @@ def load_batch(
     if len(flags) != len(strs):
         raise ValueError(f"flipped has {len(flags)} entries for {len(strs)} paths")
     if strs:
-        _core.load_batch_into(strs, bucket, flags, out, workers, schema.name)
+        _core._load_batch_into(strs, bucket, flags, out, workers, schema.name)
     return out

@@ -223,40 +223,27 @@ def validate(
         how = _Stale(schema, sfx, check_source, vae)
         # One pass that also hands back each valid file's metadata member, read through the file
         # it opened: only caches that record a source are looked at again, and none is reopened.
-        try:
-            checked = _core._validate_with_meta(
-                paths,
-                buckets,
-                flip_aug=flipped,
-                alpha_mask=alpha_mask,
-                verify_crc=verify_crc,
-                check_finite=check_finite,
-                workers=workers,
-                model=schema.name,
-            )
-        except ValueError as e:
-            raise _named_as_here(e) from None
-        return [s if m is None else _source_status(s, m, how) for s, m in checked]
-    try:
-        return _core.validate(
+        checked = _core._validate_with_meta(
             paths,
             buckets,
-            flip_aug=flipped,
+            flipped=flipped,
             alpha_mask=alpha_mask,
             verify_crc=verify_crc,
             check_finite=check_finite,
             workers=workers,
             model=schema.name,
         )
-    except ValueError as e:
-        raise _named_as_here(e) from None
-
-
-def _named_as_here(e: ValueError) -> ValueError:
-    """The core's argument error with its arguments called by this module's names (the binding
-    still calls them ``bucket_resos`` and ``flip_aug``)."""
-    message = str(e).replace("bucket_resos", "buckets").replace("flip_aug", "flipped")
-    return e if message == str(e) else ValueError(message)
+        return [s if m is None else _source_status(s, m, how) for s, m in checked]
+    return _core.validate(
+        paths,
+        buckets,
+        flipped=flipped,
+        alpha_mask=alpha_mask,
+        verify_crc=verify_crc,
+        check_finite=check_finite,
+        workers=workers,
+        model=schema.name,
+    )
 
 
 def _source_status(s: _core.CacheStatus, meta: bytes, how: _Stale) -> _core.CacheStatus:

@@ -6,12 +6,9 @@ interpreter lock released; this module checks and converts the caller's arrays.
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
-import stat
 import warnings
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +30,6 @@ __all__ = [
 
 _PathLike = str | os.PathLike[str]
 
-# zipfile decodes member names with cp437, a codec imported on first use: look it up now, so that a
-# process that later drops privileges or changes root can still list a cache's members.
-codecs.lookup("cp437")
-
 
 @dataclass(frozen=True)
 class WriteResult:
@@ -51,11 +44,11 @@ class WriteResult:
             resolution's flipped latents or alpha mask when not given now, and members dropped with
             a ``CorruptCacheWarning`` (all of them when a corrupt file was replaced).
 
-    ``kept`` and ``dropped`` compare the file's zip directory read just before and just after the
-    write (header-only). Both are empty when there was no old file, when its zip directory could
-    not be read (a truncated or foreign file), or when the new file was gone before it could be
-    listed. When another writer changes the same file in the same moment, they describe both
-    writes' change together.
+    ``kept`` and ``dropped`` are what the writer itself copied and left out of the old file's zip
+    directory, which it reads under the file's write lock: they describe this write alone, even
+    while other processes write the same file. A key written now is in neither. Both are empty
+    when there was no old file, or when its zip directory could not be read (a truncated or
+    foreign file, replaced with a ``CorruptCacheWarning``).
     """
 
     path: str
@@ -228,41 +221,20 @@ def write_latents(
     arrays.append((META_KEY, "|u1", (len(blob),), blob))
 
     drop = [k + sfx for k in keys.all()]
-    before = _member_keys(spath)
-    for message in _core.write_npz(spath, arrays, drop, durable):
+    report = _core.write_npz(spath, arrays, drop, durable)
+    for message in report.warnings:
         warnings.warn(message, CorruptCacheWarning, stacklevel=2)
     written = tuple(key for key, _, _, _ in arrays)
-    after = _member_keys(spath)
-    # No old file (or one whose zip directory could not be read), or the new one already removed or
-    # replaced by someone else: nothing can be told of what was kept or dropped.
-    old = before if before is not None and after is not None else frozenset()
-    after = after or frozenset()
-    return WriteResult(
-        path=spath,
-        written=written,
-        kept=tuple(sorted((old & after) - set(written))),
-        dropped=tuple(sorted(old - after)),
-    )
+    # Member names become keys as np.load lists them; `k` and `k.npy` are one key, kept when
+    # either is.
+    kept = {_key(name) for name in report.kept} - set(written)
+    dropped = {_key(name) for name in report.dropped} - set(written) - kept
+    return WriteResult(path=spath, written=written, kept=tuple(sorted(kept)), dropped=tuple(sorted(dropped)))
 
 
-def _member_keys(path: str) -> frozenset[str] | None:
-    """The entry names of an npz from its zip directory alone (no array data read), or None when
-    there is no readable regular file."""
-    try:
-        # O_NONBLOCK: a FIFO named like the cache must not block here (the writer refuses it).
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        with os.fdopen(os.dup(fd), "rb") as f, zipfile.ZipFile(f) as z:
-            names = z.namelist()
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
-        return None
-    finally:
-        os.close(fd)
-    return frozenset(n[:-4] if n.endswith(".npy") else n for n in names)
+def _key(name: str) -> str:
+    """The key of a zip member name, as ``np.load`` lists it."""
+    return name[:-4] if name.endswith(".npy") else name
 
 
 def _check_name(path: str, schema: ModelSchema) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from latentcache import models
@@ -26,7 +27,7 @@ EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 
 
-def print_list(title: str, lines: list[str], limit: int = 10) -> None:
+def print_list(title: str, lines: Sequence[str], limit: int = 10) -> None:
     """``title`` and the first ``limit`` lines, indented; nothing for no lines."""
     if not lines:
         return

@@ -30,7 +30,7 @@ use readahead::{advise_willneed, is_cold};
 pub use {
     batch::load_batch,
     fetch::{fetch, pre_read_len, read_buffer_len, Array, Fetch, Request, READ_STEP},
-    one_read::plan_reading_latents,
+    one_read::{plan_reading_latents, PlannedRead},
 };
 
 /// One array to hand to Python: where it lies and what it holds.
