@@ -64,7 +64,89 @@ pub(crate) fn check_suffix(suffix: &str) -> Result<()> {
             "invalid cache suffix {suffix:?}: it must be a non-empty file-name ending such as {DEFAULT_SUFFIX:?}"
         )));
     }
+    // Windows drops a name's trailing dots and spaces: a cache written as `a_0064x0064_x.npz.` is
+    // `a_0064x0064_x.npz` there, which a scan for the suffix never finds.
+    if suffix.ends_with(['.', ' ']) {
+        return Err(Error::Value(format!(
+            "invalid cache suffix {suffix:?}: it ends with a dot or space, which Windows drops from \
+             file names, so its caches could not be found by their names there"
+        )));
+    }
     Ok(())
+}
+
+/// True when `path` is a Windows verbatim path (`\\?\C:\...`, `\\?\UNC\server\share\...`):
+/// Windows takes its name as written, without dropping trailing dots and spaces or reserving
+/// device names.
+pub fn is_verbatim(path: &str) -> bool {
+    path.starts_with(r"\\?\")
+}
+
+/// The device names Windows reserves in every folder (`CON`, `NUL`, `COM1`, `LPT9`, ...).
+#[cfg_attr(not(windows), allow(dead_code))]
+const RESERVED_NAMES: &[&str] = &[
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    "CONIN$",
+    "CONOUT$",
+    "COM0",
+    "COM1",
+    "COM2",
+    "COM3",
+    "COM4",
+    "COM5",
+    "COM6",
+    "COM7",
+    "COM8",
+    "COM9",
+    "COM\u{b9}",
+    "COM\u{b2}",
+    "COM\u{b3}",
+    "LPT0",
+    "LPT1",
+    "LPT2",
+    "LPT3",
+    "LPT4",
+    "LPT5",
+    "LPT6",
+    "LPT7",
+    "LPT8",
+    "LPT9",
+    "LPT\u{b9}",
+    "LPT\u{b2}",
+    "LPT\u{b3}",
+];
+
+/// True when Windows takes the file name `name` (no folder) for a device: its part before the first
+/// dot, trailing spaces dropped, is a reserved name in any case (`con`, `NUL.txt`, `Com1 .png`,
+/// `lpt9.x_0064x0064_anima.npz`). Windows 11 reserves fewer of these forms; every one counts here,
+/// as Microsoft's naming rules ask. The writer refuses such names on Windows; elsewhere this serves
+/// the tests.
+#[cfg_attr(not(windows), allow(dead_code))]
+pub fn is_reserved_name(name: &str) -> bool {
+    let base = name.split('.').next().unwrap_or(name).trim_end_matches(' ');
+    let upper = base.to_uppercase();
+    RESERVED_NAMES.contains(&upper.as_str())
+}
+
+/// Why the file name `name` cannot be used as written on Windows (a reserved device name, or a
+/// trailing dot or space that Windows drops), or `None`. Verbatim paths are not checked by callers.
+#[cfg_attr(not(windows), allow(dead_code))]
+pub fn windows_name_problem(name: &str) -> Option<&'static str> {
+    if name.ends_with(['.', ' ']) {
+        Some(
+            "its name ends with a dot or space, which Windows drops, so it would name another file",
+        )
+    } else if is_reserved_name(name) {
+        Some(
+            "its name is a device name that Windows reserves (CON, PRN, AUX, NUL, COM0-9, LPT0-9, \
+              also before an extension), so Windows would open the device, not a file",
+        )
+    } else {
+        None
+    }
 }
 
 /// Parse ASCII digits into a u32, refusing empty input and overflow.
@@ -111,6 +193,19 @@ pub fn cache_path(image_path: &str, size: (u32, u32), suffix: &str) -> Result<St
         return Err(Error::CachePath {
             path: image_path.to_owned(),
             message: "an empty path has no cache name".into(),
+        });
+    }
+    // Windows opens `a.png.` and `a.png ` as `a.png`: naming their cache from the text as written
+    // would give one image two caches, or pair it with `a.png.jpg`.
+    if is_windows_path(image_path)
+        && !is_verbatim(image_path)
+        && image_path[basename_start(image_path)..].ends_with(['.', ' '])
+    {
+        return Err(Error::CachePath {
+            path: image_path.to_owned(),
+            message: "the file name ends with a dot or space, which Windows drops (it opens the \
+                      file without them); pass the name as it is on disk"
+                .into(),
         });
     }
     let stem = match strip_cache_layer(image_path, suffix) {
@@ -209,7 +304,16 @@ pub fn platform_case_insensitive() -> bool {
 pub fn path_key(path: &str, casefold: Option<bool>) -> String {
     let windows = is_windows_path(path);
     let unified: String = if windows {
-        path.replace('\\', "/")
+        // A verbatim path names the same file as its plain form: `\\?\C:\a` is `C:\a`,
+        // `\\?\UNC\srv\share` is `\\srv\share`.
+        let plain = match path.strip_prefix(r"\\?\") {
+            Some(rest) => match rest.get(..4) {
+                Some(unc) if unc.eq_ignore_ascii_case(r"UNC\") => format!(r"\\{}", &rest[4..]),
+                _ => rest.to_owned(),
+            },
+            None => path.to_owned(),
+        };
+        plain.replace('\\', "/")
     } else {
         path.to_owned()
     };

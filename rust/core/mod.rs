@@ -17,5 +17,7 @@ pub mod scan;
 pub mod schema;
 pub mod temp;
 pub mod validate;
+#[cfg(test)]
+mod win_paths_tests;
 pub mod write;
 pub mod zip;

@@ -103,6 +103,8 @@ pub fn write_npz(
 ) -> Result<WriteReport> {
     let headers = check_arrays(path, arrays)?;
     let (dir, name) = split_target(path)?;
+    #[cfg(windows)]
+    check_windows_name(path, name)?;
     let mut report = WriteReport::default();
     let lock = WriteLock::acquire(path, &mut report.warnings)?;
     let temp = temp_path(&dir, name, lock.exclusive());
@@ -194,6 +196,25 @@ pub fn write_npz(
     }
     drop(lock);
     Ok(report)
+}
+
+/// Refuse a target that Windows would not store under its name: a reserved device name (`CON`,
+/// `lpt9.x_0064x0064_anima.npz`) or a trailing dot or space (see
+/// [`crate::core::cache_path::windows_name_problem`]). A verbatim path (`\\?\`) is taken as written
+/// by Windows and is not checked.
+#[cfg(windows)]
+fn check_windows_name(path: &Path, name: &std::ffi::OsStr) -> Result<()> {
+    let verbatim = path.as_os_str().as_encoded_bytes().starts_with(br"\\?\");
+    let problem = name
+        .to_str()
+        .and_then(crate::core::cache_path::windows_name_problem);
+    match problem {
+        Some(why) if !verbatim => Err(Error::CachePath {
+            path: path.display().to_string(),
+            message: format!("cannot write this cache on Windows: {why}"),
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn check_arrays(path: &Path, arrays: &[NewArray<'_>]) -> Result<Vec<Vec<u8>>> {
@@ -743,14 +764,22 @@ mod win {
         )
     }
 
-    /// A NUL-terminated wide path; long absolute paths get the `\\?\` form that lifts MAX_PATH.
-    fn wide(p: &Path) -> Vec<u16> {
+    /// A NUL-terminated wide path; long paths get the verbatim form that lifts MAX_PATH, as std
+    /// gives its own calls: `\\?\C:\...`, and `\\?\UNC\server\share\...` for a UNC path.
+    /// A path that is already verbatim or a device path (`\\?\`, `\\.\`) is passed as it is.
+    pub(super) fn wide(p: &Path) -> Vec<u16> {
+        // `absolute` also turns `/` into `\`, which a verbatim path must not hold.
         let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
         let mut w: Vec<u16> = abs.as_os_str().encode_wide().collect();
-        let prefixed = w.starts_with(&[92, 92]);
-        if w.len() >= 248 && !prefixed {
-            let mut long: Vec<u16> = r"\\?\".encode_utf16().collect();
-            long.extend_from_slice(&w);
+        let (bs, q, dot) = (u16::from(b'\\'), u16::from(b'?'), u16::from(b'.'));
+        let verbatim =
+            w.len() >= 4 && w[0] == bs && w[1] == bs && (w[2] == q || w[2] == dot) && w[3] == bs;
+        if w.len() >= 248 && !verbatim {
+            let unc = w.starts_with(&[bs, bs]);
+            let head = if unc { r"\\?\UNC" } else { r"\\?\" };
+            let mut long: Vec<u16> = head.encode_utf16().collect();
+            // A UNC path keeps one of its two leading separators: `\\?\UNC\server\share`.
+            long.extend_from_slice(&w[usize::from(unc)..]);
             w = long;
         }
         w.push(0);
@@ -1107,6 +1136,46 @@ mod tests {
             })
             .count();
         assert_eq!(temps, 0, "no temporary file may stay behind");
+    }
+
+    /// ReplaceFileW gets long paths in the verbatim form, as std's own calls do.
+    #[cfg(windows)]
+    #[test]
+    fn replace_file_w_paths_lift_max_path() {
+        let text = |p: &str| String::from_utf16(&win::wide(Path::new(p))).unwrap();
+        let long = "d".repeat(300);
+        assert_eq!(text(r"C:\x\a.npz"), "C:\\x\\a.npz\0");
+        assert_eq!(
+            text(&format!(r"C:\{long}\a.npz")),
+            format!("\\\\?\\C:\\{long}\\a.npz\0")
+        );
+        assert_eq!(
+            text(&format!("C:/{long}/a.npz")),
+            format!("\\\\?\\C:\\{long}\\a.npz\0")
+        );
+        assert_eq!(
+            text(&format!(r"\\srv\share\{long}\a.npz")),
+            format!("\\\\?\\UNC\\srv\\share\\{long}\\a.npz\0")
+        );
+        let verbatim = format!(r"\\?\C:\{long}\a.npz");
+        assert_eq!(text(&verbatim), format!("{verbatim}\0"));
+        // And the call itself, on a path longer than MAX_PATH.
+        let dir = tempfile::tempdir().unwrap();
+        let deep = std::path::absolute(dir.path())
+            .unwrap()
+            .join(&long[..200])
+            .join(&long[..100]);
+        fs::create_dir_all(&deep).unwrap();
+        let (target, new) = (deep.join("t.npz"), deep.join("n.tmp"));
+        fs::write(&target, b"old").unwrap();
+        fs::write(&new, b"new").unwrap();
+        let reader = crate::core::file::open_to_read(&target).unwrap();
+        win::replace_existing(&target, &new).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+        assert!(!new.exists());
+        let mut seen = [0u8; 3];
+        crate::core::zip::read_at(&reader, &mut seen, 0).unwrap();
+        assert_eq!(&seen, b"old");
     }
 
     #[test]
