@@ -579,53 +579,125 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def _other_shard(name: str, than: str) -> str:
-    from latentcache.tools.writer_lock import lock_shard
+def _shard(name: str) -> str:
+    """The writer's lock file name (``NN.lock``) of a cache file name, from the core."""
+    from latentcache import _core
 
+    return os.path.basename(_core._lock_path(name))
+
+
+def _other_shard(name: str, than: str) -> str:
     for i in range(1000):
         cand = name.replace("NUM", str(i))
-        if lock_shard(cand) != lock_shard(than):
+        if _shard(cand) != _shard(than):
             return cand
     raise AssertionError("unreachable")
 
 
-@_posix_only
-def test_the_python_lock_is_the_rust_writers_lock(tmp_path: Path, writer: Any) -> None:
-    import threading
+def _blocked_flock_waiters(pid: int) -> int:
+    """How many ``flock`` requests of process ``pid`` wait for a lock, from ``/proc/locks`` (a waiter
+    is listed as ``N: -> FLOCK ADVISORY WRITE <pid> ...``)."""
+    count = 0
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1:3] == ["->", "FLOCK"] and fields[5] == str(pid):
+            count += 1
+    return count
 
-    from latentcache import _core
+
+def _wait_until(cond: Any, proc: subprocess.Popen[str], what: str, limit: float = 60.0) -> None:
+    """Poll ``cond`` until it holds; fail (never pass) if the child exits or ``limit`` seconds pass."""
+    deadline = time.monotonic() + limit
+    while not cond():
+        if proc.poll() is not None:
+            pytest.fail(f"the child exited (rc {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.01)
+
+
+# The Rust writer in a process of its own: one array into argv[1].
+_RUST_WRITER = """
+import sys
+from latentcache import _core
+report = _core.write_npz(sys.argv[1], [("a", "|u1", (1,), b"\\x07")])
+print("written", list(report.warnings), flush=True)
+"""
+
+# The Rust writer's lock (the very code ``write_npz`` locks with), held by another process until
+# its stdin is closed.
+_RUST_HOLDER = """
+import sys
+from latentcache import _core
+lock = _core._try_write_lock(sys.argv[1])
+print("held" if lock is not None and lock.exclusive else f"not held: {lock!r}", flush=True)
+sys.stdin.read()
+"""
+
+# Names whose lower-cased forms may differ between Python and Rust (their Unicode versions differ:
+# Python before 3.14 leaves U+1C89 as it is, Rust lower-cases it to U+1C8A, so the old Python
+# re-derivation of the shard picked lock file 47 where the writer locks 14), and one over 220 bytes
+# (the writer names and locks it by a stem).
+_CASE_TRAPS = [
+    "\u1c89_0064x0064_anima.npz",
+    "\u03a3\u0345x_0064x0064_anima.npz",
+    "\u00e9" * 110 + "_0064x0064_anima.npz",  # 240 bytes
+]
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="observes the lock wait in /proc/locks (Linux)")
+@pytest.mark.parametrize("name", _CASE_TRAPS, ids=["u1c89", "sigma-ypogegrammeni", "long"])
+def test_the_tools_probe_and_the_rust_writer_exclude_each_other(
+    tmp_path: Path, writer: Any, name: str
+) -> None:
     from latentcache.tools.writer_lock import WriterBusy, try_writer_lock
 
-    names = ["a_0064x0064_anima.npz", "B_0512x0512_anima.npz", "é" * 150 + "_0064x0064_anima.npz"]
-    for name in names:
-        target = tmp_path / name
-        temp = tmp_path / f".{name}.lctmp"
-        if len(os.fsencode(name)) > 220:  # the writer names (and locks) long names by a stem
-            from latentcache.tools.writer_lock import temp_stem
-
-            temp = tmp_path / f".{temp_stem(name)}.lctmp"
-        temp.write_bytes(b"half")
-        w = writer(target)
-        with pytest.raises(WriterBusy):  # another process holds it: never waited for
-            with try_writer_lock(str(target)):
-                pass
-        # The Rust writer's own lock waits for ours: remove_stale_temp cannot remove the file while the
-        # other process holds the lock (join's timeout bounds the wait for what must not happen).
-        out: dict[str, bool] = {}
-
-        def remove(p: Path = temp, o: dict[str, bool] = out) -> None:
-            o["removed"] = _core.remove_stale_temp(p)
-
-        t = threading.Thread(target=remove)
-        t.start()
-        t.join(1.0)
-        assert t.is_alive() and temp.exists(), f"{name}: the Rust writer did not wait for the lock"
+    target = tmp_path / name
+    # The tools' probe holds the lock in another process: the Rust writer waits for it (seen blocked
+    # in flock() in /proc/locks, not guessed from a timeout) and writes once it is let go.
+    w = writer(target)
+    with pytest.raises(WriterBusy):  # never waited for
+        with try_writer_lock(str(target)):
+            pass
+    rust = subprocess.Popen(
+        [sys.executable, "-c", _RUST_WRITER, str(target)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_until(lambda: _blocked_flock_waiters(rust.pid) > 0, rust, "the writer waited for the lock")
+        assert not target.exists() and rust.poll() is None
         w.release()
-        t.join(60)
-        assert out == {"removed": True} and not temp.exists()
+        out, _ = rust.communicate(timeout=60)
+    finally:
+        if rust.poll() is None:
+            rust.kill()
+            rust.wait()
+    assert rust.returncode == 0 and out.strip() == "written []", out
+    with np.load(target) as z:
+        assert z["a"].tolist() == [7]
+    # The Rust writer's lock held in another process: the tools' probe fails at once, in a dry run too.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _RUST_HOLDER, str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        for create in (True, False):
+            with pytest.raises(WriterBusy):
+                with try_writer_lock(str(target), create=create):
+                    pass
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        assert holder.wait(timeout=60) == 0
+        if holder.stdout is not None:
+            holder.stdout.close()
+    with try_writer_lock(str(target)) as state:
+        assert state == "held"
     # A lock of another shard does not block the writer.
-    other = _other_shard("x_NUM_anima.npz", names[0])
-    w = writer(tmp_path / names[0])
+    other = _other_shard("x_NUM_anima.npz", name)
+    w = writer(target)
     _cache(tmp_path / other, (64, 64), 8, 8)
     with try_writer_lock(str(tmp_path / other)) as state:
         assert state == "held"
@@ -839,10 +911,8 @@ def test_stats_reports_every_model_by_default(
 
 
 def test_migrate_workers_never_take_each_other_for_a_live_writer(tmp_path: Path) -> None:
-    from latentcache.tools.writer_lock import lock_shard
-
     # Names that all share one lock shard: the pool's threads contend for it all the time.
-    names = [n for n in (f"s{i}_0064x0064_anima.npz" for i in range(5000)) if lock_shard(n) == 0][:48]
+    names = [n for n in (f"s{i}_0064x0064_anima.npz" for i in range(5000)) if _shard(n) == "00.lock"][:48]
     for n in names:
         _stock(tmp_path / n, 8, 8)
     plan = migrate(tmp_path, apply=True)
@@ -901,10 +971,9 @@ def test_a_live_lockless_writer_of_a_long_named_cache_is_seen(tmp_path: Path, to
 def test_lockless_checks_list_each_folder_at_most_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    wl = importlib.import_module("latentcache.tools.writer_lock")
     # A file system without locks (NFS nolock, some FUSE): every lock state is UNKNOWN, so every
     # cache's lockless temporary files are looked at, at plan and at apply time.
-    monkeypatch.setattr(wl, "_flock_nb", lambda fd, target: False)
+    _no_os_locks(monkeypatch)
     n = 24
     for i in range(n):
         _image(tmp_path / f"i{i}.png", 64, 64)
@@ -1010,30 +1079,75 @@ def test_tools_import_nothing_above_their_layer() -> None:
     assert "._header(" not in text
 
 
+class _NoOsLock:
+    """A lock taken where the file system has no locks: only the in-process lock is held."""
+
+    exclusive = False
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> _NoOsLock:
+        self._lock.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return bool(self._lock.__exit__(*exc))
+
+
+def _no_os_locks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentcache import _core
+
+    real = _core._try_write_lock
+
+    def try_write_lock(cache_path: Any, *, create: bool = True) -> Any:
+        lock = real(cache_path, create=create)
+        return None if lock is None else _NoOsLock(lock)
+
+    monkeypatch.setattr(_core, "_try_write_lock", try_write_lock)
+
+
 @pytest.mark.parametrize(
-    ("err", "busy"),
+    ("err", "state"),
     [
-        (errno.EACCES, True),
-        (getattr(errno, "EDEADLOCK", errno.EDEADLK), True),
-        (errno.EINVAL, False),
-        (errno.EBADF, False),
+        (errno.EACCES, "no-lock-file"),
+        (errno.EPERM, "no-lock-file"),
+        (errno.EROFS, "no-lock-file"),
+        (errno.EIO, None),
     ],
 )
-def test_windows_lock_errors_other_than_a_violation_are_unknown(
-    monkeypatch: pytest.MonkeyPatch, err: int, busy: bool
+def test_lock_errors_map_to_a_state_or_are_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, state: str | None
 ) -> None:
-    import types
+    """A lock folder or shard file that cannot be made or opened: no writer can hold a shard file
+    that does not exist (NO_LOCK_FILE), one that exists proves nothing (UNKNOWN); other errors are
+    raised. No locks at all: UNKNOWN once the shard file exists."""
+    from latentcache import _core
+    from latentcache.tools.writer_lock import NO_LOCK_FILE, UNKNOWN, try_writer_lock
 
-    wl = importlib.import_module("latentcache.tools.writer_lock")
+    target = str(tmp_path / "a_0064x0064_anima.npz")
 
-    def locking(fd: int, mode: int, n: int) -> None:
-        raise OSError(err, os.strerror(err))
+    def refuse(cache_path: Any, *, create: bool = True) -> Any:
+        raise OSError(err, os.strerror(err), cache_path)
 
-    fake = types.SimpleNamespace(LK_NBLCK=2, locking=locking)
-    monkeypatch.setitem(sys.modules, "msvcrt", fake)
-    monkeypatch.setattr(wl.sys, "platform", "win32")
-    if busy:
-        with pytest.raises(wl.WriterBusy):
-            wl._flock_nb(0, "x.npz")
-    else:
-        assert wl._flock_nb(0, "x.npz") is False  # unknown: nothing proved, never "busy"
+    with monkeypatch.context() as m:
+        m.setattr(_core, "_try_write_lock", refuse)
+        if state is None:
+            with pytest.raises(OSError) as e:
+                with try_writer_lock(target):
+                    pass
+            assert e.value.errno == err
+            return
+        with try_writer_lock(target) as got:
+            assert got == state == NO_LOCK_FILE
+        lock_file = Path(_core._lock_path(target))
+        lock_file.parent.mkdir()
+        lock_file.touch()
+        with try_writer_lock(target) as got:
+            assert got == UNKNOWN
+    _no_os_locks(monkeypatch)
+    with try_writer_lock(target) as got:
+        assert got == UNKNOWN
+    other = str(tmp_path / _other_shard("b_NUM_0064x0064_anima.npz", Path(target).name))
+    with try_writer_lock(other, create=False) as got:  # a dry run: the shard file is not made
+        assert got == NO_LOCK_FILE and not Path(_core._lock_path(other)).exists()

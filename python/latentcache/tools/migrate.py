@@ -74,13 +74,12 @@ def cache_files(
 def _lockless_temps(path: str) -> list[str]:
     """The lockless writers' temporary files (``.{name}.lctmp-{pid}-{hex}``) of ``path``."""
     folder, name = os.path.split(path)
-    stem = temp_stem(name)
-    prefix = f".{stem}{TEMP_MARKER}-" if isinstance(stem, str) else None
+    prefix = f".{temp_stem(name)}{TEMP_MARKER}-"
     try:
-        names = os.listdir(folder or ".") if prefix else []
+        names = os.listdir(folder or ".")
     except OSError:
         return []
-    return [os.path.join(folder, n) for n in names if n.startswith(prefix or "\0") and temp_target(n)]
+    return [os.path.join(folder, n) for n in names if n.startswith(prefix) and temp_target(n)]
 
 
 def read_only(path: str) -> str | None:
@@ -217,7 +216,7 @@ def _rewrite(
         unchanged(path, before)
         if not has_meta:
             arrays.append(_meta_entry(tool))
-        for warning in _core.write_npz(path, arrays, list(drop), True):
+        for warning in _core.write_npz(path, arrays, list(drop), True).warnings:
             raise OSError(f"rewritten, with a warning from the writer: {warning}")
         return os.path.getsize(path)
 

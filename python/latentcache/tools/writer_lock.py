@@ -1,13 +1,13 @@
 """The cache writer's per-file lock, taken from Python without waiting, and the writer's temporary names.
 
-The Rust writer (``_core.write_npz``) locks a cache file by taking an OS advisory lock (``flock`` on
-Unix, ``LockFileEx`` on Windows) on one of 64 shard files in ``.latentcache-locks/`` next to the
-cache; the shard is FNV-1a of the lower-cased "temp stem" of the file name, modulo 64. ``_core``
-offers no try-lock, so this module takes the very same OS lock from Python: ``flock`` locks belong to
-an open file description, so a lock taken here and one taken by the writer (in another process, or in
-this one through another descriptor) exclude each other. The writer holds its lock for one file write
-and the OS drops it when the holder dies, so a held lock means a live writer, and a free one means no
-latentcache writer is writing any file of that shard now.
+The Rust writer (``_core.write_npz``) locks a cache file by an in-process shard lock and an OS
+advisory lock (``flock`` on Unix, ``LockFileEx`` on Windows) on one of 64 shard files in
+``.latentcache-locks/`` next to the cache, chosen by a hash of the lower-cased temp stem of the file
+name. Nothing of that is re-derived here (Python's and Rust's Unicode lower-casing differ for some
+names): ``_core._try_write_lock`` takes the very locks the writer takes, without waiting, and
+``_core._temp_stem`` / ``_core._lock_path`` give the names it derives. The writer holds its lock for
+one file write and the OS drops it when the holder dies, so a held lock means a live writer, and a
+free one means no latentcache writer is writing any file of that shard now.
 
 A shard is shared by about 1/64 of a folder's names, so a held lock may belong to a writer of another
 file; callers report that as "being written, run again", never as a stale file.
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 import threading
 import time
-import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+
+from latentcache import _core
 
 __all__ = [
     "HELD",
@@ -33,7 +33,6 @@ __all__ = [
     "STALE_AFTER_S",
     "TEMP_MARKER",
     "WriterBusy",
-    "lock_shard",
     "lockless_temp_owner",
     "pid_alive",
     "shard_mutex",
@@ -43,9 +42,7 @@ __all__ = [
 ]
 
 LOCK_DIR = ".latentcache-locks"
-LOCK_SHARDS = 64
 TEMP_MARKER = ".lctmp"
-_MAX_TEMP_STEM = 220
 
 # A lockless writer's temporary file (``.{name}.lctmp-{pid}-{hex}``, written where the file system
 # refused the lock) counts as abandoned only when its pid is not a live process here and it has not
@@ -53,48 +50,38 @@ _MAX_TEMP_STEM = 220
 # namespace sharing the folder, and one file write takes seconds, not minutes.
 STALE_AFTER_S = 15 * 60
 
-# Threads of this process exclude each other per shard before taking the OS lock (the writer does
-# the same with its own mutexes), so that two of our own workers never see each other as "busy".
-_PROCESS = [threading.RLock() for _ in range(LOCK_SHARDS)]
+# The core's in-process lock makes a second thread of this process that tries a held shard fail
+# (``_try_write_lock`` returns None), as another process would. So that two of our own workers never
+# take each other for a live writer, they first wait for each other here, per shard: keyed by the
+# lock file's name (``NN.lock``), as the core's in-process lock is keyed by the shard alone, whatever
+# the folder.
+_PROCESS: dict[str, threading.RLock] = {}
+_PROCESS_GUARD = threading.Lock()
 
 
 def shard_mutex(target: str) -> threading.RLock:
     """This process's mutex of ``target``'s shard (re-entrant; ``try_writer_lock`` takes it too). A
     step that tries the lock and then calls the Rust writer holds it throughout, so that another of
-    our own threads never meets the writer's lock held by us and takes it for a live writer."""
-    return _PROCESS[lock_shard(os.path.basename(target))]
+    our own threads never meets the writer's lock held by us and takes it for a live writer.
+
+    Never call ``_core.write_npz`` for a file of the shard from inside ``try_writer_lock``: the writer
+    would wait for the lock held by its own thread, forever. Holding this mutex alone is fine."""
+    key = os.path.basename(_core._lock_path(target))
+    with _PROCESS_GUARD:
+        mutex = _PROCESS.get(key)
+        if mutex is None:
+            mutex = _PROCESS[key] = threading.RLock()
+        return mutex
 
 
 class WriterBusy(OSError):
     """Another writer holds the lock of a cache file (or of another file of its shard)."""
 
 
-def _lossy(name: str | bytes) -> str:
-    """The name as Rust's ``to_string_lossy`` gives it: invalid UTF-8 bytes become U+FFFD."""
-    raw = os.fsencode(name)
-    return raw.decode("utf-8", "replace")
-
-
-def temp_stem(name: str | bytes) -> str | bytes:
-    """The writer's stem for a target file name (``temp::temp_stem``): the name itself, or for a
+def temp_stem(name: str | bytes) -> str:
+    """The writer's stem for a target file name (``_core._temp_stem``): the name itself, or for a
     name over 220 bytes its first 200 bytes (on a character boundary), ``~`` and a CRC-32."""
-    raw = os.fsencode(name)
-    if len(raw) <= _MAX_TEMP_STEM:
-        return name
-    text = _lossy(raw).encode("utf-8")
-    cut = min(200, len(text))
-    while cut > 0 and (text[cut] & 0xC0) == 0x80:  # not a character boundary
-        cut -= 1
-    return f"{text[:cut].decode('utf-8')}~{zlib.crc32(text):08x}"
-
-
-def lock_shard(name: str | bytes) -> int:
-    """The lock shard of a cache file name (``lock::lock_shard`` of its temp stem)."""
-    h = 0xCBF29CE484222325
-    for b in _lossy(temp_stem(name)).lower().encode("utf-8"):
-        h ^= b
-        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h % LOCK_SHARDS
+    return _core._temp_stem(os.fsdecode(name))
 
 
 def temp_target(name: str) -> tuple[str, int | None] | None:
@@ -173,8 +160,7 @@ def lockless_temp_owner(path: str, now: float | None = None) -> str | None:
 def _stem_key(path: str) -> tuple[str, str]:
     """(folder, the writer's temp stem of the file name): how a temporary file names its target."""
     folder, name = os.path.split(path)
-    stem = temp_stem(name)
-    return folder, stem if isinstance(stem, str) else os.fsdecode(stem)
+    return folder, temp_stem(name)
 
 
 class LocklessTemps:
@@ -233,45 +219,25 @@ class LocklessTemps:
             return list(listed.get(key, ()))
 
 
-def _no_locks(e: OSError) -> bool:
-    return e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
-
-
 HELD = "held"  # the OS lock is held: no other latentcache writer is writing a file of the shard
 NO_LOCK_FILE = "no-lock-file"  # the shard file does not exist and cannot be made: no writer holds it
 UNKNOWN = "unknown"  # the file system has no locks, or the shard file cannot be opened
 
+# Errors of making or opening the lock folder or shard file that mean "not here for us": where the
+# shard file does not exist, no writer can hold it.
+_UNREACHABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT})
 
-def _open_shard(lock_dir: str, lock_path: str, create: bool) -> int | str:
-    """A descriptor of the shard file (made as the writer makes it, with ``create``), or
-    NO_LOCK_FILE / UNKNOWN."""
-    for attempt in range(2):
-        try:
-            return os.open(lock_path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
-        except FileNotFoundError:
-            if attempt or not create:
-                return NO_LOCK_FILE
-            try:
-                os.mkdir(lock_dir)
-            except FileExistsError:
-                pass
-            except OSError:
-                return NO_LOCK_FILE  # a read-only folder: the writer could not lock in it either
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            if not os.path.exists(lock_path):
-                return NO_LOCK_FILE
-            try:
-                return os.open(lock_path, os.O_RDONLY)  # a lock needs no write access
-            except OSError:
-                return UNKNOWN
-    return NO_LOCK_FILE
+
+def _without_os_lock(lock_path: str) -> str:
+    """The state of a lock taken without the OS lock: NO_LOCK_FILE where the shard file does not
+    exist (no writer can hold it), else UNKNOWN (no locks here, or the file cannot be opened)."""
+    return UNKNOWN if os.path.lexists(lock_path) else NO_LOCK_FILE
 
 
 @contextmanager
 def try_writer_lock(target: str, create: bool = True) -> Iterator[str]:
-    """Hold the writer's lock of the cache file ``target`` without waiting for it.
+    """Hold the writer's lock of the cache file ``target`` without waiting for it
+    (``_core._try_write_lock``: the writer's own in-process and OS locks).
 
     With ``create`` the lock folder and shard file are made when missing, as the writer makes them
     (so a writer that starts meanwhile waits for us); without it (a dry run, which must change
@@ -281,69 +247,28 @@ def try_writer_lock(target: str, create: bool = True) -> Iterator[str]:
     and cannot be made (a read-only folder: no writer can hold it); ``UNKNOWN`` where the file system
     has no locks or the shard file cannot be opened (nothing is proved: callers treat it as "maybe
     written"). Do not call the Rust writer for a file of the same shard while inside: it would wait
-    for this lock.
+    for this lock, forever.
 
     Raises:
         WriterBusy: another writer holds the lock (names ``target``).
     """
-    folder, name = os.path.split(target)
-    shard = lock_shard(name)
-    mutex = _PROCESS[shard]
-    mutex.acquire()
-    try:
-        lock_dir = os.path.join(folder or ".", LOCK_DIR)
-        fd = _open_shard(lock_dir, os.path.join(lock_dir, f"{shard:02}.lock"), create)
-        if isinstance(fd, str):
-            yield fd
-            return
+    with shard_mutex(target):
+        unreachable = False
         try:
-            yield HELD if _flock_nb(fd, target) else UNKNOWN
-        finally:
-            os.close(fd)  # closing the description releases the lock
-    finally:
-        mutex.release()
-
-
-# What msvcrt.locking's LK_NBLCK raises when another process holds the range (the CRT maps
-# ERROR_LOCK_VIOLATION to EACCES; EDEADLOCK is its "gave up retrying" code).
-_WIN_LOCKED = frozenset({errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)})
-
-
-def _flock_nb(fd: int, target: str) -> bool:
-    """Take an exclusive lock on ``fd`` without waiting: True taken, False no locks here (on
-    Windows also: the lock could not be tried for another reason than a holder; nothing proved)."""
-    if sys.platform == "win32":  # pragma: no cover - a LockFile range overlapping the writer's
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            lock = _core._try_write_lock(target, create=create)
         except OSError as e:
-            # Only a lock violation means another holder; anything else proves nothing: unknown.
-            if e.errno in _WIN_LOCKED:
-                raise WriterBusy(
-                    errno.EAGAIN,
-                    "being written by another process (the writer's lock is held; it may be a writer "
-                    "of another file sharing the lock shard); skipped, run again later",
-                    target,
-                ) from None
-            return False
-        return True
-    import fcntl
-
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except InterruptedError:
-            continue
-        except BlockingIOError:
+            if e.errno not in _UNREACHABLE:
+                raise
+            lock, unreachable = None, True  # the shard file cannot be made or opened
+        if unreachable:
+            yield _without_os_lock(_core._lock_path(target))
+            return
+        if lock is None:
             raise WriterBusy(
                 errno.EAGAIN,
                 "being written by another process (the writer's lock is held; it may be a writer of "
                 "another file sharing the lock shard); skipped, run again later",
                 target,
-            ) from None
-        except OSError as e:
-            if _no_locks(e):
-                return False
-            raise
+            )
+        with lock:
+            yield HELD if lock.exclusive else _without_os_lock(_core._lock_path(target))

@@ -375,7 +375,7 @@ def _check_caches(
     flips = [bool(subset_of[info.image_key].flip_aug) for info in infos]
     alphas = [bool(subset_of[info.image_key].alpha_mask) for info in infos]
     checked = _core._validate_with_meta(
-        paths, buckets, flip_aug=flips, alpha_mask=alphas, model="anima",
+        paths, buckets, flipped=flips, alpha_mask=alphas, model="anima",
         # One rank: the core picks the count (fewer threads when the caches are in the page cache);
         # several ranks validate at once and share the cores.
         workers=_workers(num_processes) if num_processes > 1 else None,
