@@ -333,7 +333,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 def test_the_binding_names_its_arguments_as_validate_does(tmp_path: Path) -> None:
     """The binding's own argument errors say ``buckets`` and ``flipped`` (no rewriting in Python);
-    ``_validate_with_meta`` still takes ``flip_aug`` for callers not yet moved to ``flipped``."""
+    neither ``validate`` nor ``_validate_with_meta`` takes the old name ``flip_aug``."""
     p = write_stock(tmp_path / "a.npz", arrays_for(BUCKET))
     with pytest.raises(ValueError, match=r"^buckets has 3 entries for 2 paths"):
         lc._core.validate([p, p], [BUCKET, BUCKET, BUCKET])
@@ -345,10 +345,10 @@ def test_the_binding_names_its_arguments_as_validate_does(tmp_path: Path) -> Non
         lc._core._validate_with_meta([p], BUCKET, flipped=[True, False])
     with pytest.raises(TypeError, match="flip_aug"):
         lc._core.validate([p], BUCKET, flip_aug=True)  # type: ignore[call-arg]
-    old = lc._core._validate_with_meta([p], BUCKET, flip_aug=True)
-    assert [s.code for s, _ in old] == ["missing_key"]
-    with pytest.raises(TypeError, match="both"):
-        lc._core._validate_with_meta([p], BUCKET, flipped=True, flip_aug=True)
+    with pytest.raises(TypeError, match="flip_aug"):
+        lc._core._validate_with_meta([p], BUCKET, flip_aug=True)  # type: ignore[call-arg]
+    flipped = lc._core._validate_with_meta([p], BUCKET, flipped=True)
+    assert [s.code for s, _ in flipped] == ["missing_key"]
     assert [s.code for s in lc._core.validate([p], BUCKET, flipped=False)] == ["ok"]
 
 

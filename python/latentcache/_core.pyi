@@ -1,6 +1,6 @@
 # Hand-written stub for the Rust extension; kept true by `python -m mypy.stubtest latentcache._core`.
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, final
 
@@ -174,7 +174,6 @@ def _validate_with_meta(
     check_finite: bool = False,
     workers: int | None = None,
     model: _Model | None = None,
-    flip_aug: bool | Sequence[bool] | None = None,
 ) -> list[tuple[CacheStatus, bytes | None]]: ...
 def _header_read_floor(paths: Sequence[_Path], workers: int | None = None) -> tuple[float, int]: ...
 def _verify_many(
@@ -191,7 +190,7 @@ def _verify_many(
 # the npz writer (rust/py/write.rs)
 @final
 class NpzWriteReport:
-    """What ``write_npz`` did; iterating over it gives the warnings."""
+    """What ``write_npz`` did: the writer's warnings and the old file's members kept and dropped."""
 
     @property
     def warnings(self) -> tuple[str, ...]: ...
@@ -203,8 +202,6 @@ class NpzWriteReport:
     def written(self) -> int: ...
     @property
     def file_len(self) -> int: ...
-    def __iter__(self) -> Iterator[str]: ...
-    def __len__(self) -> int: ...
 
 def write_npz(
     path: _Path,

@@ -335,6 +335,60 @@ mod tests {
         other.try_lock().unwrap();
     }
 
+    /// The write lock between two processes (flock on Unix, LockFileEx on Windows, also under
+    /// Wine): a child process takes it and says so on stdout; this process is refused until the
+    /// child lets go (it exits when its stdin closes), then gets it.
+    #[test]
+    fn the_write_lock_excludes_another_process() {
+        use std::io::{BufRead, BufReader, Write};
+        const CHILD: &str = "LATENTCACHE_TEST_LOCK_CHILD";
+        if let Some(target) = std::env::var_os(CHILD) {
+            let held = WriteLock::acquire(Path::new(&target), &mut Vec::new()).unwrap();
+            assert!(held.exclusive());
+            // On its own line: libtest prints the test's name before it without a newline.
+            println!("\nlock-held");
+            std::io::stdout().flush().unwrap();
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).unwrap();
+            drop(held);
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("\u{1c89}Cat_0064x0064_anima.npz");
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "core::lock::tests::the_write_lock_excludes_another_process",
+            ])
+            .args(["--nocapture", "--test-threads=1"])
+            .env(CHILD, &target)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut said = String::new();
+        while said.trim() != "lock-held" {
+            said.clear();
+            assert!(
+                out.read_line(&mut said).unwrap() > 0,
+                "the child ended without the lock"
+            );
+        }
+        assert!(WriteLock::try_acquire(&target, true, &mut Vec::new())
+            .unwrap()
+            .is_none());
+        drop(child.stdin.take());
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        assert!(child.wait().unwrap().success(), "{rest}");
+        assert!(rest.contains("1 passed"), "the child ran no test: {rest}");
+        let held = WriteLock::try_acquire(&target, true, &mut Vec::new())
+            .unwrap()
+            .expect("the lock is free once the child is gone");
+        assert!(held.exclusive());
+    }
+
     #[test]
     fn try_acquire_without_create_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::core::cache_path::{check_suffix, split_ext, strip_cache_layer, IMAGE_EXTENSIONS};
+use crate::core::cache_path::{
+    check_suffix, platform_case_insensitive, split_ext, strip_cache_layer, IMAGE_EXTENSIONS,
+};
 use crate::core::error::{Error, Result};
 use crate::core::temp::{temp_target, LOCK_DIR};
 
@@ -182,7 +184,17 @@ fn scan_one(
         PathBuf::from(p)
     };
 
-    let mut index: HashMap<&str, usize> = HashMap::with_capacity(names.len());
+    // Where the file system ignores case (Windows, macOS), `Cat.PNG` and `cat_..._anima.npz` name one
+    // stem, as sd-scripts' own lookups find them there; elsewhere stems are compared as they are.
+    let fold = platform_case_insensitive();
+    let key = |stem: &'_ str| -> String {
+        if fold {
+            stem.to_lowercase()
+        } else {
+            stem.to_owned()
+        }
+    };
+    let mut index: HashMap<Cow<'_, str>, usize> = HashMap::with_capacity(names.len());
     let mut groups: Vec<Group> = Vec::new();
     let mut doubled: Vec<(&str, &str, usize, (u32, u32))> = Vec::new();
     for (i, name) in text.iter().enumerate() {
@@ -200,7 +212,12 @@ fn scan_one(
                 continue;
             }
         };
-        let g = *index.entry(stem).or_insert_with(|| {
+        let k = if fold {
+            Cow::Owned(key(stem))
+        } else {
+            Cow::Borrowed(stem)
+        };
+        let g = *index.entry(k).or_insert_with(|| {
             groups.push(Group {
                 images: Vec::new(),
                 caches: Vec::new(),
@@ -219,14 +236,14 @@ fn scan_one(
         // looks doubled (`x_0512x0512_anima_0512x0512_anima.npz`, what `cache_path` and sd-scripts
         // both give it): that cache is the image's, not a leftover. Every name such a group's caches
         // can have is a doubled-looking one, so they arrive here alone and in name order.
-        if let Some(&g) = index.get(outer) {
+        if let Some(&g) = index.get(key(outer).as_str()) {
             if !groups[g].images.is_empty() {
                 groups[g].caches.push((i, size));
                 continue;
             }
         }
         let image = index
-            .get(inner)
+            .get(key(inner).as_str())
             .and_then(|&g| groups[g].images.first())
             .map(|&im| path(im));
         report.doubled_caches.push(DoubledCache {

@@ -370,3 +370,32 @@ fn trailing_dots_and_spaces() {
         assert!(err.contains("dot or space"), "{err}");
     }
 }
+
+/// `Cat.PNG` pairs with `cat_0064x0064_anima.npz` where the platform's file systems ignore case
+/// (Windows, macOS), and is another image's name where they do not (Linux): scan and
+/// `find_source_image` agree with the file system either way.
+#[test]
+fn case_insensitive_pairing_follows_the_platform() {
+    use crate::core::cache_path::platform_case_insensitive;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("Cat.PNG");
+    std::fs::write(&image, b"not decoded").unwrap();
+    let cache = dir.path().join("cat_0064x0064_anima.npz");
+    write_cache(&cache, 1).unwrap();
+    let report = scan_directory(dir.path(), DEFAULT_SUFFIX, false).unwrap();
+    let found = find_source_image(&cache.to_string_lossy(), DEFAULT_SUFFIX).unwrap();
+    if platform_case_insensitive() {
+        assert!(report.orphan_caches.is_empty(), "{report:?}");
+        assert_eq!(report.images.len(), 1);
+        assert_eq!(report.images[0].caches.len(), 1, "{report:?}");
+        let found = found.expect("Cat.PNG is cat's image here");
+        assert_eq!(
+            path_key(&found, None),
+            path_key(&image.to_string_lossy(), None)
+        );
+    } else {
+        assert_eq!(report.orphan_caches.len(), 1, "{report:?}");
+        assert!(report.images[0].caches.is_empty(), "{report:?}");
+        assert!(found.is_none(), "{found:?}");
+    }
+}

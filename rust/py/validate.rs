@@ -150,15 +150,12 @@ type WithMeta<'py> = (Bound<'py, PyCacheStatus>, Option<Bound<'py, PyBytes>>);
 /// read through the file it already opened: what `validate(check_source=True)` needs, without
 /// opening every file a second time.
 ///
-/// `flip_aug` is the old name of `flipped`, still taken here (integrations/sd_scripts/dataset.py
-/// passes it); giving both is a TypeError.
-///
 /// Returns:
 ///     One `(CacheStatus, bytes | None)` per path, in input order: the bytes for an `ok` file
 ///     that has the member, None otherwise. A member that cannot be read makes the file
 ///     `malformed` (`io_error` for a failed read).
 #[pyfunction]
-#[pyo3(signature = (paths, buckets, *, flipped = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None, model = None, flip_aug = None))]
+#[pyo3(signature = (paths, buckets, *, flipped = None, alpha_mask = None, verify_crc = false, check_finite = false, workers = None, model = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn _validate_with_meta<'py>(
     py: Python<'py>,
@@ -170,16 +167,7 @@ pub fn _validate_with_meta<'py>(
     check_finite: bool,
     workers: Option<usize>,
     model: Option<&Bound<'py, PyAny>>,
-    flip_aug: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Vec<WithMeta<'py>>> {
-    let flipped = match (flipped, flip_aug) {
-        (Some(_), Some(_)) => {
-            return Err(pyo3::exceptions::PyTypeError::new_err(
-                "_validate_with_meta() got both 'flipped' and its old name 'flip_aug'",
-            ))
-        }
-        (new, old) => new.or(old),
-    };
     let opts = core_validate::Options {
         verify_crc,
         check_finite,

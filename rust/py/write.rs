@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyIterator, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use crate::core::write as core_write;
 
@@ -10,9 +10,6 @@ use crate::core::write as core_write;
 type ArrayArg<'py> = (String, String, Vec<u64>, Bound<'py, PyBytes>);
 
 /// What `write_npz` did: the writer's warnings and the old file's members it kept and dropped.
-///
-/// Iterating over it gives the warnings, as iterating over the list that `write_npz` used to return
-/// did.
 #[pyclass(frozen, name = "NpzWriteReport", module = "latentcache._core")]
 pub struct PyNpzWriteReport {
     warnings: Vec<String>,
@@ -49,14 +46,6 @@ impl PyNpzWriteReport {
         PyTuple::new(py, &self.dropped)
     }
 
-    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyIterator>> {
-        self.warnings(py)?.as_any().try_iter()
-    }
-
-    fn __len__(&self) -> usize {
-        self.warnings.len()
-    }
-
     fn __repr__(&self) -> String {
         format!(
             "NpzWriteReport(warnings={:?}, kept={:?}, dropped={:?}, written={}, file_len={})",
@@ -81,7 +70,7 @@ impl PyNpzWriteReport {
 /// Returns:
 ///     An `NpzWriteReport`: the warnings for the caller to raise (a corrupt existing file was
 ///     replaced, no lock was available), and the old file's member names kept and dropped, read
-///     under the lock (iterating over it gives the warnings).
+///     under the lock.
 ///
 /// Raises:
 ///     OSError: with the errno and the target as filename; the old file is untouched.

@@ -9,6 +9,11 @@
 //! latentcache's marks is never mapped, whatever its alignment. The marks are the metadata member
 //! (`latentcache_meta`, written on every `write_latents`) or the writer's 64-byte alignment field
 //! (id `0xD935`) in a local header, either of which np.savez never writes.
+//!
+//! On Windows nothing is mapped: a live mapping of a file makes replacing it fail (the writer's
+//! rename and `ReplaceFileW` both refuse while a section of the file exists), so a trainer holding
+//! mapped arrays would make a concurrent `write_latents` of that cache fail. Reading costs a copy of
+//! the flipped latents and alpha mask when they are present; it can never block a writer.
 use super::{ArraySpec, LoadPlan, AFTER_LATENTS};
 use crate::core::schema::Schema;
 
@@ -49,12 +54,15 @@ impl LoadPlan {
     }
 }
 
+/// Whether this platform maps at all (see the module docs: not on Windows).
+pub const PLATFORM_MAPS: bool = cfg!(not(windows));
+
 /// The read-or-map choice for `which` of `plan` (see the module docs for the policy): mapped only
-/// when the caller allows it, the file carries latentcache's marks, and the array is stored at an
-/// offset aligned to its element size. `None` when the file has no such array.
+/// when the platform maps, the caller allows it, the file carries latentcache's marks, and the
+/// array is stored at an offset aligned to its element size. `None` when the file has no such array.
 pub fn fetch(plan: &LoadPlan, which: Array, req: Request) -> Option<Fetch> {
     let spec = plan.array(which)?;
-    let wanted = !req.copy && (which != Array::Latents || req.map_latents);
+    let wanted = PLATFORM_MAPS && !req.copy && (which != Array::Latents || req.map_latents);
     Some(match spec.mappable_offset() {
         Some(offset) if wanted && plan.written_by_latentcache => Fetch::Map { offset },
         _ => Fetch::Read {
@@ -187,7 +195,14 @@ mod tests {
             let read = |a: Array| Fetch::Read {
                 nbytes: plan.array(a).unwrap().nbytes(),
             };
-            let map = |a: Array| Fetch::Map { offset: off(a) };
+            // Windows reads what other platforms map (module docs).
+            let map = |a: Array| {
+                if PLATFORM_MAPS {
+                    Fetch::Map { offset: off(a) }
+                } else {
+                    read(a)
+                }
+            };
             let lat = Array::Latents;
             let flip = Array::Flipped;
             assert_eq!(fetch(&plan, lat, Request::default()), Some(read(lat)));
