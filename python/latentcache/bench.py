@@ -143,9 +143,11 @@ def discover(directory: Path, limit: int | None) -> list[CacheItem]:
     return items
 
 
-def stored_span(path: str, member: str) -> tuple[int, int] | None:
-    """``(offset, nbytes)`` of the data of a stored ``member`` (``name.npy``) of an npz, found with the
-    standard library alone (zipfile and numpy's npy header reader); None when it is absent or deflated."""
+def _stored(path: str, member: str) -> tuple[int, int, tuple[Any, bool, Any]] | None:
+    """``(data offset, data bytes, (shape, fortran_order, dtype))`` of a stored ``member``
+    (``name.npy``) of an npz, found with the standard library alone (zipfile and numpy's own npy
+    header reader), so that the floors do not lean on the reader they bound; None when the member
+    is absent, deflated or not npy 1.0/2.0."""
     with open(path, "rb") as f, zipfile.ZipFile(f) as z:
         try:
             info = z.getinfo(member)
@@ -160,13 +162,20 @@ def stored_span(path: str, member: str) -> tuple[int, int] | None:
         f.seek(start)
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
-            np.lib.format.read_array_header_1_0(f)
+            header_fields = np.lib.format.read_array_header_1_0(f)
         elif version == (2, 0):
-            np.lib.format.read_array_header_2_0(f)
+            header_fields = np.lib.format.read_array_header_2_0(f)
         else:
             return None
         header = f.tell() - start
-    return start + header, info.file_size - header
+    return start + header, info.file_size - header, header_fields
+
+
+def stored_span(path: str, member: str) -> tuple[int, int] | None:
+    """``(offset, nbytes)`` of the data of a stored ``member`` (``name.npy``) of an npz; None when it is
+    absent or deflated (see ``_stored``)."""
+    found = _stored(path, member)
+    return None if found is None else (found[0], found[1])
 
 
 def latentcache_wrote(path: str) -> bool:
@@ -181,32 +190,15 @@ def latents_span(path: str, bucket: tuple[int, int]) -> tuple[int, int] | None:
     npy header reader) so that the load floor does not lean on the reader it bounds. None when the
     file has no such member, or it is deflated, or it is not little-endian float32 ``(16, h, w)`` or
     ``(16, 1, h, w)`` in C order."""
-    name = f"latents{_sfx(bucket)}.npy"
     w, h = bucket
-    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
-        try:
-            info = z.getinfo(name)
-        except KeyError:
-            return None
-        if info.compress_type != zipfile.ZIP_STORED:
-            return None
-        f.seek(info.header_offset)
-        local = f.read(30)
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
-        f.seek(start)
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            return None
-        header = f.tell() - start
+    found = _stored(path, f"latents{_sfx(bucket)}.npy")
+    if found is None:
+        return None
+    offset, stored, (shape, fortran, dtype) = found
     if dtype != np.dtype("<f4") or fortran or shape not in ((16, h // 8, w // 8), (16, 1, h // 8, w // 8)):
         return None
     nbytes = 16 * (h // 8) * (w // 8) * 4
-    return (start + header, nbytes) if info.file_size - header == nbytes else None
+    return (offset, nbytes) if stored == nbytes else None
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
