@@ -561,9 +561,9 @@ def _measure_with(
         "reading its two header regions costs here, with no parsing); load ratios against np.load of\n"
         "the latents alone (files/s); the sd-scripts load path also reads every other entry. The load\n"
         "floor row opens each file, reads exactly its latents (offsets found beforehand) and touches them\n"
-        "(the same-work floor also reads a stock file's flipped latents and alpha mask, which load reads\n"
-        "since it maps only files latentcache wrote)\n"
         "as the other rows do, with no parsing and no checks: warm, no loader that reads the latents beats\n"
-        "it (cold, the disk decides, and load's read-ahead hints can put it ahead)."
+        "it (cold, the disk decides, and load's read-ahead hints can put it ahead).\n"
+        "The same-work floor also reads a stock file's flipped latents and alpha mask, which load reads\n"
+        "(it maps only files latentcache wrote)."
     )
     return results
