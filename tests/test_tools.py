@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from latentcache.cli import main
 from latentcache.tools import migrate, prune, repair, stats
+from lockprobe import blocked_flock_waiters, wait_until
 from PIL import Image
 
 
@@ -594,28 +595,6 @@ def _other_shard(name: str, than: str) -> str:
     raise AssertionError("unreachable")
 
 
-def _blocked_flock_waiters(pid: int) -> int:
-    """How many ``flock`` requests of process ``pid`` wait for a lock, from ``/proc/locks`` (a waiter
-    is listed as ``N: -> FLOCK ADVISORY WRITE <pid> ...``)."""
-    count = 0
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 5 and fields[1:3] == ["->", "FLOCK"] and fields[5] == str(pid):
-            count += 1
-    return count
-
-
-def _wait_until(cond: Any, proc: subprocess.Popen[str], what: str, limit: float = 60.0) -> None:
-    """Poll ``cond`` until it holds; fail (never pass) if the child exits or ``limit`` seconds pass."""
-    deadline = time.monotonic() + limit
-    while not cond():
-        if proc.poll() is not None:
-            pytest.fail(f"the child exited (rc {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.01)
-
-
 # The Rust writer in a process of its own: one array into argv[1].
 _RUST_WRITER = """
 import sys
@@ -663,7 +642,7 @@ def test_the_tools_probe_and_the_rust_writer_exclude_each_other(
         [sys.executable, "-c", _RUST_WRITER, str(target)], stdout=subprocess.PIPE, text=True
     )
     try:
-        _wait_until(lambda: _blocked_flock_waiters(rust.pid) > 0, rust, "the writer waited for the lock")
+        wait_until(lambda: blocked_flock_waiters(rust.pid) > 0, rust, "the writer waited for the lock")
         assert not target.exists() and rust.poll() is None
         w.release()
         out, _ = rust.communicate(timeout=60)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from latentcache import models
+from lockprobe import blocked_flock_waiters, wait_until
 
 KEYS = ("latents", "latents_flipped", "alpha_mask", "original_size", "crop_ltrb")
 POSIX = os.name == "posix"
@@ -605,16 +605,6 @@ while True:
 """
 
 
-def wait_until(cond: Any, proc: subprocess.Popen[str], what: str, limit: float = 60.0) -> None:
-    """Poll ``cond`` until it holds; fail (never pass) if the child exits or ``limit`` seconds pass."""
-    deadline = time.monotonic() + limit
-    while not cond():
-        if proc.poll() is not None:
-            pytest.fail(f"the child exited (rc {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-
-
 def check_consistent(p: Path, other: np.ndarray) -> int:
     """The file is complete: one write's value in every member of 64x64, and the 8x8 resolution intact."""
     with np.load(p) as z:
@@ -780,17 +770,6 @@ for f in files:
 print("ready", flush=True)
 sys.stdin.readline()  # hold every shard until told to let go (or the test's end closes stdin)
 """
-
-
-def blocked_flock_waiters(pid: int) -> int:
-    """How many ``flock`` requests of process ``pid`` wait for a lock, from ``/proc/locks`` (a waiter
-    is listed as ``N: -> FLOCK ADVISORY WRITE <pid> ...``)."""
-    count = 0
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 5 and fields[1:3] == ["->", "FLOCK"] and fields[5] == str(pid):
-            count += 1
-    return count
 
 
 @pytest.mark.skipif(not Path("/proc/locks").exists(), reason="observes the lock wait in /proc/locks (Linux)")
