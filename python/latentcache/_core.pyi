@@ -29,6 +29,7 @@ __all__ = [
     "validate",
     "_header_read_floor",
     "_validate_with_meta",
+    "_prove_sources",
     "_verify_many",
     "_load_batch_into",
     "_load_file",
@@ -175,6 +176,16 @@ def _validate_with_meta(
     workers: int | None = None,
     model: _Model | None = None,
 ) -> list[tuple[CacheStatus, bytes | None]]: ...
+def _prove_sources(
+    paths: Sequence[_Path],
+    buckets: tuple[int, int] | Sequence[tuple[int, int]],
+    images: Sequence[_Path],
+    *,
+    flipped: bool | Sequence[bool] | None = None,
+    alpha_mask: bool | Sequence[bool] | None = None,
+    workers: int | None = None,
+    model: _Model | None = None,
+) -> list[tuple[CacheStatus, bool, bool, str | None]]: ...
 def _header_read_floor(paths: Sequence[_Path], workers: int | None = None) -> tuple[float, int]: ...
 def _verify_many(
     paths: Sequence[_Path],

@@ -7,6 +7,8 @@ use crate::core::error::{Error, Result};
 use crate::core::npy::{parse_npy_header, ScalarKind};
 use crate::core::zip::{read_at, read_zip_index, stream_member, Member, Src};
 
+mod json;
+
 /// The member (key without `.npy`) that holds latentcache's JSON metadata as a 1-D uint8 array.
 pub const META_KEY: &str = "latentcache_meta";
 /// The largest metadata member [`read_meta_bytes`] accepts.
@@ -47,15 +49,19 @@ pub fn source_fingerprint(path: &Path) -> Result<SourceFingerprint> {
 }
 
 #[cfg(unix)]
-fn mtime_ns(meta: &fs::Metadata) -> i64 {
+pub(crate) fn mtime_ns(meta: &fs::Metadata) -> i64 {
     use std::os::unix::fs::MetadataExt;
-    meta.mtime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(meta.mtime_nsec())
+    mtime_ns_of(meta.mtime(), meta.mtime_nsec())
+}
+
+/// `st_mtime_ns` from a `stat`'s seconds and nanoseconds.
+#[cfg(unix)]
+pub(crate) fn mtime_ns_of(sec: i64, nsec: i64) -> i64 {
+    sec.saturating_mul(1_000_000_000).saturating_add(nsec)
 }
 
 #[cfg(not(unix))]
-fn mtime_ns(meta: &fs::Metadata) -> i64 {
+pub(crate) fn mtime_ns(meta: &fs::Metadata) -> i64 {
     use std::time::UNIX_EPOCH;
     match meta.modified() {
         Ok(t) => match t.duration_since(UNIX_EPOCH) {
@@ -118,6 +124,49 @@ pub fn meta_bytes_of(file: &File, path: &Path, member: Option<&Member>) -> Resul
     Ok(Some(bytes.split_off(start)))
 }
 
+/// What a cache's metadata records of the image it was made from, and of the VAE that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// `source.size`: the image's size in bytes.
+    pub size: i128,
+    /// `source.mtime_ns`: the image's modification time.
+    pub mtime_ns: i128,
+    /// `vae`: the fingerprint of the VAE, when it is a string.
+    pub vae: Option<String>,
+}
+
+/// The largest metadata member [`recorded_source`] reads; a larger one records nothing it uses.
+pub const MAX_PROOF_META: usize = 64 << 10;
+
+/// The source fingerprint (integers `size` and `mtime_ns` in the object `source`) and the `vae`
+/// string a metadata member records, or None when it records no such fingerprint or is not
+/// JSON this reader reads exactly (see [`json`]): the caller then takes the slow way.
+pub fn recorded_source(meta: &[u8]) -> Option<Recorded> {
+    if meta.len() > MAX_PROOF_META {
+        return None;
+    }
+    let doc = json::parse(meta)?;
+    let source = doc.get("source")?;
+    if !matches!(source, json::Value::Object(_)) {
+        return None;
+    }
+    Some(Recorded {
+        size: source.get("size")?.as_int()?,
+        mtime_ns: source.get("mtime_ns")?.as_int()?,
+        vae: match doc.get("vae") {
+            Some(json::Value::Str(s)) => Some(s.clone()),
+            _ => None,
+        },
+    })
+}
+
+impl Recorded {
+    /// Whether an image of `size` bytes modified at `mtime_ns` is the one recorded.
+    pub fn matches(&self, size: u64, mtime_ns: i64) -> bool {
+        self.size == i128::from(size) && self.mtime_ns == i128::from(mtime_ns)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +188,50 @@ mod tests {
         assert_eq!(fp.hash, want);
         fs::write(&p, b"").unwrap();
         assert_eq!(source_fingerprint(&p).unwrap().size, 0);
+    }
+
+    #[test]
+    fn recorded_source_reads_the_fingerprint_and_vae() {
+        let r = recorded_source(
+            br#"{"format":1,"source":{"hash":"h","mtime_ns":-5,"size":10068},"vae":"v1"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.size, r.mtime_ns, r.vae.as_deref()),
+            (10068, -5, Some("v1"))
+        );
+        assert!(r.matches(10068, -5));
+        assert!(!r.matches(10067, -5));
+        assert!(!r.matches(10068, -4));
+        // A VAE that is not a string is no record of one.
+        let r = recorded_source(br#"{"source":{"size":1,"mtime_ns":2},"vae":null}"#).unwrap();
+        assert_eq!(r.vae, None);
+    }
+
+    #[test]
+    fn recorded_source_refuses_what_proves_nothing() {
+        for bad in [
+            &br#"{"source":{"size":1}}"#[..],
+            br#"{"source":{"mtime_ns":1}}"#,
+            br#"{"source":{"size":1.0,"mtime_ns":2}}"#,
+            br#"{"source":{"size":true,"mtime_ns":2}}"#,
+            br#"{"source":{"size":"1","mtime_ns":2}}"#,
+            br#"{"source":[1,2]}"#,
+            br#"{"format":1}"#,
+            br#"[{"source":{"size":1,"mtime_ns":2}}]"#,
+            br#"{"source":{"size":1,"mtime_ns":2}"#,
+            b"\xff",
+        ] {
+            assert_eq!(
+                recorded_source(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut big = br#"{"source":{"size":1,"mtime_ns":2},"pad":""#.to_vec();
+        big.resize(MAX_PROOF_META + 1, b' ');
+        big.extend_from_slice(b"\"}");
+        assert_eq!(recorded_source(&big), None);
     }
 }

@@ -186,6 +186,51 @@ pub fn _validate_with_meta<'py>(
         .collect()
 }
 
+/// One file's result from [`_prove_sources`]: its status, whether it has a metadata member,
+/// whether that member's source fingerprint proves the image, and the VAE it records.
+type Proved<'py> = (Bound<'py, PyCacheStatus>, bool, bool, Option<String>);
+
+/// `validate` (no payload checks) that also tells, for each valid cache, whether its recorded
+/// source fingerprint (size and mtime in ns) matches its image's `stat` now: the drop-in's startup
+/// pass, which reads an image's header only where its cache proves nothing.
+///
+/// Args: as `validate`, with `images` the image of each cache (one per path).
+///
+/// Returns:
+///     One `(CacheStatus, has_meta, proven, vae)` per path, in input order: `has_meta` for a valid
+///     cache with a `latentcache_meta` member; `proven` when that member records a fingerprint
+///     that the image matches; `vae` the VAE fingerprint it records (a str), when proven.
+#[pyfunction]
+#[pyo3(signature = (paths, buckets, images, *, flipped = None, alpha_mask = None, workers = None, model = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn _prove_sources<'py>(
+    py: Python<'py>,
+    paths: Vec<Bound<'py, PyAny>>,
+    buckets: &Bound<'_, PyAny>,
+    images: Vec<PathBuf>,
+    flipped: Option<&Bound<'_, PyAny>>,
+    alpha_mask: Option<&Bound<'_, PyAny>>,
+    workers: Option<usize>,
+    model: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Vec<Proved<'py>>> {
+    let (names, bufs, exps) = arguments(py, &paths, buckets, flipped, alpha_mask, model)?;
+    let found = super::detached(py, || {
+        core_validate::prove_many(&bufs, &images, &exps, workers)
+    })?;
+    names
+        .into_iter()
+        .zip(found)
+        .map(|(name, (s, proof))| {
+            let status = status_object(py, name, &s)?;
+            Ok(match proof {
+                core_validate::Proof::NoMeta => (status, false, false, None),
+                core_validate::Proof::Unproven => (status, true, false, None),
+                core_validate::Proof::Proven { vae } => (status, true, true, vae),
+            })
+        })
+        .collect()
+}
+
 /// The arguments of `validate` checked and turned into the core's, and the core's statuses, with
 /// the name each status carries (the caller's str where it gave one).
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
@@ -199,6 +244,29 @@ fn run<'py>(
     workers: Option<usize>,
     model: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Vec<Bound<'py, PyString>>, Vec<core_validate::Status>)> {
+    let (names, bufs, exps) = arguments(py, &paths, buckets, flipped, alpha_mask, model)?;
+    let statuses = super::detached(py, || {
+        core_validate::validate_many(&bufs, &exps, opts, workers)
+    })?;
+    Ok((names, statuses))
+}
+
+/// The paths and expectations of a `validate`-like call: each path's name for its status (the
+/// caller's str where it gave one), the path itself (borrowed from that str where it can be), and
+/// the expectations.
+#[allow(clippy::type_complexity)]
+fn arguments<'py, 'a>(
+    py: Python<'py>,
+    paths: &'a [Bound<'py, PyAny>],
+    buckets: &Bound<'_, PyAny>,
+    flipped: Option<&Bound<'_, PyAny>>,
+    alpha_mask: Option<&Bound<'_, PyAny>>,
+    model: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(
+    Vec<Bound<'py, PyString>>,
+    Vec<Cow<'a, Path>>,
+    Vec<core_validate::Expectation>,
+)> {
     let schema = super::schema::schema_of(model)?;
     let n = paths.len();
     // Keep each caller's str object for the status; Path objects become their str. A str that is
@@ -206,7 +274,7 @@ fn run<'py>(
     // Python strings never change, so the borrowed text stays valid while the lock is released.
     let mut names: Vec<Bound<'_, PyString>> = Vec::with_capacity(n);
     let mut bufs: Vec<Cow<'_, Path>> = Vec::with_capacity(n);
-    for p in &paths {
+    for p in paths {
         if let Ok(s) = p.cast_exact::<PyString>() {
             if let Ok(text) = s.to_str() {
                 bufs.push(Cow::Borrowed(Path::new(text)));
@@ -245,10 +313,7 @@ fn run<'py>(
             alpha_mask: alphas[pick(alphas.len(), i)],
         })
         .collect();
-    let statuses = super::detached(py, || {
-        core_validate::validate_many(&bufs, &exps, opts, workers)
-    })?;
-    Ok((names, statuses))
+    Ok((names, bufs, exps))
 }
 
 /// The `CacheStatus` of a core status for the file named `path`.

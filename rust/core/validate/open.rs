@@ -66,19 +66,42 @@ impl Opener {
         }
     }
 
+    /// Size and modification time (ns, as `os.stat().st_mtime_ns`) of `path`, following links as
+    /// `os.stat` does; on Linux through the folder handle of the file opened last.
+    pub(super) fn stat(&mut self, path: &Path) -> io::Result<(u64, i64)> {
+        #[cfg(target_os = "linux")]
+        {
+            let at = self.locate(path)?;
+            // SAFETY: an all-zero `stat` is a valid value to be overwritten; the result is checked.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: `self.name` is NUL-terminated (checked by `locate`), `at` is AT_FDCWD or a
+            // directory descriptor we hold, and `st` is a valid out-pointer.
+            if unsafe { libc::fstatat(at, self.name.as_ptr().cast(), &mut st, 0) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok((
+                st.st_size as u64,
+                crate::core::meta::mtime_ns_of(st.st_mtime, st.st_mtime_nsec),
+            ))
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let m = std::fs::metadata(path)?;
+            Ok((m.len(), crate::core::meta::mtime_ns(&m)))
+        }
+    }
+
+    /// The descriptor to look `path` up from (its folder's, kept open for a run of files from
+    /// that folder, or AT_FDCWD) with the name to look up, NUL-terminated, left in `self.name`.
     #[cfg(target_os = "linux")]
-    fn open_linux(&mut self, path: &Path) -> io::Result<File> {
+    fn locate(&mut self, path: &Path) -> io::Result<i32> {
         use std::ffi::CString;
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         use std::os::unix::ffi::OsStrExt;
 
-        let cstr = |b: &[u8]| {
-            CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
-        };
-        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC;
         // `dir/name`, split at the last slash: the folder is opened once for a run of its files.
         // Other forms (no folder, a root-level file, a trailing slash, `.` or `..` as the last
-        // component) are opened whole, with the kernel's own rules.
+        // component) are looked up whole, with the kernel's own rules.
         let bytes = path.as_os_str().as_bytes();
         let (parent, name): (Option<&[u8]>, Option<&[u8]>) = match bytes
             .iter()
@@ -96,7 +119,8 @@ impl Opener {
                 let cached = matches!(&self.dir, Some((p, _)) if p.as_slice() == parent);
                 if !cached {
                     self.dir = None;
-                    let c = cstr(parent)?;
+                    let c = CString::new(parent)
+                        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
                     // SAFETY: `c` is a valid NUL-terminated string; the result is checked.
                     let fd = unsafe {
                         libc::open(
@@ -117,9 +141,21 @@ impl Opener {
             (Some(d), Some(n)) => (d, n),
             _ => (libc::AT_FDCWD, bytes),
         };
+        if raw.contains(&0) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"));
+        }
         self.name.clear();
         self.name.extend_from_slice(raw);
         self.name.push(0);
+        Ok(at)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn open_linux(&mut self, path: &Path) -> io::Result<File> {
+        use std::os::fd::FromRawFd;
+
+        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC;
+        let at = self.locate(path)?;
         let target = std::ffi::CStr::from_bytes_with_nul(&self.name)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
         let open = |extra: i32| {

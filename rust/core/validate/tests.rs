@@ -1053,3 +1053,92 @@ proptest! {
         prop_assert!(s.code == Code::Ok || !s.message.is_empty());
     }
 }
+
+#[test]
+fn prove_many_proves_only_caches_whose_image_is_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let image = |d: &Path, name: &str, bytes: &[u8]| {
+        let p = d.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        (p, m.len(), crate::core::meta::mtime_ns(&m))
+    };
+    let cache = |name: &str, meta: Option<String>| {
+        let mut c = Cache::anima();
+        if let Some(m) = meta {
+            c.set(
+                "latentcache_meta",
+                npy("|u1", &[m.len() as u64], m.as_bytes()),
+            );
+        }
+        let p = dir.path().join(name);
+        std::fs::write(&p, c.bytes(false)).unwrap();
+        p
+    };
+    let rec = |size: u64, mtime: i64, vae: &str| {
+        Some(format!(
+            r#"{{"format":1,"source":{{"size":{size},"mtime_ns":{mtime}}}{vae}}}"#
+        ))
+    };
+    let (a, a_len, a_mt) = image(dir.path(), "a.png", b"aaaa");
+    let (b, b_len, b_mt) = image(dir.path(), "b.png", b"bbbbb");
+    let (c, c_len, c_mt) = image(other.path(), "c.png", b"c");
+    let (d, _, _) = image(dir.path(), "d.png", b"dd");
+    let cases: Vec<(PathBuf, PathBuf, Proof)> = vec![
+        // Unchanged, with and without a VAE record; an image in another folder than its cache.
+        (
+            cache("a_a.npz", rec(a_len, a_mt, r#","vae":"v1""#)),
+            a.clone(),
+            Proof::Proven {
+                vae: Some("v1".into()),
+            },
+        ),
+        (
+            cache("b_a.npz", rec(b_len, b_mt, "")),
+            b.clone(),
+            Proof::Proven { vae: None },
+        ),
+        (
+            cache("c_a.npz", rec(c_len, c_mt, "")),
+            c,
+            Proof::Proven { vae: None },
+        ),
+        // Another size or mtime, a missing image, a record without a fingerprint.
+        (cache("d_a.npz", rec(a_len, a_mt, "")), d, Proof::Unproven),
+        (
+            cache("e_a.npz", rec(a_len, a_mt + 1, "")),
+            a.clone(),
+            Proof::Unproven,
+        ),
+        (
+            cache("f_a.npz", rec(a_len, a_mt, "")),
+            dir.path().join("gone.png"),
+            Proof::Unproven,
+        ),
+        (
+            cache("g_a.npz", Some(r#"{"format":1}"#.into())),
+            a.clone(),
+            Proof::Unproven,
+        ),
+        // A stock cache, and no cache at all.
+        (cache("h_a.npz", None), a.clone(), Proof::NoMeta),
+        (dir.path().join("none_a.npz"), a, Proof::NoMeta),
+    ];
+    let paths: Vec<&PathBuf> = cases.iter().map(|c| &c.0).collect();
+    let images: Vec<&PathBuf> = cases.iter().map(|c| &c.1).collect();
+    for workers in [Some(1), Some(4)] {
+        let got = prove_many(&paths, &images, &[EXP], workers).unwrap();
+        for ((path, _, want), (status, proof)) in cases.iter().zip(&got) {
+            assert_eq!(proof, want, "{}", path.display());
+            assert_eq!(status.meta, None, "the metadata is not handed on");
+            let ok = !path.ends_with("none_a.npz");
+            assert_eq!(status.code == Code::Ok, ok, "{}", status.message);
+        }
+    }
+    // An image passed in another spelling resolves to the same file.
+    let dotted = dir.path().join(".").join("b.png");
+    let got = prove_many(&[&paths[1]], &[&dotted], &[EXP], None).unwrap();
+    assert_eq!(got[0].1, Proof::Proven { vae: None });
+    assert!(prove_many(&paths, &images[..1], &[EXP], None).is_err());
+}

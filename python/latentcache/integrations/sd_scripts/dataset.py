@@ -3,7 +3,6 @@ missing ones encoded (the steps are listed in ``latentcache.integrations.sd_scri
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -357,10 +356,11 @@ def _check_caches(
 ) -> tuple[int, int, dict[int, bool]]:
     """Prove every image's size and check this rank's caches, reading image headers only where needed.
 
-    One parallel pass validates every image's cache under the size sd-scripts gave it and hands back
-    each valid cache's ``latentcache_meta``. A cache whose name is exactly the image's stem and that
-    records a ``source`` fingerprint equal to the image's ``stat`` (size and mtime in ns) was written
-    from this very image, under its real size: that proves the size, and the image is not opened.
+    One parallel pass in the core validates every image's cache under the size sd-scripts gave it,
+    reads each valid cache's ``latentcache_meta`` and ``stat``s its image. A cache whose name is
+    exactly the image's stem and that records a ``source`` fingerprint equal to the image's ``stat``
+    (size and mtime in ns) was written from this very image, under its real size: that proves the
+    size, and the image is not opened.
     Every other image (no cache, a stock cache without a fingerprint, a changed fingerprint, a cache
     that is not valid for the bucket) has its size read from its header, as before; a wrong size
     re-buckets the dataset. Caches whose status the first pass could not settle (unproven, or moved to
@@ -374,8 +374,9 @@ def _check_caches(
     buckets = [_bucket(info) for info in infos]
     flips = [bool(subset_of[info.image_key].flip_aug) for info in infos]
     alphas = [bool(subset_of[info.image_key].alpha_mask) for info in infos]
-    checked = _core._validate_with_meta(
-        paths, buckets, flipped=flips, alpha_mask=alphas, model="anima",
+    images = [os.fspath(info.absolute_path) for info in infos]
+    checked = _core._prove_sources(
+        paths, buckets, images, flipped=flips, alpha_mask=alphas, model="anima",
         # One rank: the core picks the count (fewer threads when the caches are in the page cache);
         # several ranks validate at once and share the cores.
         workers=_workers(num_processes) if num_processes > 1 else None,
@@ -383,22 +384,12 @@ def _check_caches(
     # index -> the VAE its cache records, for the infos whose size the pass proved
     proven: dict[int, str | None] = {}
     unproven: list[int] = []
-    sources: dict[int, dict[str, Any]] = {}
-    for i, (status, raw) in enumerate(checked):
-        source = _recorded_source(status, raw)
-        if source is None:
+    for i, (_, _, is_proven, recorded_vae) in enumerate(checked):
+        if is_proven:
+            proven[i] = recorded_vae
+        else:
+            # No cache, a stock cache, a changed (or copied) image: its header and the full check decide.
             unproven.append(i)
-        else:
-            sources[i] = source
-    stats = _stat_all([infos[i].absolute_path for i in sources], num_processes)
-    for (i, meta), st in zip(sources.items(), stats, strict=True):
-        fp = meta["source"]
-        if st is not None and st.st_size == fp.get("size") and st.st_mtime_ns == fp.get("mtime_ns"):
-            vae = meta.get("vae")
-            proven[i] = vae if isinstance(vae, str) else None
-        else:
-            unproven.append(i)  # the image changed (or was copied): its header and the full check decide
-    unproven.sort()
     resized, headers = _settle_sizes(dataset, [infos[i] for i in unproven], num_processes)
     if resized:
         paths = _assign_cache_paths(infos, strategy)
@@ -422,8 +413,8 @@ def _check_caches(
             )  # fmt: skip
     recheck = []
     for i in sorted(again & mine):
-        status, raw = checked[i]
-        if raw is None and _bucket(infos[i]) == buckets[i] and paths[i] == status.path:
+        status, has_meta, _, _ = checked[i]
+        if not has_meta and _bucket(infos[i]) == buckets[i] and paths[i] == status.path:
             # No metadata (a stock cache, or not a valid cache at all): the first pass's verdict is
             # final once the size is confirmed, since nothing about its image or VAE is recorded.
             ok[i] = status.ok
@@ -450,46 +441,6 @@ def _check_caches(
 
 def _bucket(info: Any) -> tuple[int, int]:
     return int(info.bucket_reso[0]), int(info.bucket_reso[1])
-
-
-def _recorded_source(status: Any, raw: bytes | None) -> dict[str, Any] | None:
-    """The ``latentcache_meta`` of a valid cache that records a source fingerprint; None otherwise
-    (an invalid cache, a stock cache, a broken member)."""
-    if raw is None or not status.ok or len(raw) > _MAX_META:
-        return None
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    if isinstance(meta, dict) and isinstance(meta.get("source"), dict):
-        return meta
-    return None
-
-
-_MAX_META = 1 << 16
-"""A larger metadata member is not read for the proof (its image's header is read instead)."""
-
-
-def _stat_all(paths: list[str], num_processes: int) -> list[os.stat_result | None]:
-    """``os.stat`` of every path, None where it fails; in a few threads, each over one slice (the calls
-    release the GIL, so a cold file system serves them in parallel)."""
-
-    def stat_slice(part: list[str]) -> list[os.stat_result | None]:
-        out: list[os.stat_result | None] = []
-        for p in part:
-            try:
-                out.append(os.stat(p))
-            except (OSError, ValueError):
-                out.append(None)
-        return out
-
-    n = min(_workers(num_processes), max(1, len(paths) // 256))
-    if n <= 1:
-        return stat_slice(paths)
-    step = -(-len(paths) // n)
-    with ThreadPoolExecutor(n) as pool:
-        parts = list(pool.map(stat_slice, [paths[k : k + step] for k in range(0, len(paths), step)]))
-    return [st for part in parts for st in part]
 
 
 class _VaeContext:
