@@ -30,6 +30,7 @@ __all__ = [
     "_header_read_floor",
     "_validate_with_meta",
     "_prove_sources",
+    "_exist_many",
     "_verify_many",
     "_load_batch_into",
     "_load_file",
@@ -186,6 +187,7 @@ def _prove_sources(
     workers: int | None = None,
     model: _Model | None = None,
 ) -> list[tuple[CacheStatus, bool, bool, str | None]]: ...
+def _exist_many(paths: Sequence[_Path], *, workers: int | None = None) -> list[bool]: ...
 def _header_read_floor(paths: Sequence[_Path], workers: int | None = None) -> tuple[float, int]: ...
 def _verify_many(
     paths: Sequence[_Path],

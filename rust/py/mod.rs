@@ -30,8 +30,8 @@ mod _core {
 
     #[pymodule_export]
     use super::validate::{
-        _header_read_floor, _prove_sources, _validate_with_meta, _verify_many, status_codes,
-        validate, PyCacheStatus,
+        _exist_many, _header_read_floor, _prove_sources, _validate_with_meta, _verify_many,
+        status_codes, validate, PyCacheStatus,
     };
     #[pymodule_export]
     use super::write::{

@@ -231,6 +231,18 @@ pub fn _prove_sources<'py>(
         .collect()
 }
 
+/// Whether each path exists (as `os.path.exists`), looked up in parallel with the interpreter lock
+/// released: the drop-in's check with `--skip_cache_check`.
+#[pyfunction]
+#[pyo3(signature = (paths, *, workers = None))]
+pub fn _exist_many(
+    py: Python<'_>,
+    paths: Vec<PathBuf>,
+    workers: Option<usize>,
+) -> PyResult<Vec<bool>> {
+    super::detached(py, || core_validate::exist_many(&paths, workers))
+}
+
 /// The arguments of `validate` checked and turned into the core's, and the core's statuses, with
 /// the name each status carries (the caller's str where it gave one).
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]

@@ -37,7 +37,7 @@ use verify::meta_error;
 // The binding's entries; without it they serve the tests only.
 #[cfg_attr(not(feature = "python"), allow(unused_imports))]
 pub use {
-    prove::{prove_many, Proof},
+    prove::{exist_many, prove_many, Proof},
     verify::{header_read_floor, verify_many, Verified},
     workers::validate_many,
 };

@@ -85,3 +85,23 @@ fn prove_one(opener: &mut Opener, path: &Path, image: &Path, exp: &Expectation) 
     };
     (status, proof)
 }
+
+/// Whether each path exists (`stat` succeeds, following links, as `os.path.exists`), looked up in
+/// parallel through each worker's folder handle: the startup check with `--skip_cache_check`, where
+/// a cold file system answers many lookups at once faster than one after another.
+pub fn exist_many<P: AsRef<Path> + Sync>(paths: &[P], workers: Option<usize>) -> Result<Vec<bool>> {
+    let n = worker_count(paths, workers)?;
+    let one = |opener: &mut Opener, p: &P| opener.stat(p.as_ref()).is_ok();
+    if n <= 1 {
+        let mut opener = Opener::default();
+        return Ok(paths.iter().map(|p| one(&mut opener, p)).collect());
+    }
+    let pool = call_pool(n)?;
+    Ok(pool.install(|| {
+        paths
+            .par_iter()
+            .with_min_len(16)
+            .map_init(Opener::default, one)
+            .collect()
+    }))
+}

@@ -1142,3 +1142,36 @@ fn prove_many_proves_only_caches_whose_image_is_unchanged() {
     assert_eq!(got[0].1, Proof::Proven { vae: None });
     assert!(prove_many(&paths, &images[..1], &[EXP], None).is_err());
 }
+
+#[test]
+fn exist_many_answers_as_os_path_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("a.npz"), b"x").unwrap();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    std::fs::write(d.join("sub").join("b.npz"), b"").unwrap();
+    let mut paths = vec![
+        d.join("a.npz"),
+        d.join("missing.npz"),
+        d.join("sub"),
+        d.join("sub").join("b.npz"),
+        d.join("a.npz").join("under_a_file.npz"),
+    ];
+    let mut want = vec![true, false, true, true, false];
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(d.join("missing.npz"), d.join("dangling.npz")).unwrap();
+        std::os::unix::fs::symlink(d.join("a.npz"), d.join("link.npz")).unwrap();
+        paths.extend([d.join("dangling.npz"), d.join("link.npz")]);
+        want.extend([false, true]);
+    }
+    // Enough paths that several workers take runs of them.
+    let many: Vec<PathBuf> = paths.iter().cycle().take(paths.len() * 40).cloned().collect();
+    let many_want: Vec<bool> = want.iter().cycle().take(many.len()).copied().collect();
+    for workers in [None, Some(1), Some(3)] {
+        assert_eq!(exist_many(&paths, workers).unwrap(), want);
+        assert_eq!(exist_many(&many, workers).unwrap(), many_want);
+    }
+    assert!(exist_many(&paths, Some(0)).is_err());
+    assert_eq!(exist_many::<PathBuf>(&[], None).unwrap(), Vec::<bool>::new());
+}

@@ -200,7 +200,12 @@ def cache_dataset_latents(
             paths = _assign_cache_paths(infos, strategy)
             _warn_shared_caches(infos, paths)
             mine = [i for i, info in enumerate(infos) if owner_rank(paths[i], num_processes) == rank]
-            ok = {i: os.path.exists(paths[i]) for i in mine}
+            # One parallel lookup pass (a cold file system answers many at once).
+            found = _core._exist_many(
+                [paths[i] for i in mine],
+                workers=_workers(num_processes) if num_processes > 1 else None,
+            )
+            ok = dict(zip(mine, found, strict=True))
         else:
             resized, headers, ok = _check_caches(
                 dataset, infos, subset_of, strategy, vae_ctx, num_processes, rank
