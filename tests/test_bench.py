@@ -99,6 +99,37 @@ def test_header_read_floor_counts_what_it_opened(tmp_path: Path) -> None:
         _core._header_read_floor(paths, workers=0)
 
 
+def test_same_work_floor_reads_each_middle_header_once(tmp_path: Path) -> None:
+    """``header_reads`` lists a read at every required npy header that the head and tail reads miss,
+    and those reads cover it; the floor takes them and refuses a list of another length."""
+    import zipfile
+
+    from latentcache.bench import _HEAD_READ, _tail_start, header_reads
+
+    items = generate(tmp_path, 20)
+    middles = [header_reads(i) for i in items]
+    assert any(middles) and not all(middles)
+    for item, reads in zip(items, middles, strict=True):
+        size = os.path.getsize(item.path)
+        covered = [(0, _HEAD_READ), (_tail_start(size), size)] + [(o, o + n) for o, n in reads]
+        h, w = item.bucket[1] // 8, item.bucket[0] // 8
+        keys = ["latents", "original_size", "crop_ltrb"]
+        keys += ["latents_flipped"] * item.flip + ["alpha_mask"] * item.alpha
+        with zipfile.ZipFile(item.path) as z:
+            offsets = {m.filename: m.header_offset for m in z.infolist()}
+        for key in keys:
+            lho = offsets[f"{key}_{h}x{w}.npy"]
+            # The local header and the npy header (well under 200 bytes here) are in one read.
+            assert any(a <= lho and lho + 200 <= b for a, b in covered), (item.path, key)
+        # A read only where nothing covered the header already: no two reads at one place.
+        assert len({o for o, _ in reads}) == len(reads)
+        assert all(0 < n <= 2048 for _, n in reads)
+    paths = [i.path for i in items]
+    assert _core._header_read_floor(paths, extra=middles)[1] == 20
+    with pytest.raises(ValueError, match="extra"):
+        _core._header_read_floor(paths, extra=middles[1:])
+
+
 def test_bench_command_prints_every_row_and_json(tmp_path: Path) -> None:
     pytest.importorskip("safetensors")
     out = subprocess.run(

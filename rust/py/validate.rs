@@ -429,15 +429,18 @@ pub fn _verify_many<'py>(
 }
 
 /// The floor under `validate` on this machine, for `latentcache bench`: the same opens and the two
-/// header reads per file on `workers` threads, with no parsing. Returns (seconds, files opened).
+/// header reads per file on `workers` threads, with no parsing; with `extra`, also each file's
+/// listed `(offset, length)` reads. Returns (seconds, files opened).
 #[pyfunction]
-#[pyo3(signature = (paths, workers = None))]
+#[pyo3(signature = (paths, workers = None, extra = None))]
 pub fn _header_read_floor(
     py: Python<'_>,
     paths: Vec<PathBuf>,
     workers: Option<usize>,
+    extra: Option<Vec<Vec<(u64, u64)>>>,
 ) -> PyResult<(f64, usize)> {
-    let (elapsed, opened) =
-        super::detached(py, || core_validate::header_read_floor(&paths, workers))?;
+    let (elapsed, opened) = super::detached(py, || {
+        core_validate::header_read_floor(&paths, workers, extra.as_deref())
+    })?;
     Ok((elapsed.as_secs_f64(), opened))
 }

@@ -825,9 +825,16 @@ fn header_read_floor_opens_what_exists() {
         }
         paths.push(p);
     }
-    let (_, opened) = header_read_floor(&paths, Some(3)).unwrap();
+    let (_, opened) = header_read_floor(&paths, Some(3), None).unwrap();
     assert_eq!(opened, 30);
-    assert!(header_read_floor(&paths, Some(0)).is_err());
+    assert!(header_read_floor(&paths, Some(0), None).is_err());
+    let extra: Vec<Vec<(u64, u64)>> = (0..40).map(|i| vec![(i, 64), (50, 9000)]).collect();
+    let (_, opened) = header_read_floor(&paths, Some(2), Some(&extra)).unwrap();
+    assert_eq!(
+        opened, 30,
+        "extra reads, even past the end or too long, change nothing opened"
+    );
+    assert!(header_read_floor(&paths, None, Some(&extra[1..])).is_err());
 }
 
 #[test]
@@ -1166,12 +1173,20 @@ fn exist_many_answers_as_os_path_exists() {
         want.extend([false, true]);
     }
     // Enough paths that several workers take runs of them.
-    let many: Vec<PathBuf> = paths.iter().cycle().take(paths.len() * 40).cloned().collect();
+    let many: Vec<PathBuf> = paths
+        .iter()
+        .cycle()
+        .take(paths.len() * 40)
+        .cloned()
+        .collect();
     let many_want: Vec<bool> = want.iter().cycle().take(many.len()).copied().collect();
     for workers in [None, Some(1), Some(3)] {
         assert_eq!(exist_many(&paths, workers).unwrap(), want);
         assert_eq!(exist_many(&many, workers).unwrap(), many_want);
     }
     assert!(exist_many(&paths, Some(0)).is_err());
-    assert_eq!(exist_many::<PathBuf>(&[], None).unwrap(), Vec::<bool>::new());
+    assert_eq!(
+        exist_many::<PathBuf>(&[], None).unwrap(),
+        Vec::<bool>::new()
+    );
 }

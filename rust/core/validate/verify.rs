@@ -172,30 +172,48 @@ pub(super) fn meta_error(path: &Path, e: Error) -> Status {
 /// The cost floor of header-only validation on this machine, for `latentcache bench`: open each
 /// file as [`validate_many`] does, then only the two reads every check needs (the first member's
 /// headers and the end of the file) and close, on the same number of threads. No parsing, no
-/// results. Returns the elapsed time and how many files could be opened.
+/// results. With `extra`, also the reads listed for each file (`(offset, length)`, at most 4 KiB
+/// each): the bench's same-work floor, whose list holds the npy headers a check must read that lie
+/// in neither of those two regions. Returns the elapsed time and how many files could be opened.
 pub fn header_read_floor(
     paths: &[PathBuf],
     workers: Option<usize>,
+    extra: Option<&[Vec<(u64, u64)>]>,
 ) -> Result<(std::time::Duration, usize)> {
+    if let Some(e) = extra {
+        if e.len() != paths.len() {
+            return Err(Error::Value(format!(
+                "extra must have one list per path ({}), got {}",
+                paths.len(),
+                e.len()
+            )));
+        }
+    }
+    const MAX_EXTRA: usize = 4096;
     let pool = call_pool(worker_count(paths, workers)?)?;
     let t0 = std::time::Instant::now();
     let opened = pool.install(|| {
         paths
             .par_iter()
+            .enumerate()
             .with_min_len(16)
             .map_init(
                 || {
                     (
                         Opener::default(),
-                        vec![0u8; (2 * HEAD_READ) as usize + 4096],
+                        vec![0u8; (2 * HEAD_READ) as usize + MAX_EXTRA],
                     )
                 },
-                |(opener, buf), p| {
+                |(opener, buf), (i, p)| {
                     let Ok((file, _, len)) = opener.open(p) else {
                         return 0usize;
                     };
                     let head = len.min(HEAD_READ) as usize;
                     let _ = read_at(&file, &mut buf[..head], 0);
+                    for &(offset, n) in extra.map_or(&[][..], |e| &e[i]) {
+                        let n = (n as usize).min(MAX_EXTRA);
+                        let _ = read_at(&file, &mut buf[..n], offset);
+                    }
                     let (start, tail) = tail_window(len);
                     let _ = read_at(&file, &mut buf[..tail as usize], start);
                     1
