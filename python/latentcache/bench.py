@@ -514,11 +514,11 @@ def _measure_with(
     table: list[tuple[str, str, float, float]] = []
     for mode in modes:
         cold = mode == "cold"
-        # Best of 9 validation rounds (each well under a second) and of 7 load rounds, and 16 and 14
+        # Best of 9 validation rounds (each well under a second) and of 7 load rounds, and 60 and 30
         # more for the sides of the floor ratios: on a shared machine a slow spell can last a whole
         # round, and the minimum needs a few to find a quiet one.
         fns = {"ours": ours_validate, "sd": sd_validate, "floor": floor_validate}
-        tv = _time({**fns, "same": floor_validate_same_work}, cold, 9, ("ours", "floor", "same"), 16)
+        tv = _time({**fns, "same": floor_validate_same_work}, cold, 9, ("ours", "floor", "same"), 60)
         bad = [s for s in last_statuses[0] if not s.ok]
         if bad:
             raise RuntimeError(f"validation failed: {bad[0].message}")
@@ -560,7 +560,7 @@ def _measure_with(
             )  # fmt: skip
         loads.append(("raw_read", "load: raw file read (limit)", raw_read, file_bytes))
         close = ("load", "load_floor", "load_floor_same_work")
-        times = _time({key: fn for key, _, fn, _ in loads}, cold, 7, close if spans_ok else (), 14)
+        times = _time({key: fn for key, _, fn, _ in loads}, cold, 7, close if spans_ok else (), 30)
         by_key: dict[str, dict[str, Any]] = {}
         for key, label, _, nbytes in loads:
             t = times[key]
