@@ -48,12 +48,17 @@ def _refuse(name: str) -> Any:
 
 
 def _strict_ints(meta: bytes) -> bool:
-    """Whether ``meta`` is standard JSON (no ``NaN`` or ``Infinity``, which Python accepts) whose last
-    ``source`` has ``size`` and ``mtime_ns`` written as plain integers: the core reads no other
-    spelling (``4.0`` or ``true`` prove nothing there)."""
+    """Whether ``meta`` is standard JSON (no ``NaN`` or ``Infinity`` and no lone surrogate, which
+    Python accepts) whose last ``source`` has ``size`` and ``mtime_ns`` written as plain integers:
+    the core reads no other spelling (``4.0`` or ``true`` prove nothing there)."""
     try:
         doc = json.loads(meta.decode("utf-8"), parse_constant=_refuse)
     except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    try:
+        # A lone surrogate (a damaged surrogate-pair escape): Python keeps it, the core refuses it.
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
         return False
     src = doc.get("source") if isinstance(doc, dict) else None
     return isinstance(src, dict) and all(type(src.get(k)) is int for k in ("size", "mtime_ns"))
@@ -138,6 +143,22 @@ def _metas(draw: st.DrawFn) -> bytes:
         i = draw(st.integers(0, len(raw) - 1))
         raw = raw[:i] + bytes([draw(st.integers(0, 255))]) + raw[i + 1 :]
     return raw
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        # Python keeps a lone surrogate and proves; the core refuses: the slow way, never a wrong proof.
+        b'{"source": {"size": 104, "mtime_ns": 0}, "vae": "\\ud83d\\u0e00"}',
+        # Python (3.11+) refuses an integer of over 4300 digits; the core refuses long numbers too.
+        b'{"source": {"size": 104, "mtime_ns": 0}, "pad": ' + b"1" * 5000 + b"}",
+    ],
+)
+def test_documents_python_reads_otherwise_prove_nothing(tmp_path: Path, image: Path, meta: bytes) -> None:
+    os.utime(image, ns=(0, 0))
+    cache = _cache(tmp_path / "img_0064x0032_anima.npz", meta)
+    assert _prove(cache, image)[1:] == (True, False, None)
+    assert not _strict_ints(meta)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

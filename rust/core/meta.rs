@@ -51,13 +51,9 @@ pub fn source_fingerprint(path: &Path) -> Result<SourceFingerprint> {
 #[cfg(unix)]
 pub(crate) fn mtime_ns(meta: &fs::Metadata) -> i64 {
     use std::os::unix::fs::MetadataExt;
-    mtime_ns_of(meta.mtime(), meta.mtime_nsec())
-}
-
-/// `st_mtime_ns` from a `stat`'s seconds and nanoseconds.
-#[cfg(unix)]
-pub(crate) fn mtime_ns_of(sec: i64, nsec: i64) -> i64 {
-    sec.saturating_mul(1_000_000_000).saturating_add(nsec)
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
 }
 
 #[cfg(not(unix))]
@@ -161,10 +157,41 @@ pub fn recorded_source(meta: &[u8]) -> Option<Recorded> {
 }
 
 impl Recorded {
-    /// Whether an image of `size` bytes modified at `mtime_ns` is the one recorded.
-    pub fn matches(&self, size: u64, mtime_ns: i64) -> bool {
-        self.size == i128::from(size) && self.mtime_ns == i128::from(mtime_ns)
+    /// Whether an image of `size` bytes modified at `mtime_ns` (exact, see [`mtime_ns_exact`]) is
+    /// the one recorded.
+    pub fn matches(&self, size: u64, mtime_ns: i128) -> bool {
+        self.size == i128::from(size) && self.mtime_ns == mtime_ns
     }
+}
+
+/// `st_mtime_ns` without clamping (Python's is exact): a time past 2262 or before 1677 that the
+/// writer recorded clamped to `i64` then never matches, so two such times cannot pass for one.
+/// (Linux computes it from its own `fstatat`, with [`exact_ns`].)
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn mtime_ns_exact(meta: &fs::Metadata) -> i128 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        exact_ns(meta.mtime() as i128, meta.mtime_nsec() as i128)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::time::UNIX_EPOCH;
+        match meta.modified() {
+            Ok(t) => match t.duration_since(UNIX_EPOCH) {
+                Ok(d) => d.as_nanos() as i128,
+                Err(e) => -(e.duration().as_nanos() as i128),
+            },
+            // No time to compare: matches no record (a record holds an integer that fits i128).
+            Err(_) => i128::MIN,
+        }
+    }
+}
+
+/// Seconds and nanoseconds as nanoseconds, in a type no `stat` can overflow.
+#[cfg(unix)]
+pub(crate) fn exact_ns(sec: i128, nsec: i128) -> i128 {
+    sec * 1_000_000_000 + nsec
 }
 
 #[cfg(test)]
@@ -203,6 +230,13 @@ mod tests {
         assert!(r.matches(10068, -5));
         assert!(!r.matches(10067, -5));
         assert!(!r.matches(10068, -4));
+        // A time past i64's nanoseconds (2262) recorded clamped does not match the clamp.
+        let clamped = recorded_source(
+            format!(r#"{{"source":{{"size":1,"mtime_ns":{}}}}}"#, i64::MAX).as_bytes(),
+        )
+        .unwrap();
+        assert!(!clamped.matches(1, i128::from(i64::MAX) + 1));
+        assert!(clamped.matches(1, i128::from(i64::MAX)));
         // A VAE that is not a string is no record of one.
         let r = recorded_source(br#"{"source":{"size":1,"mtime_ns":2},"vae":null}"#).unwrap();
         assert_eq!(r.vae, None);

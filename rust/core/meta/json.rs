@@ -19,6 +19,9 @@ pub(crate) enum Value {
 
 /// The deepest nesting of arrays and objects read (deeper is refused).
 const MAX_DEPTH: usize = 64;
+/// The longest number read: Python's `json` refuses an integer of more digits than
+/// `sys.get_int_max_str_digits()`, which is at least 640 when set (4300 by default).
+const MAX_NUMBER_LEN: usize = 600;
 
 impl Value {
     /// The value of `key` in an object (the last one, as `json.loads` keeps), or None.
@@ -167,6 +170,10 @@ impl Parser<'_> {
                 return None;
             }
             self.digits();
+        }
+        // Python refuses integers of more digits than its limit, which can be set as low as 640.
+        if self.i - start > MAX_NUMBER_LEN {
+            return None;
         }
         // ASCII only, so the slice is valid UTF-8.
         Some(Value::Number(
@@ -322,6 +329,19 @@ mod tests {
             b"'a'",
         ] {
             assert_eq!(parse(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn refuses_numbers_longer_than_python_always_reads() {
+        let ok = format!("[{}]", "9".repeat(MAX_NUMBER_LEN));
+        assert!(parse(ok.as_bytes()).is_some());
+        for long in [
+            format!("[{}]", "9".repeat(MAX_NUMBER_LEN + 1)),
+            format!("[-{}]", "9".repeat(MAX_NUMBER_LEN)),
+            format!("[1.{}]", "0".repeat(MAX_NUMBER_LEN)),
+        ] {
+            assert_eq!(parse(long.as_bytes()), None);
         }
     }
 

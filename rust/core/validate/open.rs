@@ -66,9 +66,9 @@ impl Opener {
         }
     }
 
-    /// Size and modification time (ns, as `os.stat().st_mtime_ns`) of `path`, following links as
-    /// `os.stat` does; on Linux through the folder handle of the file opened last.
-    pub(super) fn stat(&mut self, path: &Path) -> io::Result<(u64, i64)> {
+    /// Size and modification time (ns, exactly as `os.stat().st_mtime_ns`) of `path`, following
+    /// links as `os.stat` does; on Linux through the folder handle of the file opened last.
+    pub(super) fn stat(&mut self, path: &Path) -> io::Result<(u64, i128)> {
         #[cfg(target_os = "linux")]
         {
             let at = self.locate(path)?;
@@ -81,13 +81,13 @@ impl Opener {
             }
             Ok((
                 st.st_size as u64,
-                crate::core::meta::mtime_ns_of(st.st_mtime, st.st_mtime_nsec),
+                crate::core::meta::exact_ns(st.st_mtime as i128, st.st_mtime_nsec as i128),
             ))
         }
         #[cfg(not(target_os = "linux"))]
         {
             let m = std::fs::metadata(path)?;
-            Ok((m.len(), crate::core::meta::mtime_ns(&m)))
+            Ok((m.len(), crate::core::meta::mtime_ns_exact(&m)))
         }
     }
 
