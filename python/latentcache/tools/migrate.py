@@ -8,13 +8,14 @@ so a kill at any point leaves the old file or the new one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import stat
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from latentcache.tools.writer_lock import (
     try_writer_lock,
 )
 
-__all__ = ["busy", "cache_files", "check_lockless", "migrate", "prune", "read_only"]
+__all__ = ["busy", "cache_files", "check_lockless", "guarded", "migrate", "prune", "read_only"]
 
 # Rewrites wait on fsync, not the CPU: this many overlap.
 _WORKERS = min(16, 4 * (os.cpu_count() or 1))
@@ -151,6 +152,28 @@ def check_lockless(path: str, state: str, temps: LocklessTemps | None) -> None:
         raise WriterBusy(errno.EAGAIN, why)
 
 
+@contextlib.contextmanager
+def guarded(path: str, temps: LocklessTemps | None = None) -> Iterator[None]:
+    """Hold ``path``'s writer lock (without waiting) after checking that it is not read-only and
+    that no lockless writer may be writing it (``temps``: the plan's index, one listing per folder per
+    apply). A step that reads, rewrites, removes or moves a cache runs inside, so no latentcache writer
+    replaces it meanwhile.
+
+    Raises:
+        PermissionError: the file or its folder is read-only (``read_only``).
+        OSError: another process holds the lock or may be writing the file.
+    """
+    why = read_only(path)
+    if why is not None:
+        raise PermissionError(why)
+    try:
+        with try_writer_lock(path) as state:
+            check_lockless(path, state, temps)
+            yield
+    except WriterBusy as e:
+        raise OSError(f"{path}: {e.strerror}") from None
+
+
 def _damaged(path: str, skip: Sequence[str]) -> str | None:
     """Why a member the rewrite keeps cannot be read back whole (its CRC fails, it is cut short), or
     None. The writer would replace such a file with the new members only, dropping every other one,
@@ -193,24 +216,17 @@ def _rewrite(
             return locked_run()
 
     def locked_run() -> int:
-        why = read_only(path)
-        if why is not None:
-            raise PermissionError(why)
         # Read under the writer's lock (taken without waiting: a live writer means skip), so no writer
         # changes the file while the members to rewrite are read. The Rust writer takes the lock again
         # for the write itself; the inode check just before it narrows what is left of the gap.
-        try:
-            with try_writer_lock(path) as state:
-                check_lockless(path, state, temps)
-                before = identity(path)
-                damaged = _damaged(path, drop)
-                if damaged is not None:
-                    raise OSError(f"{path}: not rewritten, {damaged} (verify --crc finds such files)")
-                arrays = replace()
-                with open_cache(path) as f:
-                    has_meta = META_KEY in f
-        except WriterBusy as e:
-            raise OSError(f"{path}: {e.strerror}") from None
+        with guarded(path, temps):
+            before = identity(path)
+            damaged = _damaged(path, drop)
+            if damaged is not None:
+                raise OSError(f"{path}: not rewritten, {damaged} (verify --crc finds such files)")
+            arrays = replace()
+            with open_cache(path) as f:
+                has_meta = META_KEY in f
         # The file checked and read must still be the one there: a writer that replaced it since the
         # lock was released would otherwise get its members overwritten with the old ones.
         unchanged(path, before)
@@ -416,20 +432,13 @@ def _remove_file(
         # Re-checked now, under the writer's lock: a writer may have added a kept resolution since
         # the plan (a new file, by rename). The file checked must be the one planned, and still hold
         # nothing kept.
-        why = read_only(path)
-        if why is not None:
-            raise PermissionError(why)
-        try:
-            with try_writer_lock(path) as state:
-                check_lockless(path, state, temps)
-                with open_cache(path, model=schema) as f:
-                    kept = [r for r in f.resolutions() if r in wanted]
-                if kept:
-                    raise OSError(f"{path} holds a kept resolution now; left alone")
-                n = unchanged(path, planned)
-                os.remove(path)
-        except WriterBusy as e:
-            raise OSError(f"{path}: {e.strerror}") from None
+        with guarded(path, temps):
+            with open_cache(path, model=schema) as f:
+                kept = [r for r in f.resolutions() if r in wanted]
+            if kept:
+                raise OSError(f"{path} holds a kept resolution now; left alone")
+            n = unchanged(path, planned)
+            os.remove(path)
         return n
 
     return run

@@ -7,13 +7,12 @@ ever touched; a file whose real path leaves the folder (a symlink pointing out) 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import itertools
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 from latentcache import _core
 from latentcache.cache.images import image_size_from_header
@@ -21,7 +20,7 @@ from latentcache.cache.validate import verify_directory
 from latentcache.errors import CachePathError, LatentCacheError
 from latentcache.models import ModelLike
 from latentcache.models import get as get_model
-from latentcache.tools.migrate import busy, check_lockless, read_only
+from latentcache.tools.migrate import busy, guarded, read_only
 from latentcache.tools.plan import Action, Identity, Inside, Plan, identity, unchanged
 from latentcache.tools.writer_lock import (
     UNKNOWN,
@@ -91,25 +90,6 @@ def _checked(path: str, planned: Identity | None, recheck: _Recheck | None) -> i
     return unchanged(path, planned)  # after the re-check: the file re-checked is the one planned
 
 
-def _unlocked_and_writable(path: str, temps: LocklessTemps | None = None) -> Iterator[None]:
-    """Hold ``path``'s writer lock (without waiting) after checking that it is not read-only and
-    that no lockless writer may be writing it (``temps``: the plan's index, one listing per folder per
-    apply): a step that removes or moves a cache
-    runs inside, so no latentcache writer is replacing it meanwhile."""
-    why = read_only(path)
-    if why is not None:
-        raise PermissionError(why)
-    try:
-        with try_writer_lock(path) as state:
-            check_lockless(path, state, temps)
-            yield
-    except WriterBusy as e:
-        raise OSError(f"{path}: {e.strerror}") from None
-
-
-_guarded = contextlib.contextmanager(_unlocked_and_writable)
-
-
 def _remove(
     path: str,
     planned: Identity | None = None,
@@ -117,7 +97,7 @@ def _remove(
     temps: LocklessTemps | None = None,
 ) -> Callable[[], int]:
     def run() -> int:
-        with _guarded(path, temps):
+        with guarded(path, temps):
             n = _checked(path, planned, recheck)
             os.remove(path)
         return n
@@ -144,7 +124,7 @@ def _move(
     temps: LocklessTemps | None = None,
 ) -> Callable[[], int]:
     def run() -> int:
-        with _guarded(path, temps):
+        with guarded(path, temps):
             return _move_now(path, dest, planned, recheck)
 
     return run
