@@ -19,7 +19,6 @@ it, else the largest power of two (at most 32) that divides every width; ``norm_
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from latentcache.encode.weights import load_error as _err
+from latentcache.encode.weights import merge_config
 
 __all__ = [
     "diffusers_to_ldm_keys",
@@ -57,14 +59,6 @@ _HUNYUAN_SAMPLE_SIZE = 384  # sd-scripts' tile size (only used for tiling, which
 _ATTN_LDM = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _ATTN_OLD_DIFFUSERS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _ATTN_HUNYUAN = {"norm": "norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "proj"}
-
-
-class _LoadError(ValueError):
-    pass
-
-
-def _err(where: str | os.PathLike[str], msg: str) -> ValueError:
-    return _LoadError(f"{os.fspath(where)}: {msg}")
 
 
 def _first(keys: list[str], what: str) -> str:
@@ -359,36 +353,6 @@ def infer_hunyuan_config(
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def _config_json(root: Path) -> tuple[dict[str, Any], str]:
-    cand = root / "config.json"
-    if not (root.is_dir() and cand.is_file()):
-        return {}, ""
-    try:
-        cfg = json.loads(cand.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise _err(cand, f"unreadable config ({e})") from e
-    if not isinstance(cfg, dict):
-        raise _err(cand, "config is not a JSON object")
-    return cfg, str(cand)
-
-
-def _merge_config(
-    config: dict[str, Any], root: Path, checked: tuple[str, ...], taken: tuple[str, ...]
-) -> dict[str, Any]:
-    """``config`` with a diffusers folder's ``config.json``: ``checked`` settings must agree with the
-    weights (ValueError naming the file and the setting otherwise), ``taken`` ones are used."""
-    extra, where = _config_json(root)
-    for key in checked:
-        if key in extra:
-            want = list(extra[key]) if isinstance(extra[key], list | tuple) else extra[key]
-            if want != config[key]:
-                raise _err(where, f"{key} = {extra[key]!r}, but the weights have {config[key]!r}")
-    for key in taken:
-        if key in extra and extra[key] is not None:
-            config[key] = list(extra[key]) if isinstance(extra[key], list | tuple) else extra[key]
-    return config
-
-
 def _assign(
     vae: Any, state: dict[str, torch.Tensor], where: Path, what: str,
     device: torch.device, dtype: torch.dtype,
@@ -449,7 +413,7 @@ def load_kl_vae(
     config = infer_kl_config(state, root)
     scale, shift = _FACTORS.get(schema.name, (0.18215, None))
     config.update(scaling_factor=scale, shift_factor=shift)
-    config = _merge_config(
+    config = merge_config(
         config,
         root,
         checked=("block_out_channels", "layers_per_block", "latent_channels", "in_channels", "out_channels"),
@@ -499,7 +463,7 @@ def load_hunyuan_vae(
         original = {new: old for new, old in zip(converted, state, strict=True)}
         state = converted
     config = infer_hunyuan_config(state, root)
-    config = _merge_config(
+    config = merge_config(
         config,
         root,
         checked=("block_out_channels", "layers_per_block", "latent_channels", "spatial_compression_ratio"),

@@ -48,8 +48,12 @@ class _LoadError(ValueError):
     pass
 
 
-def _err(where: str | os.PathLike[str], msg: str) -> ValueError:
+def load_error(where: str | os.PathLike[str], msg: str) -> ValueError:
+    """The error of a VAE file that cannot be loaded (every loader's): a ValueError naming it."""
     return _LoadError(f"{os.fspath(where)}: {msg}")
+
+
+_err = load_error
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -211,21 +215,37 @@ def infer_config(
     }
 
 
-def _config_json(folder: Path) -> dict[str, Any]:
-    """The ``config.json`` of the diffusers folder the weights came from, or ``{}`` (for a single file)."""
-    if not folder.is_dir():
-        return {}
-    for cand in (folder / "config.json",):
-        if cand.is_file():
-            try:
-                cfg = json.loads(cand.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise _err(cand, f"unreadable config ({e})") from e
-            if not isinstance(cfg, dict):
-                raise _err(cand, "config is not a JSON object")
-            cfg["__path__"] = str(cand)
-            return cfg
-    return {}
+def _config_json(root: Path) -> tuple[dict[str, Any], str]:
+    """The ``config.json`` of the diffusers folder the weights came from and its path, or ``({}, "")``
+    (for a single file)."""
+    cand = root / "config.json"
+    if not (root.is_dir() and cand.is_file()):
+        return {}, ""
+    try:
+        cfg = json.loads(cand.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise _err(cand, f"unreadable config ({e})") from e
+    if not isinstance(cfg, dict):
+        raise _err(cand, "config is not a JSON object")
+    return cfg, str(cand)
+
+
+def merge_config(
+    config: dict[str, Any], root: Path, checked: tuple[str, ...], taken: tuple[str, ...]
+) -> dict[str, Any]:
+    """``config`` with a diffusers folder's ``config.json`` (for every VAE loader): ``checked``
+    settings must agree with the weights (ValueError naming the file and the setting otherwise),
+    ``taken`` ones are used."""
+    extra, where = _config_json(root)
+    for key in checked:
+        if key in extra:
+            want = list(extra[key]) if isinstance(extra[key], list | tuple) else extra[key]
+            if want != config[key]:
+                raise _err(where, f"{key} = {extra[key]!r}, but the weights have {config[key]!r}")
+    for key in taken:
+        if key in extra and extra[key] is not None:
+            config[key] = list(extra[key]) if isinstance(extra[key], list | tuple) else extra[key]
+    return config
 
 
 def load_vae(
@@ -277,18 +297,7 @@ def load_vae(
 
     if "encoder.conv1.weight" in state or "conv1.weight" in state:
         state = comfyui_to_diffusers_keys(state)
-    config = infer_config(state, root)
-    extra = _config_json(root)
-    if extra:
-        where = extra.pop("__path__")
-        for key in _CONFIG_KEYS:
-            if key in extra:
-                want = list(extra[key]) if isinstance(extra[key], list | tuple) else extra[key]
-                if want != config[key]:
-                    raise _err(where, f"{key} = {extra[key]!r}, but the weights have {config[key]!r}")
-        for key in ("latents_mean", "latents_std"):
-            if key in extra:
-                config[key] = list(extra[key])
+    config = merge_config(infer_config(state, root), root, _CONFIG_KEYS, ("latents_mean", "latents_std"))
     with torch.device("meta"):
         vae: Any = AutoencoderKLQwenImage(**config)
     expected = set(vae.state_dict())
