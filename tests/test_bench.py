@@ -143,6 +143,8 @@ def test_bench_command_prints_every_row_and_json(tmp_path: Path) -> None:
     assert figures["files"] == 12
     v = figures["validate_warm"]
     assert v["ours_fps"] > 0 and v["sd_scripts_fps"] > 0 and v["floor_fps"] > 0
+    # The same-work floor makes more reads than the two-read floor: the text's ratio lines read both.
+    assert v["floor_same_work_fps"] > 0 and v["middle_reads"] > 0
     loads = figures["load_warm"]
     assert set(loads) == {
         "load",
@@ -178,6 +180,10 @@ def test_bench_command_prints_every_row_and_json(tmp_path: Path) -> None:
         "load_batch",
         "load: floor",
         "load vs its floor",
+        "validate: floor, + the middle headers' reads",
+        "validate vs its floor",
+        "validate vs the same-work floor",
+        "load vs the same-work floor",
     ):
         assert needle in text, needle
 
